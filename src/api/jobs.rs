@@ -1,0 +1,310 @@
+//! The job endpoints: submit, batch, get (with `?wait=`), list, cancel, delete, events.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{ApiError, AppState, JsonObject};
+use crate::clock::Micros;
+use crate::job::{Job, JobId, JobStatus, Kind};
+use crate::spec;
+use crate::store::{CancelOutcome, DeleteOutcome, Inserted, ListFilter};
+
+/// The most specs one batch may hold.
+pub const MAX_BATCH: usize = 1000;
+/// The longest a `?wait=` may hold a request, in seconds.
+pub const MAX_WAIT_S: f64 = 60.0;
+
+/// A page of jobs, newest first.
+#[derive(Serialize)]
+pub struct JobList {
+    jobs: Vec<Job>,
+    next_cursor: Option<String>,
+}
+
+/// The jobs of a batch, in the order given.
+#[derive(Serialize)]
+pub struct Batch {
+    jobs: Vec<Job>,
+}
+
+fn parse_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found(format!("no job has the id `{raw}`")))
+}
+
+fn job_location(id: JobId) -> HeaderValue {
+    HeaderValue::from_str(&format!("/v1/jobs/{id}")).expect("a job path is a valid header")
+}
+
+/// A job as callers see it, with live progress when it is running here.
+fn present(state: &AppState, mut job: Job) -> Job {
+    if job.status == JobStatus::Running {
+        if let Some(p) = state.dispatcher.live_progress(job.id) {
+            job.progress = p;
+        }
+    }
+    job
+}
+
+fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::invalid("the Idempotency-Key header must be visible ASCII"))
+        })
+        .transpose()
+}
+
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let key = idempotency_header(&headers)?;
+    let job = spec::parse(
+        &Value::Object(body),
+        "",
+        key,
+        state.dispatcher.registry(),
+        state.spec_defaults(),
+        Micros::now(),
+    )
+    .map_err(ApiError::invalid)?;
+    let mut inserted = state.dispatcher.submit(vec![job]).await?;
+    let (status, job) = match inserted.pop().expect("one job in, one out") {
+        Inserted::Created(j) => (StatusCode::ACCEPTED, j),
+        Inserted::Existing(j) => (StatusCode::OK, j),
+    };
+    let location = job_location(job.id);
+    let job = present(&state, job);
+    Ok((status, [(header::LOCATION, location)], Json(job)).into_response())
+}
+
+pub async fn submit_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    if headers.contains_key("idempotency-key") {
+        return Err(ApiError::invalid(
+            "a batch takes no Idempotency-Key header; give each spec its own `idempotency_key`",
+        ));
+    }
+    if let Some(other) = body.keys().find(|k| k.as_str() != "jobs") {
+        return Err(ApiError::invalid(format!(
+            "unknown field `{other}`; a batch is {{\"jobs\": [spec, ...]}}"
+        )));
+    }
+    let Some(Value::Array(specs)) = body.remove("jobs") else {
+        return Err(ApiError::invalid(
+            "a batch is {\"jobs\": [spec, ...]}, with `jobs` an array",
+        ));
+    };
+    if specs.is_empty() || specs.len() > MAX_BATCH {
+        return Err(ApiError::invalid(format!(
+            "jobs: a batch holds 1 to {MAX_BATCH} specs, not {}",
+            specs.len()
+        )));
+    }
+    let now = Micros::now();
+    let registry = state.dispatcher.registry();
+    let defaults = state.spec_defaults();
+    let jobs = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| spec::parse(s, &format!("jobs[{i}]"), None, registry, defaults, now))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| ApiError::invalid(format!("{e}; nothing was stored")))?;
+    let inserted = state.dispatcher.submit(jobs).await?;
+    let jobs: Vec<Job> = inserted
+        .into_iter()
+        .map(|i| match i {
+            Inserted::Created(j) | Inserted::Existing(j) => j,
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(Batch { jobs })).into_response())
+}
+
+fn query_wait(query: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = query.get("wait") else {
+        return Ok(None);
+    };
+    let secs: f64 = raw
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= MAX_WAIT_S)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "wait: `{raw}` must be a number of seconds from 0 to {MAX_WAIT_S}"
+            ))
+        })?;
+    Ok(Some(Duration::from_secs_f64(secs)))
+}
+
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Job>, ApiError> {
+    let id = parse_id(&raw)?;
+    let wait = query_wait(&query)?;
+    let events = state.dispatcher.events().clone();
+    // Subscribe before reading, so a change between the read and the wait is not missed.
+    let mut watch = wait.map(|_| events.watch(id));
+    let mut job = state
+        .dispatcher
+        .store()
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no job has the id `{id}`")))?;
+    if let (Some(wait), Some(w)) = (wait, watch.as_mut()) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut closing = events.closing();
+        while !job.status.is_final() && !*closing.borrow() {
+            tokio::select! {
+                changed = w.changed() => match changed {
+                    Some(j) => job = (*j).clone(),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = closing.changed() => break,
+            }
+        }
+    }
+    Ok(Json(present(&state, job)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<JobList>, ApiError> {
+    const KNOWN: [&str; 5] = ["status", "task", "kind", "limit", "cursor"];
+    if let Some(k) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter `{k}`; use {}",
+            KNOWN.join(", ")
+        )));
+    }
+    let limit = match query.get("limit") {
+        None => 50,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::invalid(format!("limit: `{l}` must be from 1 to 1000")))?,
+    };
+    let filter = ListFilter {
+        status: query
+            .get("status")
+            .map(|s| s.parse::<JobStatus>())
+            .transpose()
+            .map_err(|e| ApiError::invalid(format!("status: {e}")))?,
+        task: query.get("task").cloned(),
+        kind: query
+            .get("kind")
+            .map(|k| k.parse::<Kind>())
+            .transpose()
+            .map_err(|e| ApiError::invalid(format!("kind: {e}")))?,
+        before: query
+            .get("cursor")
+            .map(|c| c.parse::<JobId>())
+            .transpose()
+            .map_err(|_| ApiError::invalid("cursor: use the `next_cursor` of the previous page"))?,
+        limit: limit + 1,
+    };
+    let mut jobs = state.dispatcher.store().list(&filter).await?;
+    let next_cursor = if jobs.len() > limit as usize {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|j| j.id.to_string())
+    } else {
+        None
+    };
+    let jobs: Vec<Job> = jobs.into_iter().map(|j| present(&state, j)).collect();
+    Ok(Json(JobList { jobs, next_cursor }))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    let id = parse_id(&raw)?;
+    match state.dispatcher.cancel(id).await? {
+        CancelOutcome::Cancelled(job) => Ok(Json(job)),
+        CancelOutcome::AlreadyFinal(job) => Err(ApiError::conflict(format!(
+            "job {id} is already {}; only queued or running jobs can be cancelled",
+            job.status.as_str()
+        ))),
+        CancelOutcome::NotFound => Err(ApiError::not_found(format!("no job has the id `{id}`"))),
+    }
+}
+
+pub async fn delete_job(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&raw)?;
+    match state.dispatcher.store().delete(id).await? {
+        DeleteOutcome::Deleted => Ok(StatusCode::NO_CONTENT),
+        DeleteOutcome::Unfinished(job) => Err(ApiError::conflict(format!(
+            "job {id} is {}; cancel it or let it finish before deleting it",
+            job.status.as_str()
+        ))),
+        DeleteOutcome::NotFound => Err(ApiError::not_found(format!("no job has the id `{id}`"))),
+    }
+}
+
+/// Server-Sent Events: the job now, then each change, ending after its final state.
+pub async fn events(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = parse_id(&raw)?;
+    let events = state.dispatcher.events().clone();
+    let watch = events.watch(id);
+    let job = state
+        .dispatcher
+        .store()
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no job has the id `{id}`")))?;
+    let first = present(&state, job);
+    let closing = events.closing();
+    // State: the next job to send (if any), the subscription, whether the stream is over.
+    let stream = stream::unfold(
+        (Some(first), watch, closing, false),
+        |(pending, mut watch, mut closing, done)| async move {
+            if done {
+                return None;
+            }
+            let job = match pending {
+                Some(j) => j,
+                None => {
+                    if *closing.borrow() {
+                        return None;
+                    }
+                    tokio::select! {
+                        j = watch.changed() => (*j?).clone(),
+                        _ = closing.changed() => return None,
+                    }
+                }
+            };
+            let is_final = job.status.is_final();
+            let event = Event::default()
+                .event("job")
+                .data(serde_json::to_string(&job).unwrap_or_default());
+            Some((Ok(event), (None, watch, closing, is_final)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

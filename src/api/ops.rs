@@ -1,0 +1,116 @@
+//! Operations: the catalogue, stats, health, readiness and metrics.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::{ApiError, AppState};
+use crate::dispatch::route;
+
+pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
+    let tasks: Vec<Value> = state
+        .dispatcher
+        .registry()
+        .iter()
+        .map(|t| {
+            let executors: Map<String, Value> = t
+                .kinds()
+                .iter()
+                .filter_map(|&k| {
+                    route(t.as_ref(), k, false)
+                        .ok()
+                        .map(|e| (k.as_str().to_string(), json!(e.as_str())))
+                })
+                .collect();
+            json!({
+                "name": t.name(),
+                "description": t.description(),
+                "kinds": t.kinds().iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+                "default_kind": t.kinds()[0].as_str(),
+                "executors": executors,
+                "args_schema": t.args_schema(),
+            })
+        })
+        .collect();
+    Json(json!({ "tasks": tasks }))
+}
+
+pub async fn stats(State(state): State<AppState>) -> Json<Value> {
+    let executors: Map<String, Value> = state
+        .dispatcher
+        .stats()
+        .into_iter()
+        .map(|(k, s)| (k.as_str().to_string(), json!(s)))
+        .collect();
+    Json(json!({
+        "executors": executors,
+        "draining": state.dispatcher.is_draining(),
+        "uptime_s": state.started.elapsed().as_secs_f64(),
+    }))
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if state.dispatcher.is_draining() {
+        return Err(ApiError::unavailable("the server is shutting down"));
+    }
+    if let Err(e) = state.dispatcher.store().ping().await {
+        tracing::warn!(error = %e, "readiness check: the database does not answer");
+        return Err(ApiError::unavailable("the database does not answer"));
+    }
+    Ok(Json(json!({ "status": "ready" })))
+}
+
+/// Prometheus text format: per lane capacity, running, queued and finished counts.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let stats = state.dispatcher.stats();
+    let mut out = String::new();
+    let gauges: [(&str, &str, fn(&crate::dispatch::LaneStats) -> f64); 3] = [
+        (
+            "offload_lane_capacity",
+            "Jobs a lane may run at once.",
+            |s| s.capacity as f64,
+        ),
+        ("offload_lane_running", "Jobs running in a lane.", |s| {
+            s.running as f64
+        }),
+        ("offload_lane_queued", "Jobs queued for a lane.", |s| {
+            s.queued as f64
+        }),
+    ];
+    for (name, help, get) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (k, s) in &stats {
+            let _ = writeln!(out, "{name}{{executor=\"{}\"}} {}", k.as_str(), get(s));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP offload_jobs_finished_total Jobs finished since the server started.\n\
+         # TYPE offload_jobs_finished_total counter"
+    );
+    for (k, s) in &stats {
+        let _ = writeln!(
+            out,
+            "offload_jobs_finished_total{{executor=\"{0}\",status=\"succeeded\"}} {1}\n\
+             offload_jobs_finished_total{{executor=\"{0}\",status=\"failed\"}} {2}",
+            k.as_str(),
+            s.succeeded,
+            s.failed
+        );
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+}

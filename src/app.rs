@@ -1,0 +1,155 @@
+//! Wiring: the store, the lanes, the dispatcher and the HTTP server, and the order they stop in.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::Settings;
+use crate::dispatch::{Dispatcher, RetryPolicy};
+use crate::events::Events;
+use crate::executor::{AsyncLane, BlockingLane, Executor, RayonLane};
+use crate::store::{JobStore, SqliteStore, StoreError};
+use crate::task::Registry;
+
+/// How often finished jobs past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("rayon pool: {0}")]
+    Rayon(#[from] rayon::ThreadPoolBuildError),
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A built application: the database is open, recovery has run, the lanes are started and the
+/// port is bound. [`App::run`] serves until the shutdown future resolves.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl App {
+    pub async fn build(settings: Settings, registry: Registry) -> Result<App, AppError> {
+        for dir in [settings.data_dir.clone(), settings.data_dir.join("files")] {
+            std::fs::create_dir_all(&dir).map_err(|source| AppError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let store: Arc<dyn JobStore> =
+            Arc::new(SqliteStore::open(&settings.database_url, settings.durability).await?);
+        let executors: Vec<Arc<dyn Executor>> = vec![
+            Arc::new(AsyncLane::new(settings.async_capacity)),
+            Arc::new(BlockingLane::new(settings.blocking_threads)),
+            Arc::new(RayonLane::new(settings.cpu_threads)?),
+        ];
+        let dispatcher = Dispatcher::new(
+            store,
+            Arc::new(registry),
+            Arc::new(Events::new()),
+            executors,
+            RetryPolicy {
+                base: Duration::from_millis(settings.retry_base_ms),
+                max: Duration::from_millis(settings.retry_max_ms),
+            },
+            settings.max_queued_per_lane,
+        );
+        dispatcher.start().await?;
+        let listener = TcpListener::bind(settings.bind)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: settings.bind,
+                source,
+            })?;
+        Ok(App {
+            listener,
+            state: AppState {
+                dispatcher,
+                settings: Arc::new(settings),
+                started: Instant::now(),
+            },
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then: refuses new jobs (503), lets running ones finish
+    /// up to the drain timeout, requeues the rest, ends long-polls and event streams, and
+    /// closes the server.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let App { listener, state } = self;
+        let addr = listener.local_addr().map_err(AppError::Serve)?;
+        tracing::info!(%addr, data_dir = %state.settings.data_dir.display(), "offload is listening");
+        if state.settings.api_token.is_none() {
+            if addr.ip().is_loopback() {
+                tracing::info!(
+                    "no API token set: serving loopback only; set --api-token to expose it"
+                );
+            } else {
+                tracing::warn!(%addr, "no API token set and not bound to loopback: anyone who can reach this port can run jobs");
+            }
+        }
+
+        let dispatcher = state.dispatcher.clone();
+        let retention = Duration::from_secs(state.settings.retention_secs);
+        let pruner = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            loop {
+                tick.tick().await;
+                match dispatcher.prune(retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(pruned = n, "removed finished jobs past retention"),
+                    Err(e) => tracing::warn!(error = %e, "pruning failed"),
+                }
+            }
+        });
+
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let dispatcher = state.dispatcher.clone();
+        let drain_timeout = Duration::from_millis(state.settings.drain_timeout_ms);
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!(
+                timeout_ms = drain_timeout.as_millis() as u64,
+                "shutting down: draining running jobs"
+            );
+            dispatcher.drain(drain_timeout).await;
+            dispatcher.events().close();
+            let _ = stopped_tx.send(());
+        });
+
+        let result = axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async {
+                let _ = stopped_rx.await;
+            })
+            .await
+            .map_err(AppError::Serve);
+        pruner.abort();
+        tracing::info!("offload stopped");
+        result
+    }
+}

@@ -1,0 +1,357 @@
+//! Settings: flags, environment variables and a TOML file, merged once into typed values.
+//!
+//! Precedence, highest first: a command-line flag, its `OFFLOAD_*` environment variable, the
+//! TOML file named by `--config` / `OFFLOAD_CONFIG`, the built-in default. Every setting is
+//! validated at start, and an error names the setting to fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// How hard a commit tries to reach the disk before a submit is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync on every commit: acknowledged jobs survive a power cut (SQLite `synchronous=FULL`).
+    Full,
+    /// No fsync per commit: acknowledged jobs survive a crash of the server, not of the machine
+    /// (SQLite `synchronous=NORMAL` in WAL mode).
+    Normal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated settings the application runs with.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `sqlite://...`; defaults to `<data_dir>/offload.db`.
+    pub database_url: String,
+    #[serde(serialize_with = "mask")]
+    pub api_token: Option<String>,
+    pub durability: Durability,
+    pub log_format: LogFormat,
+    /// Async jobs that may run at once.
+    pub async_capacity: usize,
+    /// Threads for blocking jobs (tokio's blocking pool, sized to this plus a margin).
+    pub blocking_threads: usize,
+    /// Threads in the rayon pool for cpu jobs.
+    pub cpu_threads: usize,
+    /// Queued jobs per lane before a submit is answered 429.
+    pub max_queued_per_lane: usize,
+    pub max_body_bytes: usize,
+    pub default_max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub retention_secs: u64,
+    pub drain_timeout_ms: u64,
+    pub http_allow_hosts: Vec<String>,
+    pub http_allow_private: bool,
+    pub http_max_bytes: u64,
+    pub http_timeout_ms: u64,
+}
+
+fn mask<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("********"),
+        None => s.serialize_none(),
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+impl Settings {
+    /// The defaults, with the data dir (and the database in it) at `data_dir`.
+    pub fn with_data_dir(data_dir: impl AsRef<Path>) -> Self {
+        let data_dir = data_dir.as_ref().to_path_buf();
+        Settings {
+            bind: "127.0.0.1:8080".parse().expect("valid default address"),
+            database_url: sqlite_url(&data_dir),
+            data_dir,
+            api_token: None,
+            durability: Durability::Full,
+            log_format: LogFormat::Text,
+            async_capacity: 20_000,
+            blocking_threads: 64,
+            cpu_threads: cores(),
+            max_queued_per_lane: 100_000,
+            max_body_bytes: 8 << 20,
+            default_max_attempts: 3,
+            retry_base_ms: 1_000,
+            retry_max_ms: 600_000,
+            retention_secs: 7 * 24 * 3600,
+            drain_timeout_ms: 10_000,
+            http_allow_hosts: vec!["*".into()],
+            http_allow_private: false,
+            http_max_bytes: 10 << 20,
+            http_timeout_ms: 30_000,
+        }
+    }
+
+    /// Merges flags and environment (already in `args`, by clap) over the TOML file over the
+    /// defaults, then validates.
+    pub fn load(args: &ServeArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("config: cannot read {path:?}: {e}")))?;
+                toml::from_str::<FileSettings>(&text)
+                    .map_err(|e| ConfigError(format!("config file {path:?}: {e}")))?
+            }
+            None => FileSettings::default(),
+        };
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./offload-data"));
+        let mut s = Settings::with_data_dir(&data_dir);
+        macro_rules! pick {
+            ($field:ident) => {
+                if let Some(v) = args.$field.clone().or(file.$field) {
+                    s.$field = v;
+                }
+            };
+        }
+        pick!(durability);
+        pick!(log_format);
+        pick!(async_capacity);
+        pick!(blocking_threads);
+        pick!(cpu_threads);
+        pick!(max_queued_per_lane);
+        pick!(max_body_bytes);
+        pick!(default_max_attempts);
+        pick!(retry_base_ms);
+        pick!(retry_max_ms);
+        pick!(retention_secs);
+        pick!(drain_timeout_ms);
+        pick!(http_allow_private);
+        pick!(http_max_bytes);
+        pick!(http_timeout_ms);
+        if let Some(v) = args.http_allow_hosts.clone().or(file.http_allow_hosts) {
+            s.http_allow_hosts = v;
+        }
+        if let Some(bind) = args.bind.clone().or(file.bind) {
+            s.bind = bind.parse().map_err(|e| {
+                ConfigError(format!(
+                    "bind: `{bind}` is not an address like 127.0.0.1:8080: {e}"
+                ))
+            })?;
+        }
+        if let Some(url) = args.database_url.clone().or(file.database_url) {
+            s.database_url = url;
+        }
+        s.api_token = args
+            .api_token
+            .clone()
+            .or(file.api_token)
+            .filter(|t| !t.is_empty());
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("async-capacity", self.async_capacity as u64),
+            ("blocking-threads", self.blocking_threads as u64),
+            ("cpu-threads", self.cpu_threads as u64),
+            ("max-queued-per-lane", self.max_queued_per_lane as u64),
+            ("max-body-bytes", self.max_body_bytes as u64),
+            ("default-max-attempts", self.default_max_attempts as u64),
+            ("http-max-bytes", self.http_max_bytes),
+            ("http-timeout-ms", self.http_timeout_ms),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ConfigError(format!("{name}: must be at least 1")));
+            }
+        }
+        if self.default_max_attempts > 100 {
+            return Err(ConfigError(
+                "default-max-attempts: must be at most 100".into(),
+            ));
+        }
+        if self.blocking_threads > 4096 {
+            return Err(ConfigError("blocking-threads: must be at most 4096".into()));
+        }
+        if self.retry_max_ms < self.retry_base_ms {
+            return Err(ConfigError(
+                "retry-max-ms: must be at least retry-base-ms".into(),
+            ));
+        }
+        if !self.database_url.starts_with("sqlite:") {
+            return Err(ConfigError(format!(
+                "database-url: `{}` is not supported; use sqlite://path (PostgreSQL is not in this build yet)",
+                self.database_url
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("offload.db").display())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The same settings as a TOML file may give them (keys in snake_case).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    bind: Option<String>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    api_token: Option<String>,
+    durability: Option<Durability>,
+    log_format: Option<LogFormat>,
+    async_capacity: Option<usize>,
+    blocking_threads: Option<usize>,
+    cpu_threads: Option<usize>,
+    max_queued_per_lane: Option<usize>,
+    max_body_bytes: Option<usize>,
+    default_max_attempts: Option<u32>,
+    retry_base_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    retention_secs: Option<u64>,
+    drain_timeout_ms: Option<u64>,
+    http_allow_hosts: Option<Vec<String>>,
+    http_allow_private: Option<bool>,
+    http_max_bytes: Option<u64>,
+    http_timeout_ms: Option<u64>,
+}
+
+/// offload: an HTTP job service that runs each job in the lane that fits it.
+#[derive(Debug, Parser)]
+#[command(name = "offload", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Print the effective configuration (secrets masked) and exit.
+    Config(ServeArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// A TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "OFFLOAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "OFFLOAD_BIND")]
+    pub bind: Option<String>,
+    /// Folder for the SQLite database and files [default: ./offload-data].
+    #[arg(long, env = "OFFLOAD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL [default: sqlite://<data-dir>/offload.db].
+    #[arg(long, env = "OFFLOAD_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Require `Authorization: Bearer <token>` on every request but /healthz and /readyz.
+    #[arg(long, env = "OFFLOAD_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// full: fsync each commit (survives power loss); normal: survives a crash of the server only [default: full].
+    #[arg(long, env = "OFFLOAD_DURABILITY")]
+    pub durability: Option<Durability>,
+    /// Log format [default: text].
+    #[arg(long, env = "OFFLOAD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Async jobs running at once [default: 20000].
+    #[arg(long, env = "OFFLOAD_ASYNC_CAPACITY")]
+    pub async_capacity: Option<usize>,
+    /// Threads for blocking io jobs [default: 64].
+    #[arg(long, env = "OFFLOAD_BLOCKING_THREADS")]
+    pub blocking_threads: Option<usize>,
+    /// Rayon threads for cpu jobs [default: the number of cores].
+    #[arg(long, env = "OFFLOAD_CPU_THREADS")]
+    pub cpu_threads: Option<usize>,
+    /// Queued jobs per lane before submits get 429 [default: 100000].
+    #[arg(long, env = "OFFLOAD_MAX_QUEUED_PER_LANE")]
+    pub max_queued_per_lane: Option<usize>,
+    /// Largest JSON request body, in bytes [default: 8388608].
+    #[arg(long, env = "OFFLOAD_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// max_attempts of a job that does not give one [default: 3].
+    #[arg(long, env = "OFFLOAD_DEFAULT_MAX_ATTEMPTS")]
+    pub default_max_attempts: Option<u32>,
+    /// First retry delay; doubles each attempt, with jitter [default: 1000].
+    #[arg(long, env = "OFFLOAD_RETRY_BASE_MS")]
+    pub retry_base_ms: Option<u64>,
+    /// Longest retry delay [default: 600000].
+    #[arg(long, env = "OFFLOAD_RETRY_MAX_MS")]
+    pub retry_max_ms: Option<u64>,
+    /// How long finished jobs are kept [default: 604800, 7 days].
+    #[arg(long, env = "OFFLOAD_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+    /// On shutdown, how long running jobs may take to finish [default: 10000].
+    #[arg(long, env = "OFFLOAD_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
+    /// Hosts http_get may fetch, comma-separated; `*` is any, `*.example.com` a domain [default: *].
+    #[arg(long, env = "OFFLOAD_HTTP_ALLOW_HOSTS", value_delimiter = ',')]
+    pub http_allow_hosts: Option<Vec<String>>,
+    /// Let http_get reach loopback and private addresses [default: false].
+    #[arg(long, env = "OFFLOAD_HTTP_ALLOW_PRIVATE")]
+    pub http_allow_private: Option<bool>,
+    /// Largest response body http_get reads [default: 10485760].
+    #[arg(long, env = "OFFLOAD_HTTP_MAX_BYTES")]
+    pub http_max_bytes: Option<u64>,
+    /// Time limit of one http_get request [default: 30000].
+    #[arg(long, env = "OFFLOAD_HTTP_TIMEOUT_MS")]
+    pub http_timeout_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(&path, "cpu_threads = 3\nretry_base_ms = 50\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            cpu_threads: Some(5),
+            ..Default::default()
+        };
+        let s = Settings::load(&args).unwrap();
+        assert_eq!(s.cpu_threads, 5);
+        assert_eq!(s.retry_base_ms, 50);
+        assert_eq!(s.default_max_attempts, 3);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(&path, "cpu_treads = 3\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert!(Settings::load(&args).unwrap_err().0.contains("cpu_treads"));
+        let args = ServeArgs {
+            cpu_threads: Some(0),
+            ..Default::default()
+        };
+        assert!(Settings::load(&args).unwrap_err().0.contains("cpu-threads"));
+    }
+}

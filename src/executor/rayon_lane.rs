@@ -1,0 +1,59 @@
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use super::{panic_error, Executor};
+use crate::job::ExecutorKind;
+use crate::task::{JobCtx, Task, TaskError, TaskResult};
+
+/// Runs cpu tasks on a dedicated rayon pool and awaits them through a oneshot channel, so the
+/// runtime thread that awaits is free to do other work meanwhile.
+pub struct RayonLane {
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl RayonLane {
+    pub fn new(threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("offload-cpu-{i}"))
+            .build()?;
+        Ok(RayonLane { pool, threads })
+    }
+}
+
+#[async_trait]
+impl Executor for RayonLane {
+    fn kind(&self) -> ExecutorKind {
+        ExecutorKind::Rayon
+    }
+    fn capacity(&self) -> usize {
+        // One job per pool thread: the dispatcher never queues work inside rayon, so the
+        // queue order (priority, schedule) is the order jobs start in.
+        self.threads
+    }
+    async fn run(
+        &self,
+        task: Arc<dyn Task>,
+        ctx: JobCtx,
+        args: Value,
+        permit: OwnedSemaphorePermit,
+    ) -> TaskResult {
+        let (tx, rx) = oneshot::channel();
+        let span = tracing::Span::current();
+        self.pool.spawn(move || {
+            let _enter = span.enter();
+            let _permit = permit;
+            let result = catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, args)))
+                .unwrap_or_else(|payload| Err(panic_error(payload)));
+            // The receiver is gone if the job timed out or was cancelled: nothing to do.
+            let _ = tx.send(result);
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(TaskError::Crashed("the cpu task was lost".into())))
+    }
+}

@@ -1,0 +1,36 @@
+//! offload: an HTTP job service that runs each job in the lane that fits it.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings from flags, environment and a TOML file, validated once.
+//! - [`app`]: wiring: store, lanes, dispatcher, HTTP server; the shutdown order.
+//! - [`api`]: axum handlers, the JSON body extractor, `ApiError` → problem+json.
+//! - [`job`]: `Job`, `JobId`, the states and their allowed transitions.
+//! - [`spec`]: a submitted spec parsed into a validated `NewJob` (the 422s live here).
+//! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
+//! - [`dispatch`]: the router (kind + task → lane), admission, in-memory queues, retries,
+//!   timeouts, cancel and drain.
+//! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`.
+//! - [`store`]: the `JobStore` trait and its SQLite implementation (one writer, group commit).
+//! - [`events`]: who waits on which job; wakes long-polls and event streams.
+//! - [`schema`]: the small JSON Schema validator for task args and the OpenAPI tests.
+//! - [`clock`]: timestamps.
+//! - [`telemetry`]: logging setup.
+
+pub mod api;
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod dispatch;
+pub mod events;
+pub mod executor;
+pub mod job;
+pub mod schema;
+pub mod spec;
+pub mod store;
+pub mod task;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Settings;
+pub use task::{Registry, Task};

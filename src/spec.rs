@@ -1,0 +1,203 @@
+//! Parsing a job spec at the edge: JSON in, a validated [`NewJob`] out, or a message that tells
+//! the caller what to change (a 422).
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::clock::Micros;
+use crate::dispatch::route;
+use crate::job::{JobId, Kind, NewJob};
+use crate::schema;
+use crate::task::Registry;
+
+/// The fields a job spec may have.
+pub const SPEC_FIELDS: &[&str] = &[
+    "task",
+    "kind",
+    "args",
+    "priority",
+    "max_attempts",
+    "timeout_ms",
+    "delay_ms",
+    "run_at",
+    "idempotency_key",
+    "isolate",
+];
+
+pub const MAX_DELAY_MS: u64 = 366 * 24 * 3600 * 1000;
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The JSON Schema of a spec's fields (unknown fields are checked separately, to name them all).
+pub fn spec_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "task": {"type": "string", "minLength": 1, "maxLength": 200},
+            "kind": {"type": "string", "enum": ["io", "cpu"]},
+            "args": {"type": "object"},
+            "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000},
+            "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+            "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS},
+            "delay_ms": {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_MS},
+            "run_at": {"type": "string", "minLength": 1, "maxLength": 64},
+            "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255},
+            "isolate": {"type": "boolean"}
+        },
+        "required": ["task"]
+    })
+}
+
+/// `path.name`, or just `name` at the top of a single spec.
+fn field(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
+    }
+}
+
+/// How the spec itself is named in a message.
+fn whole(path: &str) -> &str {
+    if path.is_empty() {
+        "body"
+    } else {
+        path
+    }
+}
+
+/// What the server fills in when a spec leaves it out.
+#[derive(Clone, Copy, Debug)]
+pub struct SpecDefaults {
+    pub max_attempts: u32,
+}
+
+/// Parses one spec. `path` prefixes error messages (`jobs[3]` in a batch, empty for one spec); `header_key` is the
+/// `Idempotency-Key` header, if any.
+pub fn parse(
+    value: &Value,
+    path: &str,
+    header_key: Option<&str>,
+    registry: &Registry,
+    defaults: SpecDefaults,
+    now: Micros,
+) -> Result<NewJob, String> {
+    let Some(obj) = value.as_object() else {
+        return Err(format!("{}: a job spec must be a JSON object", whole(path)));
+    };
+    let unknown: Vec<&str> = obj
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !SPEC_FIELDS.contains(k))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "{}: unknown field{} {}; a job spec takes {}",
+            whole(path),
+            if unknown.len() > 1 { "s" } else { "" },
+            unknown
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            SPEC_FIELDS.join(", ")
+        ));
+    }
+    let s = spec_schema();
+    schema::validate(value, &s, &s, path)?;
+
+    let name = obj["task"].as_str().unwrap_or_default();
+    let task = registry.get(name).ok_or_else(|| {
+        format!(
+            "{}: unknown task `{name}`; GET /v1/tasks lists them: {}",
+            field(path, "task"),
+            registry.names().join(", ")
+        )
+    })?;
+    let kind = match obj.get("kind").and_then(Value::as_str) {
+        Some(k) => k.parse::<Kind>()?,
+        None => task.kinds()[0],
+    };
+    if !task.kinds().contains(&kind) {
+        let kinds: Vec<&str> = task.kinds().iter().map(|k| k.as_str()).collect();
+        return Err(format!(
+            "{}: task `{name}` cannot run as {}; it runs as {}",
+            field(path, "kind"),
+            kind.as_str(),
+            kinds.join(" or ")
+        ));
+    }
+    let isolate = obj.get("isolate").and_then(Value::as_bool).unwrap_or(false);
+    let executor =
+        route(task.as_ref(), kind, isolate).map_err(|e| format!("{}: {e}", whole(path)))?;
+
+    let args = obj.get("args").cloned().unwrap_or_else(|| json!({}));
+    let args_schema = task.args_schema();
+    schema::validate(&args, &args_schema, &args_schema, &field(path, "args"))?;
+    task.check_args(&args)
+        .map_err(|e| format!("{}: {e}", whole(path)))?;
+
+    let delay = obj.get("delay_ms").and_then(Value::as_u64);
+    let scheduled_at = match (obj.get("run_at").and_then(Value::as_str), delay) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{}: give either `delay_ms` or `run_at`, not both",
+                whole(path)
+            ))
+        }
+        (Some(t), None) => {
+            Micros::parse_rfc3339(t).map_err(|e| format!("{}: {e}", field(path, "run_at")))?
+        }
+        (None, Some(ms)) => now.plus(std::time::Duration::from_millis(ms)),
+        (None, None) => now,
+    };
+
+    let body_key = obj.get("idempotency_key").and_then(Value::as_str);
+    let idempotency_key = match (body_key, header_key) {
+        (Some(b), Some(h)) if b != h => {
+            return Err(format!(
+                "{}: differs from the Idempotency-Key header; send one",
+                field(path, "idempotency_key")
+            ))
+        }
+        (Some(k), _) | (None, Some(k)) => Some(k.to_string()),
+        (None, None) => None,
+    };
+    if let Some(k) = &idempotency_key {
+        if k.is_empty() || k.len() > 255 {
+            return Err(format!(
+                "{}: an idempotency key must be 1 to 255 bytes long",
+                whole(path)
+            ));
+        }
+    }
+    let spec_hash = idempotency_key.as_ref().map(|_| {
+        // serde_json's maps are sorted, so this text is the same for the same spec however
+        // its keys were ordered. The key itself is left out: body or header, same request.
+        let mut canonical = obj.clone();
+        canonical.remove("idempotency_key");
+        let digest = Sha256::digest(Value::Object(canonical).to_string().as_bytes());
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+
+    Ok(NewJob {
+        id: JobId::new(),
+        task: name.to_string(),
+        kind,
+        executor,
+        args,
+        priority: obj.get("priority").and_then(Value::as_i64).unwrap_or(0) as i32,
+        max_attempts: obj
+            .get("max_attempts")
+            .and_then(Value::as_u64)
+            .map(|n| n as u32)
+            .unwrap_or(defaults.max_attempts),
+        timeout_ms: obj.get("timeout_ms").and_then(Value::as_u64),
+        created_at: now,
+        scheduled_at,
+        idempotency_key,
+        spec_hash,
+    })
+}

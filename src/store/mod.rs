@@ -1,0 +1,141 @@
+//! Where jobs live: the `JobStore` trait, and its SQLite implementation.
+//!
+//! Every write is one move of the job state machine (`crate::job::JobStatus::can_become`),
+//! guarded in SQL by the status it moves from and, for a running job, by its attempt number:
+//! a late finisher can never overwrite a newer attempt or a cancel. A write that loses that
+//! race returns `None` (or the matching outcome) instead of changing anything.
+//!
+//! A PostgreSQL store will implement the same trait and pass the same conformance tests
+//! (`tests/store_conformance.rs`).
+
+mod sqlite;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::clock::Micros;
+use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An idempotency key already names a job that was submitted with a different body.
+    #[error("idempotency key `{key}` was already used with a different request")]
+    IdempotencyConflict { index: usize, key: String },
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("a stored row is malformed: {0}")]
+    Corrupt(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// The result of storing one job spec.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    Created(Job),
+    /// The idempotency key named this job, submitted earlier with the same spec.
+    Existing(Job),
+}
+
+impl Inserted {
+    pub fn job(&self) -> &Job {
+        match self {
+            Inserted::Created(j) | Inserted::Existing(j) => j,
+        }
+    }
+}
+
+/// How an attempt ended, for a job that is not coming back.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    Succeeded(Value),
+    Failed(ErrorInfo),
+}
+
+#[derive(Debug)]
+pub enum CancelOutcome {
+    Cancelled(Job),
+    AlreadyFinal(Job),
+    NotFound,
+}
+
+#[derive(Debug)]
+pub enum DeleteOutcome {
+    Deleted,
+    Unfinished(Job),
+    NotFound,
+}
+
+/// What the dispatcher needs in memory for a queued job: not its args.
+#[derive(Debug, Clone)]
+pub struct QueuedRef {
+    pub id: JobId,
+    pub executor: ExecutorKind,
+    pub priority: i32,
+    pub scheduled_at: Micros,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub task: Option<String>,
+    pub kind: Option<Kind>,
+    /// Only jobs older than this one (the cursor).
+    pub before: Option<JobId>,
+    pub limit: u32,
+}
+
+/// What start-up recovery did with jobs a previous process left running.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    pub requeued: u64,
+    pub lost: u64,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores new jobs, all or nothing, and answers only once they are committed.
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError>;
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+    /// Newest first.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError>;
+    /// queued → running, starting a new attempt. Returns the jobs it moved (a job cancelled
+    /// meanwhile is left out).
+    async fn claim(&self, ids: Vec<JobId>, now: Micros) -> Result<Vec<Job>, StoreError>;
+    /// running → succeeded | failed, if `attempt` is still the current one.
+    async fn finish(
+        &self,
+        id: JobId,
+        attempt: u32,
+        outcome: Finish,
+        progress: f64,
+        now: Micros,
+    ) -> Result<Option<Job>, StoreError>;
+    /// running → queued for another attempt at `at`.
+    async fn retry(
+        &self,
+        id: JobId,
+        attempt: u32,
+        error: ErrorInfo,
+        at: Micros,
+    ) -> Result<Option<Job>, StoreError>;
+    /// running → queued without using up the attempt (a graceful shutdown ran out of time).
+    async fn release(&self, id: JobId, attempt: u32) -> Result<Option<Job>, StoreError>;
+    /// queued | running → cancelled.
+    async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError>;
+    /// Removes a finished job.
+    async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError>;
+    /// At start: jobs left running by a dead process become queued (a new attempt) or, with no
+    /// attempts left, failed with `lost`.
+    async fn recover(&self, now: Micros) -> Result<Recovered, StoreError>;
+    /// Every queued job, for the dispatcher's in-memory queues.
+    async fn queued(&self) -> Result<Vec<QueuedRef>, StoreError>;
+    /// Deletes up to `limit` jobs that finished before `before`; returns how many.
+    async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError>;
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

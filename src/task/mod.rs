@@ -1,0 +1,245 @@
+//! Tasks: the `Task` trait, the registry, and the built-in catalogue.
+//!
+//! A task is a named piece of work with a JSON Schema for its args. It says which kinds it can
+//! run as (`io`, `cpu`) and how its io form runs: by awaiting (the `async` lane) or by blocking
+//! (the `blocking` lane). Its cpu form always runs synchronously on the rayon pool.
+//!
+//! Synchronous bodies must call [`JobCtx::check`] now and then (every few milliseconds of work):
+//! that is how a timeout or a cancel stops rayon and blocking work, which cannot be preempted.
+
+mod builtin;
+mod compute;
+mod files;
+mod net;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::config::Settings;
+use crate::job::{JobId, Kind};
+
+pub use builtin::{BlockingSleep, Fail, Noop, Sleep};
+pub use compute::{CountPrimes, SumSquares};
+pub use files::FileSha256;
+pub use net::HttpGet;
+
+/// How a task's failure should be treated. The dispatcher retries `Transient` failures while
+/// attempts remain; `Permanent` ones fail the job at once.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TaskError {
+    /// Bad input or a refusal that a retry cannot fix.
+    #[error("{0}")]
+    Permanent(String),
+    /// Something that may work next time.
+    #[error("{0}")]
+    Transient(String),
+    /// The work saw its stop flag (a cancel, a timeout, a shutdown) and stopped.
+    #[error("stopped: the job was cancelled or timed out")]
+    Stopped,
+    /// The work panicked (or its process died): retried like a transient failure.
+    #[error("{0}")]
+    Crashed(String),
+}
+
+pub type TaskResult = Result<Value, TaskError>;
+
+/// How a task's io form runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoStyle {
+    /// It awaits (sockets, timers): a task on the tokio runtime.
+    Async,
+    /// It blocks (std::fs, thread::sleep, a sync library): tokio's blocking pool.
+    Blocking,
+}
+
+/// A unit of work the service knows how to run.
+///
+/// Implement [`Task::run_async`] for io tasks with [`IoStyle::Async`], and [`Task::run_sync`]
+/// for blocking io tasks and for cpu tasks. A task that runs as both io and cpu (like `noop`)
+/// implements both.
+#[async_trait]
+pub trait Task: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn description(&self) -> &str;
+    /// The kinds it can run as; the first is its default.
+    fn kinds(&self) -> &[Kind];
+    /// How its io form runs.
+    fn io_style(&self) -> IoStyle {
+        IoStyle::Async
+    }
+    /// A JSON Schema (the subset in [`crate::schema`]) that its args must match.
+    fn args_schema(&self) -> Value;
+    /// Checks that a schema cannot express (an allowlist, a path). Runs at submit time, so a
+    /// bad job is a 422 and is never stored.
+    fn check_args(&self, _args: &Value) -> Result<(), String> {
+        Ok(())
+    }
+    /// The body of an async io task. Dropping the future stops it (timeout, cancel).
+    async fn run_async(&self, _ctx: JobCtx, _args: Value) -> TaskResult {
+        Err(TaskError::Permanent(format!(
+            "task `{}` has no async body",
+            self.name()
+        )))
+    }
+    /// The body of a blocking io task or a cpu task. Call `ctx.check()?` regularly.
+    fn run_sync(&self, _ctx: &JobCtx, _args: Value) -> TaskResult {
+        Err(TaskError::Permanent(format!(
+            "task `{}` has no synchronous body",
+            self.name()
+        )))
+    }
+}
+
+/// Why a running job was told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StopReason {
+    Cancelled = 1,
+    TimedOut = 2,
+    /// The server is shutting down and the job was handed back to the queue.
+    Shutdown = 3,
+}
+
+/// What a running job can see of itself: its id and attempt, its stop flag, its progress.
+/// Cheap to clone; all clones share the same flag.
+#[derive(Clone)]
+pub struct JobCtx {
+    pub id: JobId,
+    pub attempt: u32,
+    shared: Arc<CtxShared>,
+}
+
+struct CtxShared {
+    stop: AtomicU8,
+    stopped: Notify,
+    /// Progress in [0, 1] as f64 bits.
+    progress: AtomicU64,
+}
+
+impl JobCtx {
+    pub fn new(id: JobId, attempt: u32) -> Self {
+        JobCtx {
+            id,
+            attempt,
+            shared: Arc::new(CtxShared {
+                stop: AtomicU8::new(0),
+                stopped: Notify::new(),
+                progress: AtomicU64::new(0f64.to_bits()),
+            }),
+        }
+    }
+
+    /// `Err(Stopped)` once the job has been cancelled or has timed out.
+    pub fn check(&self) -> Result<(), TaskError> {
+        if self.shared.stop.load(Ordering::Relaxed) != 0 {
+            Err(TaskError::Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        match self.shared.stop.load(Ordering::Acquire) {
+            1 => Some(StopReason::Cancelled),
+            2 => Some(StopReason::TimedOut),
+            3 => Some(StopReason::Shutdown),
+            _ => None,
+        }
+    }
+
+    /// Raises the stop flag (the first reason wins) and wakes whoever awaits it.
+    pub fn stop(&self, reason: StopReason) {
+        let _ =
+            self.shared
+                .stop
+                .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.shared.stopped.notify_waiters();
+    }
+
+    /// Resolves once [`JobCtx::stop`] has been called.
+    pub async fn stopped(&self) {
+        loop {
+            let notified = self.shared.stopped.notified();
+            if self.stop_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Reports progress, clamped to [0, 1].
+    pub fn set_progress(&self, fraction: f64) {
+        let f = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.shared.progress.store(f.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn progress(&self) -> f64 {
+        f64::from_bits(self.shared.progress.load(Ordering::Relaxed))
+    }
+}
+
+/// The catalogue: every task the service can run, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    tasks: BTreeMap<String, Arc<dyn Task>>,
+}
+
+impl Registry {
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// The built-in catalogue, configured from the settings (allowlists, data dir).
+    pub fn builtin(settings: &Settings) -> Self {
+        let mut r = Registry::empty();
+        r.register(Noop);
+        r.register(Sleep);
+        r.register(BlockingSleep);
+        r.register(Fail);
+        r.register(SumSquares);
+        r.register(CountPrimes);
+        r.register(FileSha256::new(settings.data_dir.join("files")));
+        r.register(HttpGet::new(settings));
+        r
+    }
+
+    /// Adds a task, replacing any task of the same name.
+    pub fn register<T: Task>(&mut self, task: T) -> &mut Self {
+        self.tasks.insert(task.name().to_string(), Arc::new(task));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Task>> {
+        self.tasks.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Task>> {
+        self.tasks.values()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.tasks.keys().map(String::as_str).collect()
+    }
+}
+
+/// Reads a typed value out of args that already passed the schema.
+pub(crate) fn arg_u64(args: &Value, key: &str) -> Result<u64, TaskError> {
+    args.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| TaskError::Permanent(format!("`{key}` must be a non-negative integer")))
+}
+
+pub(crate) fn arg_str<'a>(args: &'a Value, key: &str) -> Result<&'a str, TaskError> {
+    args.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| TaskError::Permanent(format!("`{key}` must be a string")))
+}
