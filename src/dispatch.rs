@@ -529,17 +529,17 @@ impl Dispatcher {
             }
         };
 
-        {
-            let mut running = self.running.lock().expect("running lock");
-            running.remove(&job.id);
-            if running.is_empty() {
-                self.idle.notify_waiters();
-            }
-        }
         lane.running.fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = self.record(&job, &ctx, result).await {
             // The job stays `running` in the database; the next start requeues it.
             tracing::error!(error = %e, "recording the outcome failed");
+        }
+        // Only now is the attempt over: a drain waits for the outcome to be committed, not
+        // just for the work to return.
+        let mut running = self.running.lock().expect("running lock");
+        running.remove(&job.id);
+        if running.is_empty() {
+            self.idle.notify_waiters();
         }
     }
 

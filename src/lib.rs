@@ -14,7 +14,7 @@
 //! - [`store`]: the `JobStore` trait and its SQLite implementation (one writer, group commit).
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
 //! - [`schema`]: the small JSON Schema validator for task args and the OpenAPI tests.
-//! - [`clock`]: timestamps.
+//! - [`clock`]: timestamps as microseconds, shown as RFC 3339.
 //! - [`telemetry`]: logging setup.
 
 pub mod api;

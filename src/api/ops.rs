@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::{ApiError, AppState};
-use crate::dispatch::route;
+use crate::dispatch::{route, LaneStats};
 
 pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
     let tasks: Vec<Value> = state
@@ -72,7 +72,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let stats = state.dispatcher.stats();
     let mut out = String::new();
-    let gauges: [(&str, &str, fn(&crate::dispatch::LaneStats) -> f64); 3] = [
+    type Getter = fn(&LaneStats) -> f64;
+    let gauges: [(&str, &str, Getter); 3] = [
         (
             "offload_lane_capacity",
             "Jobs a lane may run at once.",

@@ -66,7 +66,7 @@ pub enum CancelOutcome {
 #[derive(Debug)]
 pub enum DeleteOutcome {
     Deleted,
-    Unfinished(Job),
+    Unfinished(Box<Job>),
     NotFound,
 }
 

@@ -348,7 +348,7 @@ fn apply(conn: &mut SqliteConnection, op: Op) -> BoxFuture<'_, Result<Reply, Sto
                     return Ok(Reply::Delete(DeleteOutcome::Deleted));
                 }
                 Ok(Reply::Delete(match select_one(&mut *conn, id).await? {
-                    Some(job) => DeleteOutcome::Unfinished(job),
+                    Some(job) => DeleteOutcome::Unfinished(Box::new(job)),
                     None => DeleteOutcome::NotFound,
                 }))
             }

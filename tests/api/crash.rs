@@ -1,0 +1,223 @@
+//! The real binary, killed with SIGKILL and started again on the same data dir.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{id_of, is_final};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts `offload serve` on a free port and waits until it answers.
+    fn start(data_dir: &std::path::Path) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--retry-base-ms", "50"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server logs its address before exiting")
+                .unwrap();
+            if let Some(pos) = line.find("127.0.0.1:") {
+                let rest = &line[pos..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+                    .unwrap_or(rest.len());
+                break rest[..end].to_string();
+            }
+        };
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn kill9(&mut self) {
+        // Child::kill sends SIGKILL.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_final(client: &reqwest::Client, base: &str, id: &str) -> Value {
+    for _ in 0..30 {
+        let r = client
+            .get(format!("{base}/v1/jobs/{id}?wait=5"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "job {id} must exist after the restart"
+        );
+        let job: Value = r.json().await.unwrap();
+        if is_final(&job) {
+            return job;
+        }
+    }
+    panic!("job {id} never finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_clients_submit_loses_no_acknowledged_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (client, base, acked) = (client.clone(), server.base.clone(), acked.clone());
+        clients.push(tokio::spawn(async move {
+            for i in 0.. {
+                let spec = match (c + i) % 3 {
+                    0 => json!({"task": "noop"}),
+                    1 => json!({"task": "sleep", "args": {"ms": 50}}),
+                    _ => json!({"task": "sum_squares", "args": {"n": 100_000}}),
+                };
+                let Ok(resp) = client
+                    .post(format!("{base}/v1/jobs"))
+                    .json(&spec)
+                    .send()
+                    .await
+                else {
+                    break;
+                };
+                if resp.status() != StatusCode::ACCEPTED {
+                    break;
+                }
+                // The 202 is the promise; record the id only if the whole answer arrived.
+                match resp.json::<Value>().await {
+                    Ok(job) => acked.lock().unwrap().push(id_of(&job)),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.kill9();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20,
+        "only {} jobs were acknowledged",
+        acked.len()
+    );
+
+    let server = Server::start(dir.path());
+    for id in &acked {
+        let job = wait_final(&client, &server.base, id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_running_at_a_crash_are_requeued_or_failed_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let client = reqwest::Client::new();
+    let submit = |spec: Value| {
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            let r = client
+                .post(format!("{base}/v1/jobs"))
+                .json(&spec)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+            id_of(&r.json::<Value>().await.unwrap())
+        }
+    };
+    let again =
+        submit(json!({"task": "blocking_sleep", "args": {"ms": 1500}, "max_attempts": 2})).await;
+    let once =
+        submit(json!({"task": "blocking_sleep", "args": {"ms": 1500}, "max_attempts": 1})).await;
+    for id in [&again, &once] {
+        loop {
+            let job: Value = client
+                .get(format!("{}/v1/jobs/{id}", server.base))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if job["status"] == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    server.kill9();
+
+    let server = Server::start(dir.path());
+    let requeued = wait_final(&client, &server.base, &again).await;
+    assert_eq!(requeued["status"], "succeeded", "{requeued}");
+    assert_eq!(requeued["attempt"], 2);
+    let lost = wait_final(&client, &server.base, &once).await;
+    assert_eq!(lost["status"], "failed");
+    assert_eq!(lost["error"]["type"], "lost", "{lost}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_running_work_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/jobs", server.base))
+        .json(&json!({"task": "blocking_sleep", "args": {"ms": 800}}))
+        .send()
+        .await
+        .unwrap();
+    let id = id_of(&r.json::<Value>().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    let server = Server::start(dir.path());
+    let job = wait_final(&client, &server.base, &id).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(
+        job["attempt"], 1,
+        "the drain let it finish; it was not run again"
+    );
+}

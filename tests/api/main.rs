@@ -1,0 +1,8 @@
+//! Integration tests: the real server over real HTTP, a fresh data dir per test.
+
+mod crash;
+mod errors;
+mod helpers;
+mod jobs;
+mod lanes;
+mod openapi;
