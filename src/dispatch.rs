@@ -151,6 +151,8 @@ struct Lane {
     queue: Mutex<LaneQueue>,
     wake: Notify,
     running: AtomicUsize,
+    /// Taken off the queue, with their claim not yet committed: still queued in the store.
+    claiming: AtomicUsize,
     succeeded: AtomicU64,
     failed: AtomicU64,
 }
@@ -213,6 +215,7 @@ impl Dispatcher {
                     queue: Mutex::new(LaneQueue::default()),
                     wake: Notify::new(),
                     running: AtomicUsize::new(0),
+                    claiming: AtomicUsize::new(0),
                     succeeded: AtomicU64::new(0),
                     failed: AtomicU64::new(0),
                 };
@@ -369,7 +372,8 @@ impl Dispatcher {
             .lanes
             .iter()
             .map(|(&kind, lane)| {
-                let queued = lane.queue.lock().expect("queue lock").entries.len();
+                let queued = lane.queue.lock().expect("queue lock").entries.len()
+                    + lane.claiming.load(Ordering::Relaxed);
                 (
                     kind,
                     LaneStats {
@@ -449,6 +453,7 @@ impl Dispatcher {
                                 Err(_) => break,
                             }
                         }
+                        lane.claiming.fetch_add(ids.len(), Ordering::Relaxed);
                         break ids;
                     }
                     q.next_due()
@@ -465,7 +470,12 @@ impl Dispatcher {
                     _ = stop.changed() => return,
                 }
             };
-            match self.store.claim(ids.clone(), Micros::now()).await {
+            let claimed = self.store.claim(ids.clone(), Micros::now()).await;
+            // Counted as running from the claim until the outcome is committed (run_attempt).
+            lane.running
+                .fetch_add(claimed.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
+            lane.claiming.fetch_sub(ids.len(), Ordering::Relaxed);
+            match claimed {
                 Ok(jobs) => {
                     for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
                         self.events.publish(&job);
@@ -496,7 +506,6 @@ impl Dispatcher {
 
     async fn run_attempt(self: Arc<Self>, job: Job, permit: OwnedSemaphorePermit) {
         let lane = &self.lanes[&job.executor];
-        lane.running.fetch_add(1, Ordering::Relaxed);
         let ctx = JobCtx::new(job.id, job.attempt);
         self.running
             .lock()
@@ -529,11 +538,11 @@ impl Dispatcher {
             }
         };
 
-        lane.running.fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = self.record(&job, &ctx, result).await {
             // The job stays `running` in the database; the next start requeues it.
             tracing::error!(error = %e, "recording the outcome failed");
         }
+        lane.running.fetch_sub(1, Ordering::Relaxed);
         // Only now is the attempt over: a drain waits for the outcome to be committed, not
         // just for the work to return.
         let mut running = self.running.lock().expect("running lock");

@@ -34,8 +34,10 @@ use crate::job::{ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Rows per multi-row INSERT (13 parameters each, well under SQLite's limit).
+/// Rows per multi-row INSERT (12 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 64;
+/// Ids per claiming UPDATE.
+const CLAIM_CHUNK: usize = 256;
 
 const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, priority, attempt, \
     max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at, \
@@ -184,7 +186,14 @@ fn commit_batch<'a>(
         for req in batch.drain(..) {
             // A multi-statement op runs in a savepoint, so its failure undoes only itself and the
             // rest of the batch still commits. Single-statement ops are atomic on their own.
-            let multi = matches!(req.op, Op::Insert(_) | Op::Recover(_));
+            let multi = match &req.op {
+                // One multi-row INSERT with no key lookups is atomic by itself.
+                Op::Insert(jobs) => {
+                    jobs.len() > INSERT_CHUNK || jobs.iter().any(|j| j.idempotency_key.is_some())
+                }
+                Op::Recover(_) | Op::Claim(..) => true,
+                _ => false,
+            };
             if multi {
                 if let Err(e) = exec(&mut *conn, &["SAVEPOINT op"]).await {
                     answers.push((req.reply, Err(StoreError::Db(e))));
@@ -240,19 +249,21 @@ fn apply(conn: &mut SqliteConnection, op: Op) -> BoxFuture<'_, Result<Reply, Sto
         match op {
             Op::Insert(jobs) => insert(conn, jobs).await.map(Reply::Inserted),
             Op::Claim(ids, now) => {
-                let sql = format!(
-                    "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?, \
-                 progress = 0 WHERE id = ? AND status = 'queued' AND attempt < max_attempts \
-                 RETURNING {COLUMNS}"
-                );
+                // One statement per chunk of ids: a claim batch costs one round trip, not one per
+                // job.
                 let mut claimed = Vec::with_capacity(ids.len());
-                for id in ids {
-                    let row = sqlx::query(&sql)
-                        .bind(now.0)
-                        .bind(id.to_string())
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                    if let Some(row) = row {
+                for chunk in ids.chunks(CLAIM_CHUNK) {
+                    let marks = vec!["?"; chunk.len()].join(", ");
+                    let sql = format!(
+                    "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?, \
+                     progress = 0 WHERE id IN ({marks}) AND status = 'queued' \
+                     AND attempt < max_attempts RETURNING {COLUMNS}"
+                );
+                    let mut q = sqlx::query(&sql).bind(now.0);
+                    for id in chunk {
+                        q = q.bind(id.to_string());
+                    }
+                    for row in q.fetch_all(&mut *conn).await? {
                         claimed.push(job_from_row(&row)?);
                     }
                 }

@@ -6,3 +6,4 @@ mod helpers;
 mod jobs;
 mod lanes;
 mod openapi;
+mod store;
