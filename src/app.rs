@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
+use crate::blob::BlobDir;
 use crate::config::Settings;
 use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::events::Events;
@@ -53,6 +54,11 @@ impl App {
                 source,
             })?;
         }
+        let blobs =
+            BlobDir::open(settings.data_dir.join("blobs")).map_err(|source| AppError::DataDir {
+                path: settings.data_dir.join("blobs").display().to_string(),
+                source,
+            })?;
         let store: Arc<dyn JobStore> =
             Arc::new(SqliteStore::open(&settings.database_url, settings.durability).await?);
         let executors: Vec<Arc<dyn Executor>> = vec![
@@ -82,6 +88,7 @@ impl App {
             listener,
             state: AppState {
                 dispatcher,
+                blobs,
                 settings: Arc::new(settings),
                 started: Instant::now(),
             },

@@ -48,6 +48,8 @@ pub struct Settings {
     /// Queued jobs per lane before a submit is answered 429.
     pub max_queued_per_lane: usize,
     pub max_body_bytes: usize,
+    /// Largest blob upload, in bytes.
+    pub max_blob_bytes: u64,
     pub default_max_attempts: u32,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -88,6 +90,7 @@ impl Settings {
             cpu_threads: cores(),
             max_queued_per_lane: 100_000,
             max_body_bytes: 8 << 20,
+            max_blob_bytes: 4 << 30,
             default_max_attempts: 3,
             retry_base_ms: 1_000,
             retry_max_ms: 600_000,
@@ -132,6 +135,7 @@ impl Settings {
         pick!(cpu_threads);
         pick!(max_queued_per_lane);
         pick!(max_body_bytes);
+        pick!(max_blob_bytes);
         pick!(default_max_attempts);
         pick!(retry_base_ms);
         pick!(retry_max_ms);
@@ -169,6 +173,7 @@ impl Settings {
             ("cpu-threads", self.cpu_threads as u64),
             ("max-queued-per-lane", self.max_queued_per_lane as u64),
             ("max-body-bytes", self.max_body_bytes as u64),
+            ("max-blob-bytes", self.max_blob_bytes),
             ("default-max-attempts", self.default_max_attempts as u64),
             ("http-max-bytes", self.http_max_bytes),
             ("http-timeout-ms", self.http_timeout_ms),
@@ -224,6 +229,7 @@ struct FileSettings {
     cpu_threads: Option<usize>,
     max_queued_per_lane: Option<usize>,
     max_body_bytes: Option<usize>,
+    max_blob_bytes: Option<u64>,
     default_max_attempts: Option<u32>,
     retry_base_ms: Option<u64>,
     retry_max_ms: Option<u64>,
@@ -289,6 +295,9 @@ pub struct ServeArgs {
     /// Largest JSON request body, in bytes [default: 8388608].
     #[arg(long, env = "OFFLOAD_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Largest blob upload, in bytes [default: 4294967296].
+    #[arg(long, env = "OFFLOAD_MAX_BLOB_BYTES")]
+    pub max_blob_bytes: Option<u64>,
     /// max_attempts of a job that does not give one [default: 3].
     #[arg(long, env = "OFFLOAD_DEFAULT_MAX_ATTEMPTS")]
     pub default_max_attempts: Option<u32>,

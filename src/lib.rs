@@ -12,6 +12,8 @@
 //!   timeouts, cancel and drain.
 //! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`.
 //! - [`store`]: the `JobStore` trait and its SQLite implementation (one writer, group commit).
+//! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
+//! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
 //! - [`schema`]: the small JSON Schema validator for task args and the OpenAPI tests.
 //! - [`clock`]: timestamps as microseconds, shown as RFC 3339.
@@ -19,6 +21,7 @@
 
 pub mod api;
 pub mod app;
+pub mod blob;
 pub mod clock;
 pub mod config;
 pub mod dispatch;
@@ -26,6 +29,7 @@ pub mod events;
 pub mod executor;
 pub mod job;
 pub mod schema;
+pub mod shm;
 pub mod spec;
 pub mod store;
 pub mod task;

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::{ApiError, AppState, JsonObject};
 use crate::clock::Micros;
-use crate::job::{Job, JobId, JobStatus, Kind};
+use crate::job::{Job, JobId, JobStatus, Kind, NewJob};
 use crate::spec;
 use crate::store::{CancelOutcome, DeleteOutcome, Inserted, ListFilter};
 
@@ -56,6 +56,44 @@ fn present(state: &AppState, mut job: Job) -> Job {
     job
 }
 
+/// Checks at submit that every blob a job names exists and fits the job (a 422 if not).
+async fn check_blobs(state: &AppState, jobs: &[NewJob], paths: &[String]) -> Result<(), ApiError> {
+    let registry = state.dispatcher.registry();
+    for (job, path) in jobs.iter().zip(paths) {
+        let Some(task) = registry.get(&job.task) else {
+            continue;
+        };
+        for arg in task.blob_args() {
+            let Some(id) = job.args.get(*arg).and_then(Value::as_str) else {
+                continue;
+            };
+            let field = if path.is_empty() {
+                format!("args.{arg}")
+            } else {
+                format!("{path}.args.{arg}")
+            };
+            let meta = state
+                .dispatcher
+                .store()
+                .get_blob(id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "{field}: no blob has the id `{id}`; upload it to POST /v1/blobs first"
+                    ))
+                })?;
+            task.check_blob(&job.args, meta.size).map_err(|e| {
+                ApiError::invalid(if path.is_empty() {
+                    e
+                } else {
+                    format!("{path}: {e}")
+                })
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     headers
         .get("idempotency-key")
@@ -81,7 +119,9 @@ pub async fn submit(
         Micros::now(),
     )
     .map_err(ApiError::invalid)?;
-    let mut inserted = state.dispatcher.submit(vec![job]).await?;
+    let job = [job];
+    check_blobs(&state, &job, &[String::new()]).await?;
+    let mut inserted = state.dispatcher.submit(job.into()).await?;
     let (status, job) = match inserted.pop().expect("one job in, one out") {
         Inserted::Created(j) => (StatusCode::ACCEPTED, j),
         Inserted::Existing(j) => (StatusCode::OK, j),
@@ -126,6 +166,8 @@ pub async fn submit_batch(
         .map(|(i, s)| spec::parse(s, &format!("jobs[{i}]"), None, registry, defaults, now))
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| ApiError::invalid(format!("{e}; nothing was stored")))?;
+    let paths: Vec<String> = (0..jobs.len()).map(|i| format!("jobs[{i}]")).collect();
+    check_blobs(&state, &jobs, &paths).await?;
     let inserted = state.dispatcher.submit(jobs).await?;
     let jobs: Vec<Job> = inserted
         .into_iter()

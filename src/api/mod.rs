@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, the JSON body extractor and the token check.
 
+mod blobs;
 mod error;
 mod jobs;
 mod ops;
@@ -18,6 +19,7 @@ use serde_json::{Map, Value};
 
 pub use error::ApiError;
 
+use crate::blob::BlobDir;
 use crate::config::Settings;
 use crate::dispatch::Dispatcher;
 use crate::spec::SpecDefaults;
@@ -26,6 +28,7 @@ use crate::spec::SpecDefaults;
 #[derive(Clone)]
 pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
+    pub blobs: BlobDir,
     pub settings: Arc<Settings>,
     pub started: Instant,
 }
@@ -45,6 +48,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::delete_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/blobs", post(blobs::upload))
+        .route("/v1/blobs/{id}", get(blobs::download).delete(blobs::remove))
         .route("/v1/tasks", get(ops::tasks))
         .route("/v1/stats", get(ops::stats))
         .route("/healthz", get(ops::healthz))

@@ -13,6 +13,7 @@ mod sqlite;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob};
 
@@ -67,6 +68,14 @@ pub enum CancelOutcome {
 pub enum DeleteOutcome {
     Deleted,
     Unfinished(Box<Job>),
+    NotFound,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BlobDeleteOutcome {
+    Deleted,
+    /// Unfinished jobs (this many) still name the blob.
+    InUse(u64),
     NotFound,
 }
 
@@ -136,6 +145,11 @@ pub trait JobStore: Send + Sync + 'static {
     async fn queued(&self) -> Result<Vec<QueuedRef>, StoreError>;
     /// Deletes up to `limit` jobs that finished before `before`; returns how many.
     async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError>;
+    /// Records a blob whose file is complete and in place.
+    async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError>;
+    async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError>;
+    /// Forgets a blob unless a queued or running job names it in its args.
+    async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }

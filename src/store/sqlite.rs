@@ -25,9 +25,10 @@ use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CancelOutcome, DeleteOutcome, Finish, Inserted, JobStore, ListFilter, QueuedRef, Recovered,
-    StoreError,
+    BlobDeleteOutcome, CancelOutcome, DeleteOutcome, Finish, Inserted, JobStore, ListFilter,
+    QueuedRef, Recovered, StoreError,
 };
+use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
 use crate::job::{ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
@@ -47,11 +48,18 @@ const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, pr
 #[derive(Debug)]
 struct Embedded;
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "jobs",
-    include_str!("../../migrations/sqlite/0001_jobs.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "jobs",
+        include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    ),
+    (
+        2,
+        "blobs",
+        include_str!("../../migrations/sqlite/0002_blobs.sql"),
+    ),
+];
 
 impl MigrationSource<'static> for Embedded {
     fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
@@ -93,6 +101,8 @@ enum Op {
     Delete(JobId),
     Recover(Micros),
     Prune(Micros, u32),
+    InsertBlob(BlobMeta),
+    DeleteBlob(String),
 }
 
 enum Reply {
@@ -103,6 +113,8 @@ enum Reply {
     Delete(DeleteOutcome),
     Recovered(Recovered),
     Count(u64),
+    Done,
+    BlobDelete(BlobDeleteOutcome),
 }
 
 struct Request {
@@ -191,7 +203,7 @@ fn commit_batch<'a>(
                 Op::Insert(jobs) => {
                     jobs.len() > INSERT_CHUNK || jobs.iter().any(|j| j.idempotency_key.is_some())
                 }
-                Op::Recover(_) | Op::Claim(..) => true,
+                Op::Recover(_) | Op::Claim(..) | Op::DeleteBlob(_) => true,
                 _ => false,
             };
             if multi {
@@ -402,6 +414,40 @@ fn apply(conn: &mut SqliteConnection, op: Op) -> BoxFuture<'_, Result<Reply, Sto
             .execute(&mut *conn)
             .await?;
                 Ok(Reply::Count(done.rows_affected()))
+            }
+            Op::InsertBlob(meta) => {
+                sqlx::query("INSERT INTO blobs (id, size, sha256, created_at) VALUES (?, ?, ?, ?)")
+                    .bind(meta.id)
+                    .bind(meta.size as i64)
+                    .bind(meta.sha256)
+                    .bind(meta.created_at.0)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(Reply::Done)
+            }
+            Op::DeleteBlob(id) => {
+                let users: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
+                     AND json_extract(args, '$.blob') = ?",
+                )
+                .bind(&id)
+                .fetch_one(&mut *conn)
+                .await?;
+                let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM blobs WHERE id = ?")
+                    .bind(&id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                Ok(Reply::BlobDelete(match (exists, users) {
+                    (None, _) => BlobDeleteOutcome::NotFound,
+                    (Some(_), n) if n > 0 => BlobDeleteOutcome::InUse(n as u64),
+                    (Some(_), _) => {
+                        sqlx::query("DELETE FROM blobs WHERE id = ?")
+                            .bind(&id)
+                            .execute(&mut *conn)
+                            .await?;
+                        BlobDeleteOutcome::Deleted
+                    }
+                }))
             }
         }
     })
@@ -711,6 +757,33 @@ impl JobStore for SqliteStore {
         match self.write(Op::Prune(before, limit)).await? {
             Reply::Count(n) => Ok(n),
             _ => unreachable!("prune answers Count"),
+        }
+    }
+
+    async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError> {
+        self.write(Op::InsertBlob(meta)).await.map(|_| ())
+    }
+
+    async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError> {
+        let row = sqlx::query("SELECT id, size, sha256, created_at FROM blobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?;
+        row.map(|r| {
+            Ok(BlobMeta {
+                id: r.try_get("id")?,
+                size: r.try_get::<i64, _>("size")? as u64,
+                sha256: r.try_get("sha256")?,
+                created_at: Micros(r.try_get("created_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {
+        match self.write(Op::DeleteBlob(id.to_string())).await? {
+            Reply::BlobDelete(o) => Ok(o),
+            _ => unreachable!("delete_blob answers BlobDelete"),
         }
     }
 

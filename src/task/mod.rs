@@ -7,6 +7,7 @@
 //! Synchronous bodies must call [`JobCtx::check`] now and then (every few milliseconds of work):
 //! that is how a timeout or a cancel stops rayon and blocking work, which cannot be preempted.
 
+mod array;
 mod builtin;
 mod compute;
 mod files;
@@ -23,6 +24,7 @@ use tokio::sync::Notify;
 use crate::config::Settings;
 use crate::job::{JobId, Kind};
 
+pub use array::{ArrayStats, Partial};
 pub use builtin::{BlockingSleep, Fail, Noop, Sleep};
 pub use compute::{CountPrimes, SumSquares};
 pub use files::FileSha256;
@@ -77,6 +79,15 @@ pub trait Task: Send + Sync + 'static {
     /// Checks that a schema cannot express (an allowlist, a path). Runs at submit time, so a
     /// bad job is a 422 and is never stored.
     fn check_args(&self, _args: &Value) -> Result<(), String> {
+        Ok(())
+    }
+    /// Names of args that hold blob ids. The server checks at submit that each names a stored
+    /// blob (a 422 if not), and passes its size to [`Task::check_blob`].
+    fn blob_args(&self) -> &[&str] {
+        &[]
+    }
+    /// Checks an arg's blob against the other args (e.g. its size against the element type).
+    fn check_blob(&self, _args: &Value, _size: u64) -> Result<(), String> {
         Ok(())
     }
     /// The body of an async io task. Dropping the future stops it (timeout, cancel).
@@ -209,6 +220,7 @@ impl Registry {
         r.register(CountPrimes);
         r.register(FileSha256::new(settings.data_dir.join("files")));
         r.register(HttpGet::new(settings));
+        r.register(ArrayStats::new(settings.data_dir.join("blobs")));
         r
     }
 
@@ -232,6 +244,8 @@ impl Registry {
 }
 
 /// Reads a typed value out of args that already passed the schema.
+pub(crate) use files::hex;
+
 pub(crate) fn arg_u64(args: &Value, key: &str) -> Result<u64, TaskError> {
     args.get(key)
         .and_then(Value::as_u64)

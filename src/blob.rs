@@ -1,0 +1,124 @@
+//! Blobs: large byte arrays, streamed to disk once and read by many jobs.
+//!
+//! An upload is written to a temp file in `<data-dir>/blobs/` while its sha256 is computed,
+//! never held whole in memory. Over the size limit, or cut off halfway, the temp file is removed
+//! and nothing is recorded. A complete upload is synced, renamed to `<data-dir>/blobs/<id>`, and
+//! only then recorded in the store, so a recorded blob always has all its bytes. Temp files
+//! left by a crash are removed at the next start.
+
+use std::path::{Path, PathBuf};
+
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use crate::clock::Micros;
+
+const TEMP_PREFIX: &str = ".upload-";
+
+/// What is known of a stored blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BlobMeta {
+    pub id: String,
+    pub size: u64,
+    pub sha256: String,
+    #[serde(skip)]
+    pub created_at: Micros,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("the blob is over the {limit}-byte limit (--max-blob-bytes)")]
+    TooLarge { limit: u64 },
+    #[error("the upload was cut off: {0}")]
+    Interrupted(String),
+    #[error("storing the blob failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The folder of blob files.
+#[derive(Clone, Debug)]
+pub struct BlobDir {
+    dir: PathBuf,
+}
+
+impl BlobDir {
+    /// Opens (creating) `dir` and removes temp files an earlier process left behind.
+    pub fn open(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(BlobDir { dir })
+    }
+
+    /// Where the bytes of blob `id` live. `id` must be a UUID (checked), so it cannot name
+    /// anything outside the folder.
+    pub fn path(&self, id: &str) -> Option<PathBuf> {
+        Uuid::parse_str(id)
+            .ok()
+            .map(|u| self.dir.join(u.hyphenated().to_string()))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Streams `body` to a new blob file; at most `limit` bytes.
+    pub async fn write<S, E>(&self, mut body: S, limit: u64) -> Result<BlobMeta, UploadError>
+    where
+        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let id = Uuid::now_v7().hyphenated().to_string();
+        let temp = self.dir.join(format!("{TEMP_PREFIX}{id}"));
+        // Removes the temp file on every early return.
+        struct Cleanup(Option<PathBuf>);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                if let Some(p) = self.0.take() {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+        let mut cleanup = Cleanup(Some(temp.clone()));
+        let mut file = tokio::fs::File::create(&temp).await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| UploadError::Interrupted(e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(UploadError::TooLarge { limit });
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.sync_all().await?;
+        drop(file);
+        let path = self.dir.join(&id);
+        tokio::fs::rename(&temp, &path).await?;
+        cleanup.0 = None;
+        Ok(BlobMeta {
+            id,
+            size,
+            sha256: crate::task::hex(&hasher.finalize()),
+            created_at: Micros::now(),
+        })
+    }
+
+    pub async fn remove(&self, id: &str) -> std::io::Result<()> {
+        match self.path(id) {
+            Some(p) => match tokio::fs::remove_file(p).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+}

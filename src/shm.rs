@@ -1,0 +1,79 @@
+//! Shared memory: blob files mapped into the address space, read in place.
+//!
+//! A blob file is mapped `MAP_SHARED` and read-only, so every reader (a rayon job here, worker
+//! processes later) reads the same physical pages of the page cache: nothing is copied, however
+//! many jobs read the blob at once. This is the one module with `unsafe` code.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::Mmap;
+
+/// A read-only mapping of a whole blob file.
+pub struct MappedBlob {
+    map: Option<Mmap>,
+}
+
+impl MappedBlob {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            // mmap of zero bytes is an error; an empty blob is an empty slice.
+            return Ok(MappedBlob { map: None });
+        }
+        // SAFETY: blob files are immutable once renamed into place (src/blob.rs writes a temp
+        // file, syncs it, then renames it; nothing opens a blob for writing afterwards), so
+        // the mapped bytes cannot change under us. Deleting the blob unlinks the file, which
+        // leaves an existing mapping valid. Truncation, the one way to SIGBUS a reader, is
+        // never done to a blob file.
+        let map = unsafe { Mmap::map(&file)? };
+        Ok(MappedBlob { map: Some(map) })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// The element types an array blob may hold: raw little-endian numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F64,
+    F32,
+    I64,
+    U8,
+}
+
+impl Dtype {
+    pub fn parse(s: &str) -> Option<Dtype> {
+        match s {
+            "f64" => Some(Dtype::F64),
+            "f32" => Some(Dtype::F32),
+            "i64" => Some(Dtype::I64),
+            "u8" => Some(Dtype::U8),
+            _ => None,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 => 4,
+            Dtype::U8 => 1,
+        }
+    }
+
+    /// Reads element `i` of `bytes` as f64 (little-endian).
+    #[inline]
+    pub fn get(self, bytes: &[u8], i: usize) -> f64 {
+        let at = i * self.size();
+        match self {
+            Dtype::F64 => f64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")),
+            Dtype::F32 => f32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as f64,
+            Dtype::I64 => i64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")) as f64,
+            Dtype::U8 => bytes[at] as f64,
+        }
+    }
+}
