@@ -12,7 +12,7 @@ use crate::blob::BlobDir;
 use crate::config::Settings;
 use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::events::Events;
-use crate::executor::{AsyncLane, BlockingLane, Executor, RayonLane};
+use crate::executor::{AsyncLane, BlockingLane, Executor, ProcessLane, RayonLane};
 use crate::store::{JobStore, SqliteStore, StoreError};
 use crate::task::Registry;
 
@@ -35,6 +35,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("rayon pool: {0}")]
     Rayon(#[from] rayon::ThreadPoolBuildError),
+    #[error("cannot start worker processes: {0}")]
+    Workers(std::io::Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
 }
@@ -61,10 +63,22 @@ impl App {
             })?;
         let store: Arc<dyn JobStore> =
             Arc::new(SqliteStore::open(&settings.database_url, settings.durability).await?);
+        let worker_exe = match &settings.worker_exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(AppError::Workers)?,
+        };
         let executors: Vec<Arc<dyn Executor>> = vec![
             Arc::new(AsyncLane::new(settings.async_capacity)),
             Arc::new(BlockingLane::new(settings.blocking_threads)),
             Arc::new(RayonLane::new(settings.cpu_threads)?),
+            Arc::new(
+                ProcessLane::start(
+                    worker_exe,
+                    settings.data_dir.clone(),
+                    settings.process_workers,
+                )
+                .map_err(AppError::Workers)?,
+            ),
         ];
         let dispatcher = Dispatcher::new(
             store,

@@ -45,6 +45,12 @@ pub struct Settings {
     pub blocking_threads: usize,
     /// Threads in the rayon pool for cpu jobs.
     pub cpu_threads: usize,
+    /// Worker processes in the process lane.
+    pub process_workers: usize,
+    /// A cpu job whose blob is at least this large runs in the process lane.
+    pub process_threshold_bytes: u64,
+    /// The binary workers are started from (`offload worker`); default: this executable.
+    pub worker_exe: Option<PathBuf>,
     /// Queued jobs per lane before a submit is answered 429.
     pub max_queued_per_lane: usize,
     pub max_body_bytes: usize,
@@ -88,6 +94,9 @@ impl Settings {
             async_capacity: 20_000,
             blocking_threads: 64,
             cpu_threads: cores(),
+            process_workers: cores(),
+            process_threshold_bytes: 64 << 20,
+            worker_exe: None,
             max_queued_per_lane: 100_000,
             max_body_bytes: 8 << 20,
             max_blob_bytes: 4 << 30,
@@ -133,6 +142,11 @@ impl Settings {
         pick!(async_capacity);
         pick!(blocking_threads);
         pick!(cpu_threads);
+        pick!(process_workers);
+        pick!(process_threshold_bytes);
+        if let Some(exe) = args.worker_exe.clone().or(file.worker_exe) {
+            s.worker_exe = Some(exe);
+        }
         pick!(max_queued_per_lane);
         pick!(max_body_bytes);
         pick!(max_blob_bytes);
@@ -171,6 +185,7 @@ impl Settings {
             ("async-capacity", self.async_capacity as u64),
             ("blocking-threads", self.blocking_threads as u64),
             ("cpu-threads", self.cpu_threads as u64),
+            ("process-workers", self.process_workers as u64),
             ("max-queued-per-lane", self.max_queued_per_lane as u64),
             ("max-body-bytes", self.max_body_bytes as u64),
             ("max-blob-bytes", self.max_blob_bytes),
@@ -227,6 +242,9 @@ struct FileSettings {
     async_capacity: Option<usize>,
     blocking_threads: Option<usize>,
     cpu_threads: Option<usize>,
+    process_workers: Option<usize>,
+    process_threshold_bytes: Option<u64>,
+    worker_exe: Option<PathBuf>,
     max_queued_per_lane: Option<usize>,
     max_body_bytes: Option<usize>,
     max_blob_bytes: Option<u64>,
@@ -255,6 +273,14 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (secrets masked) and exit.
     Config(ServeArgs),
+    /// A worker process of the process lane (started by the server, not by hand).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        parent: u32,
+    },
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -289,6 +315,15 @@ pub struct ServeArgs {
     /// Rayon threads for cpu jobs [default: the number of cores].
     #[arg(long, env = "OFFLOAD_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
+    /// Worker processes for isolated and large-array cpu jobs [default: the number of cores].
+    #[arg(long, env = "OFFLOAD_PROCESS_WORKERS")]
+    pub process_workers: Option<usize>,
+    /// A cpu job whose blob is at least this many bytes runs in a worker process [default: 67108864].
+    #[arg(long, env = "OFFLOAD_PROCESS_THRESHOLD_BYTES")]
+    pub process_threshold_bytes: Option<u64>,
+    /// The binary worker processes run as `<exe> worker` [default: this executable].
+    #[arg(long, env = "OFFLOAD_WORKER_EXE")]
+    pub worker_exe: Option<PathBuf>,
     /// Queued jobs per lane before submits get 429 [default: 100000].
     #[arg(long, env = "OFFLOAD_MAX_QUEUED_PER_LANE")]
     pub max_queued_per_lane: Option<usize>,

@@ -29,9 +29,13 @@ const CLAIM_BATCH: usize = 256;
 /// The router: which lane runs `task` as `kind`.
 pub fn route(task: &dyn Task, kind: Kind, isolate: bool) -> Result<ExecutorKind, String> {
     if isolate {
-        return Err(
-            "`isolate: true` needs the process lane, which this build does not have yet".into(),
-        );
+        return match kind {
+            Kind::Cpu => Ok(ExecutorKind::Process),
+            Kind::Io => Err(
+                "isolate: only cpu jobs run in worker processes; drop `isolate` or use kind cpu"
+                    .into(),
+            ),
+        };
     }
     Ok(match kind {
         Kind::Io => match task.io_style() {
@@ -161,6 +165,8 @@ struct Lane {
 #[derive(Debug, Clone, Serialize)]
 pub struct LaneStats {
     pub capacity: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<serde_json::Value>,
     pub running: usize,
     pub queued: usize,
     pub succeeded: u64,
@@ -378,6 +384,7 @@ impl Dispatcher {
                     kind,
                     LaneStats {
                         capacity: lane.executor.capacity(),
+                        workers: lane.executor.workers(),
                         running: lane.running.load(Ordering::Relaxed),
                         queued,
                         succeeded: lane.succeeded.load(Ordering::Relaxed),

@@ -162,7 +162,7 @@ pub enum ExecutorKind {
     Blocking,
     /// The rayon pool, for CPU work.
     Rayon,
-    /// Worker processes (not in this build yet).
+    /// Worker processes, for isolated jobs and large arrays.
     Process,
 }
 

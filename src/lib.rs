@@ -10,7 +10,8 @@
 //! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
 //! - [`dispatch`]: the router (kind + task → lane), admission, in-memory queues, retries,
 //!   timeouts, cancel and drain.
-//! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`.
+//! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`, and
+//!   `process` (worker processes re-executed from this binary).
 //! - [`store`]: the `JobStore` trait and its SQLite implementation (one writer, group commit).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.

@@ -9,6 +9,9 @@ fn main() -> std::process::ExitCode {
     let (serve, args) = match &cli.command {
         Command::Serve(a) => (true, a),
         Command::Config(a) => (false, a),
+        Command::Worker { data_dir, parent } => {
+            return offload::executor::process::worker_main(data_dir, *parent)
+        }
     };
     let settings = match Settings::load(args) {
         Ok(s) => s,

@@ -77,3 +77,15 @@ impl Dtype {
         }
     }
 }
+
+/// Makes the kernel send SIGKILL to this process when its parent dies, then checks that the
+/// parent is still `parent` (it may have died before the call: the race PR_SET_PDEATHSIG
+/// alone leaves open). Worker processes call it first thing, so a killed server leaves no
+/// orphans. Returns false if the parent is already gone.
+pub fn die_with_parent(parent: u32) -> bool {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    // SAFETY: getppid has no arguments and cannot fail.
+    let ppid = unsafe { libc::getppid() };
+    rc == 0 && ppid as u32 == parent
+}

@@ -57,9 +57,14 @@ fn present(state: &AppState, mut job: Job) -> Job {
 }
 
 /// Checks at submit that every blob a job names exists and fits the job (a 422 if not).
-async fn check_blobs(state: &AppState, jobs: &[NewJob], paths: &[String]) -> Result<(), ApiError> {
+/// A cpu job whose blob is at or over the threshold moves to the process lane.
+async fn check_blobs(
+    state: &AppState,
+    jobs: &mut [NewJob],
+    paths: &[String],
+) -> Result<(), ApiError> {
     let registry = state.dispatcher.registry();
-    for (job, path) in jobs.iter().zip(paths) {
+    for (job, path) in jobs.iter_mut().zip(paths) {
         let Some(task) = registry.get(&job.task) else {
             continue;
         };
@@ -89,6 +94,9 @@ async fn check_blobs(state: &AppState, jobs: &[NewJob], paths: &[String]) -> Res
                     format!("{path}: {e}")
                 })
             })?;
+            if job.kind == Kind::Cpu && meta.size >= state.settings.process_threshold_bytes {
+                job.executor = crate::job::ExecutorKind::Process;
+            }
         }
     }
     Ok(())
@@ -119,8 +127,8 @@ pub async fn submit(
         Micros::now(),
     )
     .map_err(ApiError::invalid)?;
-    let job = [job];
-    check_blobs(&state, &job, &[String::new()]).await?;
+    let mut job = [job];
+    check_blobs(&state, &mut job, &[String::new()]).await?;
     let mut inserted = state.dispatcher.submit(job.into()).await?;
     let (status, job) = match inserted.pop().expect("one job in, one out") {
         Inserted::Created(j) => (StatusCode::ACCEPTED, j),
@@ -160,14 +168,14 @@ pub async fn submit_batch(
     let now = Micros::now();
     let registry = state.dispatcher.registry();
     let defaults = state.spec_defaults();
-    let jobs = specs
+    let mut jobs = specs
         .iter()
         .enumerate()
         .map(|(i, s)| spec::parse(s, &format!("jobs[{i}]"), None, registry, defaults, now))
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| ApiError::invalid(format!("{e}; nothing was stored")))?;
     let paths: Vec<String> = (0..jobs.len()).map(|i| format!("jobs[{i}]")).collect();
-    check_blobs(&state, &jobs, &paths).await?;
+    check_blobs(&state, &mut jobs, &paths).await?;
     let inserted = state.dispatcher.submit(jobs).await?;
     let jobs: Vec<Job> = inserted
         .into_iter()

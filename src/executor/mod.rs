@@ -12,6 +12,7 @@
 
 mod async_lane;
 mod blocking;
+pub mod process;
 mod rayon_lane;
 
 use std::any::Any;
@@ -26,6 +27,7 @@ use crate::task::{JobCtx, Task, TaskError, TaskResult};
 
 pub use async_lane::AsyncLane;
 pub use blocking::BlockingLane;
+pub use process::ProcessLane;
 pub use rayon_lane::RayonLane;
 
 #[async_trait]
@@ -33,6 +35,10 @@ pub trait Executor: Send + Sync + 'static {
     fn kind(&self) -> ExecutorKind;
     /// How many jobs may run in this lane at once.
     fn capacity(&self) -> usize;
+    /// Per-worker figures, for lanes that have workers (the process lane).
+    fn workers(&self) -> Option<Value> {
+        None
+    }
     /// Runs one attempt of `task`. Resolves with its result; dropping the future abandons the
     /// attempt (the dispatcher raises the stop flag first).
     async fn run(

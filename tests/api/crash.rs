@@ -221,3 +221,35 @@ async fn sigterm_drains_running_work_then_exits() {
         "the drain let it finish; it was not run again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_processes_die_with_a_killed_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let stats: Value = reqwest::get(format!("{}/v1/stats", server.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pids: Vec<u64> = stats["executors"]["process"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert!(!pids.is_empty());
+    server.kill9();
+    let gone = |pid: &u64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    for _ in 0..250 {
+        if pids.iter().all(gone) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("workers outlived the server: {pids:?}");
+}

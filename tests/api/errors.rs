@@ -155,8 +155,8 @@ async fn invalid_specs_are_422_with_a_detail_that_says_what_to_change() {
         ),
         (json!({"task": "noop", "run_at": "next tuesday"}), "run_at"),
         (
-            json!({"task": "sum_squares", "args": {"n": 5}, "isolate": true}),
-            "process lane",
+            json!({"task": "sleep", "args": {"ms": 5}, "isolate": true}),
+            "only cpu jobs",
         ),
         (json!({"task": 7}), "task: must be a string"),
     ];

@@ -44,6 +44,9 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s.retry_max_ms = 100;
     s.cpu_threads = 2;
     s.drain_timeout_ms = 2_000;
+    s.process_workers = 2;
+    // The app runs inside the test binary; its workers are the real `offload` binary.
+    s.worker_exe = Some(env!("CARGO_BIN_EXE_offload").into());
     s
 }
 

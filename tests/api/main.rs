@@ -7,4 +7,5 @@ mod helpers;
 mod jobs;
 mod lanes;
 mod openapi;
+mod process;
 mod store;

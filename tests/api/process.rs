@@ -1,0 +1,166 @@
+//! The process lane: real worker processes, killed for real.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+async fn worker_pids(app: &TestApp) -> Vec<u64> {
+    let stats = app.get("/v1/stats").await.body;
+    let mut pids: Vec<u64> = stats["executors"]["process"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_jobs_run_in_worker_processes_with_the_same_results() {
+    let app = spawn_app().await;
+    let pids = worker_pids(&app).await;
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().all(|&p| alive(p)));
+    let job = app
+        .submit(json!({"task": "sum_squares", "args": {"n": 10_000_000}, "isolate": true}))
+        .await;
+    assert_eq!(job["executor"], "process");
+    let done = app.wait(&id_of(&job), 60).await;
+    assert_eq!(done["result"]["sum"], "333333283333335000000", "{done}");
+
+    // The same array job in both lanes gives the same answer.
+    let bytes: Vec<u8> = (0..100_000)
+        .flat_map(|i| ((i % 977) as f64 * 0.5).to_le_bytes())
+        .collect();
+    let a = app
+        .call_raw(Method::POST, "/v1/blobs", "application/octet-stream", bytes)
+        .await;
+    let blob = a.body["id"].as_str().unwrap().to_string();
+    let mut results = Vec::new();
+    for isolate in [false, true] {
+        let job = app
+            .submit(json!({"task": "array_stats", "args": {"blob": blob}, "isolate": isolate}))
+            .await;
+        assert_eq!(job["executor"], if isolate { "process" } else { "rayon" });
+        let done = app.wait(&id_of(&job), 60).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        results.push(done["result"].clone());
+    }
+    assert_eq!(results[0]["count"], results[1]["count"]);
+    assert_eq!(results[0]["sum"], results[1]["sum"]);
+    assert_eq!(results[0]["max"], results[1]["max"]);
+    let (s0, s1) = (
+        results[0]["std"].as_f64().unwrap(),
+        results[1]["std"].as_f64().unwrap(),
+    );
+    assert!((s0 - s1).abs() < 1e-9 * s0, "{s0} vs {s1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_over_the_threshold_sends_the_job_to_the_process_lane() {
+    let app = spawn_with(|s| s.process_threshold_bytes = 4096).await;
+    let big: Vec<u8> = (0..1000).flat_map(|i| (i as f64).to_le_bytes()).collect();
+    let small: Vec<u8> = (0..10).flat_map(|i| (i as f64).to_le_bytes()).collect();
+    for (bytes, lane) in [(big, "process"), (small, "rayon")] {
+        let a = app
+            .call_raw(Method::POST, "/v1/blobs", "application/octet-stream", bytes)
+            .await;
+        let job = app
+            .submit(json!({"task": "array_stats", "args": {"blob": a.body["id"]}}))
+            .await;
+        assert_eq!(job["executor"], lane);
+        assert_eq!(app.wait(&id_of(&job), 60).await["status"], "succeeded");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_timeout_kill_the_worker_and_the_pool_recovers() {
+    let app = spawn_app().await;
+    let long = json!({"task": "sum_squares", "args": {"n": 1_000_000_000_000u64}, "isolate": true, "max_attempts": 1});
+    let job = app.submit(long.clone()).await;
+    let id = id_of(&job);
+    app.wait_until(&id, 30, |j| j["status"] == "running").await;
+    let before = worker_pids(&app).await;
+    let a = app.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(a.body["status"], "cancelled");
+    let mut after = worker_pids(&app).await;
+    for _ in 0..100 {
+        if after != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = worker_pids(&app).await;
+    }
+    assert_eq!(after.len(), 2);
+    let killed: Vec<u64> = before
+        .iter()
+        .copied()
+        .filter(|p| !after.contains(p))
+        .collect();
+    assert_eq!(
+        killed.len(),
+        1,
+        "one worker was replaced: {before:?} -> {after:?}"
+    );
+    for _ in 0..100 {
+        if !alive(killed[0]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!alive(killed[0]), "the cancelled job's worker is gone");
+
+    let mut timed = long.clone();
+    timed["timeout_ms"] = json!(300);
+    let job = app.submit(timed).await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["error"]["type"], "timeout", "{done}");
+
+    let ok = app
+        .submit(json!({"task": "sum_squares", "args": {"n": 1000}, "isolate": true}))
+        .await;
+    assert_eq!(
+        app.wait(&id_of(&ok), 30).await["result"]["sum"],
+        "332833500"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_fails_it_as_crashed_and_is_replaced() {
+    let app = spawn_with(|s| s.process_workers = 1).await;
+    let job = app
+        .submit(json!({"task": "sum_squares", "args": {"n": 1_000_000_000_000u64}, "isolate": true, "max_attempts": 1}))
+        .await;
+    app.wait_until(&id_of(&job), 30, |j| j["status"] == "running")
+        .await;
+    let pid = worker_pids(&app).await[0];
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["type"], "crashed", "{done}");
+    let pids = worker_pids(&app).await;
+    assert_eq!(pids.len(), 1);
+    assert_ne!(pids[0], pid);
+    let ok = app
+        .submit(json!({"task": "noop", "kind": "cpu", "isolate": true}))
+        .await;
+    assert_eq!(app.wait(&id_of(&ok), 30).await["status"], "succeeded");
+    let stats: Value = app.get("/v1/stats").await.body;
+    assert_eq!(stats["executors"]["process"]["workers"][0]["jobs_done"], 1);
+    assert_eq!(app.get("/v1/jobs").await.status, StatusCode::OK);
+}
