@@ -54,8 +54,19 @@ impl Task for WordCount {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The process lane starts workers by re-executing this binary: answer as one if asked.
+    if let Some(code) = offload::executor::process::run_worker_if_asked() {
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
+    tokio::runtime::Runtime::new()?.block_on(serve())
+}
+
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     offload::telemetry::init(offload::config::LogFormat::Text);
     let settings = Settings::with_data_dir("./offload-data");
     let mut registry = Registry::builtin(&settings);

@@ -260,6 +260,30 @@ impl Executor for ProcessLane {
     }
 }
 
+/// For programs that embed the library: if this process was started as a worker
+/// (`<exe> worker --data-dir D --parent P`), runs as one and returns its exit code. Call it
+/// first thing in `main`; the process lane re-executes the program's own binary. Workers run
+/// the built-in tasks.
+pub fn run_worker_if_asked() -> Option<std::process::ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("worker") {
+        return None;
+    }
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    match (
+        value("--data-dir"),
+        value("--parent").and_then(|p| p.parse().ok()),
+    ) {
+        (Some(dir), Some(parent)) => Some(worker_main(Path::new(&dir), parent)),
+        _ => Some(std::process::ExitCode::FAILURE),
+    }
+}
+
 /// The `offload worker` subcommand: runs jobs from stdin until stdin closes.
 pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
     if !crate::shm::die_with_parent(parent) {
