@@ -12,6 +12,7 @@ use crate::blob::BlobDir;
 use crate::config::Settings;
 use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::events::Events;
+use crate::executor::process::Recycle;
 use crate::executor::{AsyncLane, BlockingLane, Executor, ProcessLane, RayonLane};
 use crate::store::{JobStore, SqliteStore, StoreError};
 use crate::task::Registry;
@@ -76,6 +77,10 @@ impl App {
                     worker_exe,
                     settings.data_dir.clone(),
                     settings.process_workers,
+                    Recycle {
+                        max_jobs: settings.worker_max_jobs,
+                        max_rss_bytes: settings.worker_max_rss_bytes,
+                    },
                 )
                 .map_err(AppError::Workers)?,
             ),

@@ -49,6 +49,10 @@ pub struct Settings {
     pub process_workers: usize,
     /// A cpu job whose blob is at least this large runs in the process lane.
     pub process_threshold_bytes: u64,
+    /// Replace a worker after this many jobs (0: never).
+    pub worker_max_jobs: u64,
+    /// Replace a worker whose resident size is over this after a job (0: never).
+    pub worker_max_rss_bytes: u64,
     /// The binary workers are started from (`offload worker`); default: this executable.
     pub worker_exe: Option<PathBuf>,
     /// Queued jobs per lane before a submit is answered 429.
@@ -97,6 +101,8 @@ impl Settings {
             process_workers: cores(),
             process_threshold_bytes: 64 << 20,
             worker_exe: None,
+            worker_max_jobs: 10_000,
+            worker_max_rss_bytes: 1 << 30,
             max_queued_per_lane: 100_000,
             max_body_bytes: 8 << 20,
             max_blob_bytes: 4 << 30,
@@ -144,6 +150,8 @@ impl Settings {
         pick!(cpu_threads);
         pick!(process_workers);
         pick!(process_threshold_bytes);
+        pick!(worker_max_jobs);
+        pick!(worker_max_rss_bytes);
         if let Some(exe) = args.worker_exe.clone().or(file.worker_exe) {
             s.worker_exe = Some(exe);
         }
@@ -244,6 +252,8 @@ struct FileSettings {
     cpu_threads: Option<usize>,
     process_workers: Option<usize>,
     process_threshold_bytes: Option<u64>,
+    worker_max_jobs: Option<u64>,
+    worker_max_rss_bytes: Option<u64>,
     worker_exe: Option<PathBuf>,
     max_queued_per_lane: Option<usize>,
     max_body_bytes: Option<usize>,
@@ -321,6 +331,12 @@ pub struct ServeArgs {
     /// A cpu job whose blob is at least this many bytes runs in a worker process [default: 67108864].
     #[arg(long, env = "OFFLOAD_PROCESS_THRESHOLD_BYTES")]
     pub process_threshold_bytes: Option<u64>,
+    /// Replace a worker process after this many jobs; 0 never [default: 10000].
+    #[arg(long, env = "OFFLOAD_WORKER_MAX_JOBS")]
+    pub worker_max_jobs: Option<u64>,
+    /// Replace a worker process whose resident size is over this many bytes after a job; 0 never [default: 1073741824].
+    #[arg(long, env = "OFFLOAD_WORKER_MAX_RSS_BYTES")]
+    pub worker_max_rss_bytes: Option<u64>,
     /// The binary worker processes run as `<exe> worker` [default: this executable].
     #[arg(long, env = "OFFLOAD_WORKER_EXE")]
     pub worker_exe: Option<PathBuf>,

@@ -89,3 +89,14 @@ pub fn die_with_parent(parent: u32) -> bool {
     let ppid = unsafe { libc::getppid() };
     rc == 0 && ppid as u32 == parent
 }
+
+/// The size of a memory page.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system; it touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
+}

@@ -64,12 +64,36 @@ struct WorkerInfo {
     pid: u32,
     state: &'static str,
     jobs_done: u64,
+    /// Resident set size, read from /proc when stats are asked for.
+    rss_bytes: u64,
+}
+
+/// When a worker is replaced by a fresh one between jobs (0 = never).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Recycle {
+    pub max_jobs: u64,
+    pub max_rss_bytes: u64,
+}
+
+/// Resident size of a process, from /proc/<pid>/statm (pages × page size; 4 KiB pages assumed
+/// when the page size cannot be read).
+fn rss_bytes(pid: u32) -> u64 {
+    let pages = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    pages * crate::shm::page_size()
 }
 
 pub struct ProcessLane {
     exe: PathBuf,
     data_dir: PathBuf,
     capacity: usize,
+    recycle: Recycle,
     // std Mutexes: held for a push or a pop, never across an await.
     idle: Arc<Mutex<Vec<Worker>>>,
     info: Arc<Mutex<HashMap<u32, WorkerInfo>>>,
@@ -77,11 +101,17 @@ pub struct ProcessLane {
 
 impl ProcessLane {
     /// Starts `workers` worker processes from `exe` (the `offload` binary).
-    pub fn start(exe: PathBuf, data_dir: PathBuf, workers: usize) -> std::io::Result<Self> {
+    pub fn start(
+        exe: PathBuf,
+        data_dir: PathBuf,
+        workers: usize,
+        recycle: Recycle,
+    ) -> std::io::Result<Self> {
         let lane = ProcessLane {
             exe,
             data_dir,
             capacity: workers,
+            recycle,
             idle: Arc::default(),
             info: Arc::default(),
         };
@@ -132,6 +162,7 @@ fn spawn_worker(
             pid,
             state: "idle",
             jobs_done: 0,
+            rss_bytes: 0,
         },
     );
     Ok(Worker {
@@ -151,11 +182,27 @@ struct Lease<'a> {
 }
 
 impl Lease<'_> {
+    /// Returns the worker to the pool, or, past its job or memory allowance, leaves it to
+    /// `drop`, which kills it and starts a fresh one.
     fn give_back(mut self) {
         if let Some(w) = self.worker.take() {
-            if let Some(i) = self.lane.info.lock().expect("info lock").get_mut(&w.pid) {
-                i.state = "idle";
-                i.jobs_done += 1;
+            let recycle = self.lane.recycle;
+            let done = {
+                let mut info = self.lane.info.lock().expect("info lock");
+                let i = info.get_mut(&w.pid);
+                i.map(|i| {
+                    i.state = "idle";
+                    i.jobs_done += 1;
+                    i.jobs_done
+                })
+                .unwrap_or(0)
+            };
+            let worn_out = (recycle.max_jobs > 0 && done >= recycle.max_jobs)
+                || (recycle.max_rss_bytes > 0 && rss_bytes(w.pid) > recycle.max_rss_bytes);
+            if worn_out {
+                tracing::debug!(pid = w.pid, jobs = done, "recycling a worker");
+                self.worker = Some(w);
+                return;
             }
             self.lane.idle.lock().expect("idle lock").push(w);
         }
@@ -191,6 +238,9 @@ impl Executor for ProcessLane {
             .values()
             .cloned()
             .collect();
+        for w in &mut list {
+            w.rss_bytes = rss_bytes(w.pid);
+        }
         list.sort_by_key(|w| w.pid);
         Some(json!(list))
     }

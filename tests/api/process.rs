@@ -164,3 +164,38 @@ async fn a_worker_killed_mid_job_fails_it_as_crashed_and_is_replaced() {
     assert_eq!(stats["executors"]["process"]["workers"][0]["jobs_done"], 1);
     assert_eq!(app.get("/v1/jobs").await.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_recycled_after_their_job_allowance() {
+    let app = spawn_with(|s| {
+        s.process_workers = 1;
+        s.worker_max_jobs = 2;
+    })
+    .await;
+    let first = worker_pids(&app).await;
+    let stats: Value = app.get("/v1/stats").await.body;
+    assert!(
+        stats["executors"]["process"]["workers"][0]["rss_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    for _ in 0..2 {
+        let j = app
+            .submit(json!({"task": "noop", "kind": "cpu", "isolate": true}))
+            .await;
+        assert_eq!(app.wait(&id_of(&j), 30).await["status"], "succeeded");
+    }
+    let second = worker_pids(&app).await;
+    assert_eq!(second.len(), 1);
+    assert_ne!(first, second, "the worker was replaced after 2 jobs");
+    let j = app
+        .submit(json!({"task": "noop", "kind": "cpu", "isolate": true}))
+        .await;
+    assert_eq!(app.wait(&id_of(&j), 30).await["status"], "succeeded");
+    assert_eq!(
+        worker_pids(&app).await,
+        second,
+        "a fresh worker keeps going"
+    );
+}
