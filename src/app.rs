@@ -68,10 +68,12 @@ impl App {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(AppError::Workers)?,
         };
+        // One core budget for all cpu work, rayon and worker processes together.
+        let cpu_budget = Arc::new(tokio::sync::Semaphore::new(settings.cpu_threads));
         let executors: Vec<Arc<dyn Executor>> = vec![
             Arc::new(AsyncLane::new(settings.async_capacity)),
             Arc::new(BlockingLane::new(settings.blocking_threads)),
-            Arc::new(RayonLane::new(settings.cpu_threads)?),
+            Arc::new(RayonLane::new(settings.cpu_threads, cpu_budget.clone())?),
             Arc::new(
                 ProcessLane::start(
                     worker_exe,
@@ -81,6 +83,7 @@ impl App {
                         max_jobs: settings.worker_max_jobs,
                         max_rss_bytes: settings.worker_max_rss_bytes,
                     },
+                    cpu_budget,
                 )
                 .map_err(AppError::Workers)?,
             ),
@@ -95,6 +98,7 @@ impl App {
                 max: Duration::from_millis(settings.retry_max_ms),
             },
             settings.max_queued_per_lane,
+            Some(blobs.clone()),
         );
         dispatcher.start().await?;
         let listener = TcpListener::bind(settings.bind)

@@ -17,6 +17,14 @@ use uuid::Uuid;
 use crate::clock::Micros;
 
 const TEMP_PREFIX: &str = ".upload-";
+const OUTPUT_PREFIX: &str = ".out-";
+
+/// Where attempt `attempt` of job `job` writes an output blob before it is adopted. Named by
+/// job and attempt, so the dispatcher can find (and adopt, or remove) it whatever the task
+/// returned, and a crash leaves only files that the next start removes.
+pub fn output_temp_path(dir: &Path, job: crate::job::JobId, attempt: u32) -> PathBuf {
+    dir.join(format!("{OUTPUT_PREFIX}{job}-{attempt}"))
+}
 
 /// What is known of a stored blob.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -50,7 +58,8 @@ impl BlobDir {
         std::fs::create_dir_all(&dir)?;
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TEMP_PREFIX) || name.starts_with(OUTPUT_PREFIX) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -110,6 +119,32 @@ impl BlobDir {
             sha256: crate::task::hex(&hasher.finalize()),
             created_at: Micros::now(),
         })
+    }
+
+    /// Turns an attempt's finished output file into a blob: a fresh id, renamed into place.
+    pub fn adopt_output(
+        &self,
+        job: crate::job::JobId,
+        attempt: u32,
+        size: u64,
+        sha256: String,
+    ) -> std::io::Result<BlobMeta> {
+        let id = Uuid::now_v7().hyphenated().to_string();
+        std::fs::rename(
+            output_temp_path(&self.dir, job, attempt),
+            self.dir.join(&id),
+        )?;
+        Ok(BlobMeta {
+            id,
+            size,
+            sha256,
+            created_at: Micros::now(),
+        })
+    }
+
+    /// Removes an attempt's output file, if it left one.
+    pub fn discard_output(&self, job: crate::job::JobId, attempt: u32) {
+        let _ = std::fs::remove_file(output_temp_path(&self.dir, job, attempt));
     }
 
     pub async fn remove(&self, id: &str) -> std::io::Result<()> {

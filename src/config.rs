@@ -43,7 +43,8 @@ pub struct Settings {
     pub async_capacity: usize,
     /// Threads for blocking jobs (tokio's blocking pool, sized to this plus a margin).
     pub blocking_threads: usize,
-    /// Threads in the rayon pool for cpu jobs.
+    /// Threads in the rayon pool for cpu jobs, and the cores that cpu work may use at once,
+    /// rayon and worker processes together.
     pub cpu_threads: usize,
     /// Worker processes in the process lane.
     pub process_workers: usize,
@@ -322,7 +323,7 @@ pub struct ServeArgs {
     /// Threads for blocking io jobs [default: 64].
     #[arg(long, env = "OFFLOAD_BLOCKING_THREADS")]
     pub blocking_threads: Option<usize>,
-    /// Rayon threads for cpu jobs [default: the number of cores].
+    /// Rayon threads for cpu jobs, and the cores cpu work (rayon and worker processes together) may use at once [default: the number of cores].
     #[arg(long, env = "OFFLOAD_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
     /// Worker processes for isolated and large-array cpu jobs [default: the number of cores].

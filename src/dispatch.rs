@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
+use crate::blob::BlobDir;
 use crate::clock::Micros;
 use crate::events::Events;
 use crate::executor::Executor;
@@ -185,6 +186,8 @@ pub struct Dispatcher {
     max_queued: usize,
     draining: AtomicBool,
     stop_lanes: watch::Sender<bool>,
+    /// Where output blobs are adopted (tasks that write one).
+    blobs: Option<BlobDir>,
 }
 
 /// Admission slots taken for a submit; given back when dropped.
@@ -211,6 +214,7 @@ impl Dispatcher {
         executors: Vec<Arc<dyn Executor>>,
         retry: RetryPolicy,
         max_queued: usize,
+        blobs: Option<BlobDir>,
     ) -> Arc<Self> {
         let lanes = executors
             .into_iter()
@@ -239,6 +243,7 @@ impl Dispatcher {
             max_queued,
             draining: AtomicBool::new(false),
             stop_lanes: watch::channel(false).0,
+            blobs,
         })
     }
 
@@ -519,6 +524,10 @@ impl Dispatcher {
             .expect("running lock")
             .insert(job.id, ctx.clone());
 
+        let writes_blob = self
+            .registry
+            .get(&job.task)
+            .is_some_and(|t| t.writes_blob());
         let result: TaskResult = match self.registry.get(&job.task) {
             None => Err(TaskError::Permanent(format!(
                 "task `{}` is not registered in this server",
@@ -545,6 +554,16 @@ impl Dispatcher {
             }
         };
 
+        let result = match (writes_blob, &self.blobs) {
+            (true, Some(blobs)) => match result {
+                Ok(value) => self.adopt_output(blobs, &job, value).await,
+                Err(e) => {
+                    blobs.discard_output(job.id, job.attempt);
+                    Err(e)
+                }
+            },
+            _ => result,
+        };
         if let Err(e) = self.record(&job, &ctx, result).await {
             // The job stays `running` in the database; the next start requeues it.
             tracing::error!(error = %e, "recording the outcome failed");
@@ -557,6 +576,37 @@ impl Dispatcher {
         if running.is_empty() {
             self.idle.notify_waiters();
         }
+    }
+
+    /// Makes an attempt's output file a stored blob and names it in the result.
+    async fn adopt_output(
+        &self,
+        blobs: &BlobDir,
+        job: &Job,
+        mut value: serde_json::Value,
+    ) -> TaskResult {
+        let size = value.get("size").and_then(serde_json::Value::as_u64);
+        let sha = value
+            .get("sha256")
+            .and_then(serde_json::Value::as_str)
+            .map(String::from);
+        let (Some(size), Some(sha)) = (size, sha) else {
+            blobs.discard_output(job.id, job.attempt);
+            return Err(TaskError::Permanent(
+                "the task returned no size and sha256 for its output blob".into(),
+            ));
+        };
+        let meta = blobs
+            .adopt_output(job.id, job.attempt, size, sha)
+            .map_err(|e| TaskError::Transient(format!("the output blob is missing: {e}")))?;
+        if let Err(e) = self.store.insert_blob(meta.clone()).await {
+            let _ = blobs.remove(&meta.id).await;
+            return Err(TaskError::Transient(format!(
+                "recording the output blob failed: {e}"
+            )));
+        }
+        value["blob"] = serde_json::Value::String(meta.id);
+        Ok(value)
     }
 
     async fn record(&self, job: &Job, ctx: &JobCtx, result: TaskResult) -> Result<(), StoreError> {

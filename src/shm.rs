@@ -100,3 +100,46 @@ pub fn page_size() -> u64 {
         4096
     }
 }
+
+/// A writable shared mapping of a new file of a fixed size, for a task's output blob.
+pub struct OutputMap {
+    map: Option<memmap2::MmapMut>,
+}
+
+impl OutputMap {
+    /// Creates `path` with `len` bytes reserved on disk up front (posix_fallocate), then maps
+    /// it shared. Reserving first turns "the disk is full" into a clean error here instead of
+    /// a SIGBUS when a write through the mapping finds no block to land in.
+    pub fn create(path: &Path, len: u64) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        if len == 0 {
+            return Ok(OutputMap { map: None });
+        }
+        // SAFETY: the descriptor is open and owned by `file` for the duration of the call.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: the file was just created by us (create_new) with its space reserved; only
+        // this mapping writes to it until it is flushed and handed over as a blob.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+        Ok(OutputMap { map: Some(map) })
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().unwrap_or(&mut [])
+    }
+
+    /// Writes the mapped pages back to the file.
+    pub fn flush(&self) -> std::io::Result<()> {
+        match &self.map {
+            Some(m) => m.flush(),
+            None => Ok(()),
+        }
+    }
+}

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::Executor;
 use crate::config::Settings;
@@ -40,6 +40,9 @@ struct Request {
     attempt: u32,
     task: String,
     args: Value,
+    /// For split tasks: the element range [start, end) this worker computes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    part: Option<[u64; 2]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -90,50 +93,135 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 pub struct ProcessLane {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     exe: PathBuf,
     data_dir: PathBuf,
     capacity: usize,
     recycle: Recycle,
+    /// Cores for cpu work, shared with the rayon lane: a job holds one per process it keeps
+    /// busy, so the two lanes together never run more cpu work than there are cores.
+    budget: Arc<Semaphore>,
     // std Mutexes: held for a push or a pop, never across an await.
-    idle: Arc<Mutex<Vec<Worker>>>,
-    info: Arc<Mutex<HashMap<u32, WorkerInfo>>>,
+    idle: Mutex<Vec<Worker>>,
+    /// Signalled whenever a worker goes back into `idle`.
+    returned: Notify,
+    info: Mutex<HashMap<u32, WorkerInfo>>,
 }
 
+/// Tasks whose work splits across every idle worker, each reading its slice of the same
+/// mapping; the parts are merged here.
+const SPLIT_TASKS: &[&str] = &["array_stats"];
+
 impl ProcessLane {
-    /// Starts `workers` worker processes from `exe` (the `offload` binary).
+    /// Starts `workers` worker processes from `exe` (the `offload` binary), and a watcher that
+    /// replaces idle workers that die.
     pub fn start(
         exe: PathBuf,
         data_dir: PathBuf,
         workers: usize,
         recycle: Recycle,
+        budget: Arc<Semaphore>,
     ) -> std::io::Result<Self> {
-        let lane = ProcessLane {
+        let inner = Arc::new(Inner {
             exe,
             data_dir,
             capacity: workers,
             recycle,
-            idle: Arc::default(),
-            info: Arc::default(),
-        };
+            budget,
+            idle: Mutex::default(),
+            returned: Notify::new(),
+            info: Mutex::default(),
+        });
         for _ in 0..workers {
-            let w = lane.spawn()?;
-            lane.idle.lock().expect("idle lock").push(w);
+            let w = inner.spawn()?;
+            inner.idle.lock().expect("idle lock").push(w);
         }
-        Ok(lane)
-    }
-
-    fn spawn(&self) -> std::io::Result<Worker> {
-        spawn_worker(&self.exe, &self.data_dir, &self.info)
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.replace_dead_idle();
+            }
+        });
+        Ok(ProcessLane { inner })
     }
 
     /// Pids of the workers now alive (for tests and stats).
     pub fn pids(&self) -> Vec<u32> {
-        self.info
+        self.inner
+            .info
             .lock()
             .expect("info lock")
             .keys()
             .copied()
             .collect()
+    }
+}
+
+impl Inner {
+    fn spawn(&self) -> std::io::Result<Worker> {
+        spawn_worker(&self.exe, &self.data_dir, &self.info)
+    }
+
+    fn push_idle(&self, w: Worker) {
+        self.idle.lock().expect("idle lock").push(w);
+        self.returned.notify_one();
+    }
+
+    /// Replaces a dead worker with a fresh one (or logs why it cannot).
+    fn replace(&self, dead_pid: u32) {
+        self.info.lock().expect("info lock").remove(&dead_pid);
+        match self.spawn() {
+            Ok(fresh) => self.push_idle(fresh),
+            Err(e) => tracing::error!(error = %e, "could not start a replacement worker"),
+        }
+    }
+
+    /// An idle worker that died (killed, out of memory) is replaced at once, not when the next
+    /// job finds it dead.
+    fn replace_dead_idle(&self) {
+        let dead: Vec<u32> = {
+            let mut idle = self.idle.lock().expect("idle lock");
+            let mut dead = Vec::new();
+            idle.retain_mut(|w| match w.child.try_wait() {
+                Ok(None) => true,
+                _ => {
+                    dead.push(w.pid);
+                    false
+                }
+            });
+            dead
+        };
+        for pid in dead {
+            tracing::warn!(pid, "an idle worker process died; replacing it");
+            self.replace(pid);
+        }
+    }
+
+    /// Takes an idle worker, waiting for one to come back if all are busy.
+    async fn take(&self) -> Worker {
+        loop {
+            let returned = self.returned.notified();
+            if let Some(w) = self.idle.lock().expect("idle lock").pop() {
+                return w;
+            }
+            returned.await;
+        }
+    }
+
+    fn try_take(&self) -> Option<Worker> {
+        self.idle.lock().expect("idle lock").pop()
+    }
+
+    fn mark(&self, pid: u32, state: &'static str) {
+        if let Some(i) = self.info.lock().expect("info lock").get_mut(&pid) {
+            i.state = state;
+        }
     }
 }
 
@@ -173,29 +261,37 @@ fn spawn_worker(
     })
 }
 
-/// A worker taken for one job. Given back when the job ends normally; if the job's future is
-/// dropped instead (timeout, cancel) or the worker misbehaved, the worker is killed and a fresh
-/// one takes its place.
-struct Lease<'a> {
-    lane: &'a ProcessLane,
+/// A worker taken for one request. Given back when the request ends normally; if the job's
+/// future is dropped instead (timeout, cancel) or the worker misbehaved, the worker is killed
+/// and a fresh one takes its place.
+struct Lease {
+    inner: Arc<Inner>,
     worker: Option<Worker>,
 }
 
-impl Lease<'_> {
+impl Lease {
+    fn new(inner: &Arc<Inner>, worker: Worker) -> Self {
+        inner.mark(worker.pid, "busy");
+        Lease {
+            inner: inner.clone(),
+            worker: Some(worker),
+        }
+    }
+
     /// Returns the worker to the pool, or, past its job or memory allowance, leaves it to
     /// `drop`, which kills it and starts a fresh one.
     fn give_back(mut self) {
         if let Some(w) = self.worker.take() {
-            let recycle = self.lane.recycle;
+            let recycle = self.inner.recycle;
             let done = {
-                let mut info = self.lane.info.lock().expect("info lock");
-                let i = info.get_mut(&w.pid);
-                i.map(|i| {
-                    i.state = "idle";
-                    i.jobs_done += 1;
-                    i.jobs_done
-                })
-                .unwrap_or(0)
+                let mut info = self.inner.info.lock().expect("info lock");
+                info.get_mut(&w.pid)
+                    .map(|i| {
+                        i.state = "idle";
+                        i.jobs_done += 1;
+                        i.jobs_done
+                    })
+                    .unwrap_or(0)
             };
             let worn_out = (recycle.max_jobs > 0 && done >= recycle.max_jobs)
                 || (recycle.max_rss_bytes > 0 && rss_bytes(w.pid) > recycle.max_rss_bytes);
@@ -204,21 +300,51 @@ impl Lease<'_> {
                 self.worker = Some(w);
                 return;
             }
-            self.lane.idle.lock().expect("idle lock").push(w);
+            self.inner.push_idle(w);
+        }
+    }
+
+    /// Sends one request and reads its answer.
+    async fn call(&mut self, request: &Request) -> Result<Answer, TaskError> {
+        let w = self
+            .worker
+            .as_mut()
+            .expect("a lease holds a worker until given back");
+        let mut line = serde_json::to_vec(request).expect("a request serializes");
+        line.push(b'\n');
+        if let Err(e) = w.stdin.write_all(&line).await {
+            return Err(TaskError::Crashed(format!("worker {} is gone: {e}", w.pid)));
+        }
+        match w.stdout.next_line().await {
+            Ok(Some(text)) => serde_json::from_str::<Answer>(&text)
+                .map_err(|e| TaskError::Crashed(format!("worker answered garbage: {e}"))),
+            _ => {
+                let pid = w.pid;
+                let status = w.child.wait().await.ok();
+                Err(TaskError::Crashed(format!(
+                    "worker process {pid} died ({})",
+                    status.map_or("unknown status".to_string(), |s| s.to_string())
+                )))
+            }
         }
     }
 }
 
-impl Drop for Lease<'_> {
+impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(mut w) = self.worker.take() {
             let _ = w.child.start_kill();
-            self.lane.info.lock().expect("info lock").remove(&w.pid);
-            match self.lane.spawn() {
-                Ok(fresh) => self.lane.idle.lock().expect("idle lock").push(fresh),
-                Err(e) => tracing::error!(error = %e, "could not start a replacement worker"),
-            }
+            self.inner.replace(w.pid);
         }
+    }
+}
+
+fn answer_to_result(answer: Answer) -> TaskResult {
+    match answer {
+        Answer::Ok(v) => Ok(v),
+        Answer::Permanent(m) => Err(TaskError::Permanent(m)),
+        Answer::Transient(m) => Err(TaskError::Transient(m)),
+        Answer::Crashed(m) => Err(TaskError::Crashed(m)),
     }
 }
 
@@ -228,10 +354,11 @@ impl Executor for ProcessLane {
         ExecutorKind::Process
     }
     fn capacity(&self) -> usize {
-        self.capacity
+        self.inner.capacity
     }
     fn workers(&self) -> Option<Value> {
         let mut list: Vec<WorkerInfo> = self
+            .inner
             .info
             .lock()
             .expect("info lock")
@@ -251,63 +378,92 @@ impl Executor for ProcessLane {
         args: Value,
         permit: OwnedSemaphorePermit,
     ) -> TaskResult {
-        // Declared first, dropped last: the slot is freed after the lease has replaced a
+        // Declared first, dropped last: slots are freed after the leases have replaced any
         // killed worker.
         let _permit = permit;
-        let taken = self.idle.lock().expect("idle lock").pop();
-        let worker = match taken {
-            Some(w) => w,
-            None => self
-                .spawn()
-                .map_err(|e| TaskError::Crashed(format!("cannot start a worker: {e}")))?,
-        };
-        if let Some(i) = self.info.lock().expect("info lock").get_mut(&worker.pid) {
-            i.state = "busy";
-        }
-        let mut lease = Lease {
-            lane: self,
-            worker: Some(worker),
-        };
-        let w = lease.worker.as_mut().expect("just set");
-        let request = Request {
-            id: ctx.id.to_string(),
-            attempt: ctx.attempt,
-            task: task.name().to_string(),
-            args,
-        };
-        let mut line = serde_json::to_vec(&request).expect("a request serializes");
-        line.push(b'\n');
-        if let Err(e) = w.stdin.write_all(&line).await {
-            return Err(TaskError::Crashed(format!("worker {} is gone: {e}", w.pid)));
-        }
-        let answer = tokio::select! {
-            line = w.stdout.next_line() => line,
-            // Kill at once on cancel or timeout: dropping the lease does it.
-            _ = ctx.stopped() => return Err(TaskError::Stopped),
-        };
-        match answer {
-            Ok(Some(text)) => match serde_json::from_str::<Answer>(&text) {
-                Ok(a) => {
-                    lease.give_back();
-                    match a {
-                        Answer::Ok(v) => Ok(v),
-                        Answer::Permanent(m) => Err(TaskError::Permanent(m)),
-                        Answer::Transient(m) => Err(TaskError::Transient(m)),
-                        Answer::Crashed(m) => Err(TaskError::Crashed(m)),
+        let inner = &self.inner;
+        let core = inner
+            .budget
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TaskError::Crashed("the cpu budget is closed".into()))?;
+        let mut leases = vec![Lease::new(inner, inner.take().await)];
+        // A split task also takes every other idle worker that has a free core.
+        let mut cores = vec![core];
+        if SPLIT_TASKS.contains(&task.name()) {
+            while let Ok(extra) = inner.budget.clone().try_acquire_owned() {
+                match inner.try_take() {
+                    Some(w) => {
+                        leases.push(Lease::new(inner, w));
+                        cores.push(extra);
                     }
+                    None => break,
                 }
-                Err(e) => Err(TaskError::Crashed(format!("worker answered garbage: {e}"))),
-            },
-            _ => {
-                let pid = w.pid;
-                let status = w.child.wait().await.ok();
-                Err(TaskError::Crashed(format!(
-                    "worker process {pid} died ({})",
-                    status.map_or("unknown status".to_string(), |s| s.to_string())
-                )))
             }
         }
+        let work = async {
+            if leases.len() == 1 {
+                let request = Request {
+                    id: ctx.id.to_string(),
+                    attempt: ctx.attempt,
+                    task: task.name().to_string(),
+                    args,
+                    part: None,
+                };
+                let answer = leases[0].call(&request).await?;
+                let lease = leases.pop().expect("one lease");
+                lease.give_back();
+                return answer_to_result(answer);
+            }
+            split_stats(&inner.data_dir, &ctx, args, &mut leases).await
+        };
+        tokio::select! {
+            r = work => r,
+            // Kill at once on cancel or timeout: dropping the leases does it.
+            _ = ctx.stopped() => Err(TaskError::Stopped),
+        }
     }
+}
+
+/// Runs `array_stats` as one slice per leased worker, all reading the same mapping, and merges
+/// the parts.
+async fn split_stats(
+    data_dir: &Path,
+    ctx: &JobCtx,
+    args: Value,
+    leases: &mut Vec<Lease>,
+) -> TaskResult {
+    let blobs = data_dir.join("blobs");
+    let n = crate::task::array::element_count(&blobs, &args)?;
+    let k = leases.len();
+    let requests: Vec<Request> = (0..k)
+        .map(|i| Request {
+            id: ctx.id.to_string(),
+            attempt: ctx.attempt,
+            task: "array_stats".into(),
+            args: args.clone(),
+            part: Some([(n * i / k) as u64, (n * (i + 1) / k) as u64]),
+        })
+        .collect();
+    let answers = futures_util::future::join_all(
+        leases
+            .iter_mut()
+            .zip(&requests)
+            .map(|(lease, req)| lease.call(req)),
+    )
+    .await;
+    let mut total = crate::task::Partial::EMPTY;
+    for answer in answers {
+        let value = answer_to_result(answer?)?;
+        let part = crate::task::Partial::from_parts(&value)
+            .ok_or_else(|| TaskError::Crashed("a worker sent a malformed part".into()))?;
+        total = total.merge(part);
+    }
+    for lease in leases.drain(..) {
+        lease.give_back();
+    }
+    Ok(total.to_json())
 }
 
 /// For programs that embed the library: if this process was started as a worker
@@ -347,6 +503,17 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
         let Ok(line) = line else { break };
         let answer = match serde_json::from_str::<Request>(&line) {
             Err(e) => Answer::Permanent(format!("bad request to worker: {e}")),
+            Ok(Request {
+                part: Some([start, end]),
+                args,
+                ..
+            }) => {
+                let blobs = data_dir.join("blobs");
+                match crate::task::array::stats_part(&blobs, &args, start as usize, end as usize) {
+                    Ok(p) => Answer::Ok(p.to_parts()),
+                    Err(e) => Answer::Permanent(e.to_string()),
+                }
+            }
             Ok(req) => match registry.get(&req.task) {
                 None => Answer::Permanent(format!("task `{}` is not in the worker", req.task)),
                 Some(task) => {

@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{panic_error, Executor};
 use crate::job::ExecutorKind;
@@ -14,15 +14,24 @@ use crate::task::{JobCtx, Task, TaskError, TaskResult};
 pub struct RayonLane {
     pool: rayon::ThreadPool,
     threads: usize,
+    /// Cores for cpu work, shared with the process lane.
+    budget: Arc<Semaphore>,
 }
 
 impl RayonLane {
-    pub fn new(threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
+    pub fn new(
+        threads: usize,
+        budget: Arc<Semaphore>,
+    ) -> Result<Self, rayon::ThreadPoolBuildError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("offload-cpu-{i}"))
             .build()?;
-        Ok(RayonLane { pool, threads })
+        Ok(RayonLane {
+            pool,
+            threads,
+            budget,
+        })
     }
 }
 
@@ -43,11 +52,19 @@ impl Executor for RayonLane {
         args: Value,
         permit: OwnedSemaphorePermit,
     ) -> TaskResult {
+        // A core from the shared budget, held (like the lane slot) until the work returns.
+        let core = self
+            .budget
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TaskError::Crashed("the cpu budget is closed".into()))?;
         let (tx, rx) = oneshot::channel();
         let span = tracing::Span::current();
         self.pool.spawn(move || {
             let _enter = span.enter();
             let _permit = permit;
+            let _core = core;
             let result = catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, args)))
                 .unwrap_or_else(|payload| Err(panic_error(payload)));
             // The receiver is gone if the job timed out or was cancelled: nothing to do.

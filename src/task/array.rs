@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use rayon::prelude::*;
 use serde_json::{json, Value};
+use sha2::Digest;
 
 use super::{arg_str, JobCtx, Task, TaskError, TaskResult};
 use crate::job::Kind;
-use crate::shm::{Dtype, MappedBlob};
+use crate::shm::{Dtype, MappedBlob, OutputMap};
 
 /// Elements per piece of work: big enough to stream memory, small enough to stop promptly.
 const CHUNK: usize = 1 << 20;
@@ -104,6 +105,78 @@ impl Partial {
     }
 }
 
+/// Where blob `id` lives under `blobs`, if `id` is a blob id at all.
+pub(crate) fn blob_path(blobs: &std::path::Path, id: &str) -> Result<PathBuf, TaskError> {
+    uuid::Uuid::parse_str(id)
+        .map(|u| blobs.join(u.hyphenated().to_string()))
+        .map_err(|_| TaskError::Permanent(format!("`{id}` is not a blob id")))
+}
+
+/// Maps the blob named by `args.blob` and checks it holds whole elements.
+fn open_array(
+    blobs: &std::path::Path,
+    args: &Value,
+) -> Result<(MappedBlob, Dtype, usize), TaskError> {
+    let dtype = dtype_of(args)?;
+    let id = arg_str(args, "blob")?;
+    let map = MappedBlob::open(&blob_path(blobs, id)?)
+        .map_err(|e| TaskError::Permanent(format!("blob {id} cannot be read: {e}")))?;
+    let len = map.bytes().len();
+    if !len.is_multiple_of(dtype.size()) {
+        return Err(TaskError::Permanent(format!(
+            "blob {id} has {len} bytes, not a whole number of {}-byte elements",
+            dtype.size()
+        )));
+    }
+    Ok((map, dtype, len / dtype.size()))
+}
+
+/// The statistics of elements [start, end) of the array in `args`: one worker's share of a
+/// job split across worker processes.
+pub fn stats_part(
+    blobs: &std::path::Path,
+    args: &Value,
+    start: usize,
+    end: usize,
+) -> Result<Partial, TaskError> {
+    let (map, dtype, n) = open_array(blobs, args)?;
+    let (start, end) = (start.min(n), end.min(n));
+    let mut total = Partial::EMPTY;
+    let mut at = start;
+    while at < end {
+        let to = (at + CHUNK).min(end);
+        total = total.merge(Partial::of(map.bytes(), dtype, at, to));
+        at = to;
+    }
+    Ok(total)
+}
+
+/// How many elements the array in `args` holds (for splitting it).
+pub fn element_count(blobs: &std::path::Path, args: &Value) -> Result<usize, TaskError> {
+    open_array(blobs, args).map(|(_, _, n)| n)
+}
+
+impl Partial {
+    /// The merge-ready form a worker sends back.
+    pub fn to_parts(self) -> Value {
+        json!({"count": self.count, "sum": self.sum, "mean": self.mean, "m2": self.m2,
+               "min": self.min, "max": self.max})
+    }
+
+    pub fn from_parts(v: &Value) -> Option<Partial> {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        Some(Partial {
+            count: v.get("count")?.as_u64()?,
+            sum: f("sum")?,
+            mean: f("mean")?,
+            m2: f("m2")?,
+            // JSON has no infinities: an empty part's min and max come back as null.
+            min: f("min").unwrap_or(f64::INFINITY),
+            max: f("max").unwrap_or(f64::NEG_INFINITY),
+        })
+    }
+}
+
 pub struct ArrayStats {
     blobs: PathBuf,
 }
@@ -157,22 +230,8 @@ impl Task for ArrayStats {
         Ok(())
     }
     fn run_sync(&self, ctx: &JobCtx, args: Value) -> TaskResult {
-        let dtype = dtype_of(&args)?;
-        let id = arg_str(&args, "blob")?;
-        let path = uuid::Uuid::parse_str(id)
-            .map(|u| self.blobs.join(u.hyphenated().to_string()))
-            .map_err(|_| TaskError::Permanent(format!("`{id}` is not a blob id")))?;
-        let map = MappedBlob::open(&path)
-            .map_err(|e| TaskError::Permanent(format!("blob {id} cannot be read: {e}")))?;
+        let (map, dtype, n) = open_array(&self.blobs, &args)?;
         let bytes = map.bytes();
-        if !bytes.len().is_multiple_of(dtype.size()) {
-            return Err(TaskError::Permanent(format!(
-                "blob {id} has {} bytes, not a whole number of {}-byte elements",
-                bytes.len(),
-                dtype.size()
-            )));
-        }
-        let n = bytes.len() / dtype.size();
         let chunks = n.div_ceil(CHUNK);
         let done = std::sync::atomic::AtomicUsize::new(0);
         let total = (0..chunks)
@@ -186,6 +245,87 @@ impl Task for ArrayStats {
             })
             .try_reduce(|| Partial::EMPTY, |a, b| Ok(a.merge(b)))?;
         Ok(total.to_json())
+    }
+}
+
+/// `array_sort`: sorts an array blob into a new blob, written through a shared writable
+/// mapping of a file whose space is reserved before the first write.
+pub struct ArraySort {
+    blobs: PathBuf,
+}
+
+impl ArraySort {
+    pub fn new(blobs: PathBuf) -> Self {
+        ArraySort { blobs }
+    }
+}
+
+/// Decodes, sorts (NaNs last for floats) and encodes into `out`.
+fn sort_into(dtype: Dtype, input: &[u8], out: &mut [u8], ctx: &JobCtx) -> Result<(), TaskError> {
+    macro_rules! sort_as {
+        ($t:ty, $cmp:expr) => {{
+            const W: usize = std::mem::size_of::<$t>();
+            let mut v: Vec<$t> = input
+                .chunks_exact(W)
+                .map(|c| <$t>::from_le_bytes(c.try_into().expect("whole elements")))
+                .collect();
+            ctx.check()?;
+            v.sort_unstable_by($cmp);
+            ctx.set_progress(0.8);
+            ctx.check()?;
+            for (dst, x) in out.chunks_exact_mut(W).zip(&v) {
+                dst.copy_from_slice(&x.to_le_bytes());
+            }
+        }};
+    }
+    match dtype {
+        Dtype::F64 => sort_as!(f64, f64::total_cmp),
+        Dtype::F32 => sort_as!(f32, f32::total_cmp),
+        Dtype::I64 => sort_as!(i64, i64::cmp),
+        Dtype::U8 => sort_as!(u8, u8::cmp),
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Task for ArraySort {
+    fn name(&self) -> &str {
+        "array_sort"
+    }
+    fn description(&self) -> &str {
+        "Sorts an array blob into a new blob (ascending; NaNs last); its id, size and sha256."
+    }
+    fn kinds(&self) -> &[Kind] {
+        &[Kind::Cpu]
+    }
+    fn args_schema(&self) -> Value {
+        ArrayStats::new(PathBuf::new()).args_schema()
+    }
+    fn blob_args(&self) -> &[&str] {
+        &["blob"]
+    }
+    fn check_blob(&self, args: &Value, size: u64) -> Result<(), String> {
+        ArrayStats::new(PathBuf::new()).check_blob(args, size)
+    }
+    fn writes_blob(&self) -> bool {
+        true
+    }
+    fn run_sync(&self, ctx: &JobCtx, args: Value) -> TaskResult {
+        let (map, dtype, _) = open_array(&self.blobs, &args)?;
+        let input = map.bytes();
+        let path = crate::blob::output_temp_path(&self.blobs, ctx.id, ctx.attempt);
+        // A file left by an earlier run of this same attempt number (a worker killed
+        // mid-write, then a restart) is stale.
+        let _ = std::fs::remove_file(&path);
+        let mut out = OutputMap::create(&path, input.len() as u64)
+            .map_err(|e| TaskError::Transient(format!("cannot reserve the output blob: {e}")))?;
+        sort_into(dtype, input, out.bytes_mut(), ctx)?;
+        out.flush()
+            .map_err(|e| TaskError::Transient(format!("cannot write the output blob: {e}")))?;
+        let sha = crate::task::hex(&sha2::Sha256::digest(out.bytes_mut()));
+        Ok(
+            json!({ "size": input.len(), "sha256": sha, "dtype": args.get("dtype").and_then(Value::as_str).unwrap_or("f64") }),
+        )
     }
 }
 

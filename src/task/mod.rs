@@ -7,7 +7,7 @@
 //! Synchronous bodies must call [`JobCtx::check`] now and then (every few milliseconds of work):
 //! that is how a timeout or a cancel stops rayon and blocking work, which cannot be preempted.
 
-mod array;
+pub mod array;
 mod builtin;
 mod compute;
 mod files;
@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use crate::config::Settings;
 use crate::job::{JobId, Kind};
 
-pub use array::{ArrayStats, Partial};
+pub use array::{ArraySort, ArrayStats, Partial};
 pub use builtin::{BlockingSleep, Fail, Noop, Sleep};
 pub use compute::{CountPrimes, SumSquares};
 pub use files::FileSha256;
@@ -89,6 +89,12 @@ pub trait Task: Send + Sync + 'static {
     /// Checks an arg's blob against the other args (e.g. its size against the element type).
     fn check_blob(&self, _args: &Value, _size: u64) -> Result<(), String> {
         Ok(())
+    }
+    /// Whether the task writes an output blob (to `crate::blob::output_temp_path` for its job
+    /// and attempt, returning `{"size", "sha256"}`); on success the dispatcher adopts the file
+    /// as a new blob and adds its id to the result as `blob`.
+    fn writes_blob(&self) -> bool {
+        false
     }
     /// The body of an async io task. Dropping the future stops it (timeout, cancel).
     async fn run_async(&self, _ctx: JobCtx, _args: Value) -> TaskResult {
@@ -221,6 +227,7 @@ impl Registry {
         r.register(FileSha256::new(settings.data_dir.join("files")));
         r.register(HttpGet::new(settings));
         r.register(ArrayStats::new(settings.data_dir.join("blobs")));
+        r.register(ArraySort::new(settings.data_dir.join("blobs")));
         r
     }
 
