@@ -7,6 +7,9 @@
 //! It starts `target/release/offload` (built by the script) on a temp data dir and a free
 //! loopback port, uploads the blob with curl, and reads each job's server-side `run_ms`.
 
+// A benchmark prints its table.
+#![allow(clippy::print_stdout)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
