@@ -39,6 +39,12 @@ async fn isolated_jobs_run_in_worker_processes_with_the_same_results() {
     let done = app.wait(&id_of(&job), 60).await;
     assert_eq!(done["result"]["sum"], "333333283333335000000", "{done}");
 
+    let primes = app
+        .submit(json!({"task": "count_primes", "args": {"limit": 1_000_000}, "isolate": true}))
+        .await;
+    assert_eq!(primes["executor"], "process");
+    assert_eq!(app.wait(&id_of(&primes), 60).await["result"]["count"], 78498);
+
     // The same array job in both lanes gives the same answer.
     let bytes: Vec<u8> = (0..100_000)
         .flat_map(|i| ((i % 977) as f64 * 0.5).to_le_bytes())
