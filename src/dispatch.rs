@@ -614,13 +614,7 @@ impl Dispatcher {
             Ok(value) => {
                 let done = self
                     .store
-                    .finish(
-                        job.id,
-                        job.attempt,
-                        Finish::Succeeded(value),
-                        1.0,
-                        Micros::now(),
-                    )
+                    .finish(job, Finish::Succeeded(value), 1.0, Micros::now())
                     .await?;
                 return self.recorded(done, true);
             }
@@ -641,8 +635,7 @@ impl Dispatcher {
                 let done = self
                     .store
                     .finish(
-                        job.id,
-                        job.attempt,
+                        job,
                         Finish::Failed(ErrorInfo::new("task_error", msg)),
                         ctx.progress(),
                         Micros::now(),
@@ -663,13 +656,7 @@ impl Dispatcher {
         }
         let done = self
             .store
-            .finish(
-                job.id,
-                job.attempt,
-                Finish::Failed(error),
-                ctx.progress(),
-                Micros::now(),
-            )
+            .finish(job, Finish::Failed(error), ctx.progress(), Micros::now())
             .await?;
         self.recorded(done, false)
     }

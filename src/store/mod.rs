@@ -115,11 +115,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// queued → running, starting a new attempt. Returns the jobs it moved (a job cancelled
     /// meanwhile is left out).
     async fn claim(&self, ids: Vec<JobId>, now: Micros) -> Result<Vec<Job>, StoreError>;
-    /// running → succeeded | failed, if `attempt` is still the current one.
+    /// running → succeeded | failed, if `job.attempt` is still the current one. `job` is the
+    /// job as its claim returned it; the answer is the job as the move left it.
     async fn finish(
         &self,
-        id: JobId,
-        attempt: u32,
+        job: &Job,
         outcome: Finish,
         progress: f64,
         now: Micros,

@@ -35,8 +35,6 @@ use crate::job::{ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Rows per multi-row INSERT (12 parameters each, well under SQLite's limit).
-const INSERT_CHUNK: usize = 64;
 /// Ids per claiming UPDATE.
 const CLAIM_CHUNK: usize = 256;
 
@@ -84,8 +82,7 @@ enum Op {
     Insert(Vec<NewJob>),
     Claim(Vec<JobId>, Micros),
     Finish {
-        id: JobId,
-        attempt: u32,
+        job: Box<Job>,
         outcome: Finish,
         progress: f64,
         now: Micros,
@@ -195,14 +192,86 @@ fn commit_batch<'a>(
             return;
         }
         let mut answers = Vec::with_capacity(batch.len());
+        // Submits and finishes are the bulk of the traffic: each kind goes out as one statement
+        // for the whole batch (a round trip to SQLite's thread costs more than a row). The
+        // rest runs one op at a time, in arrival order.
+        let mut plain: Vec<(ReplyTo, Vec<NewJob>)> = Vec::new();
+        let mut finishes: Vec<(ReplyTo, FinishItem)> = Vec::new();
+        let mut rest: Vec<Request> = Vec::new();
         for req in batch.drain(..) {
+            match req.op {
+                Op::Insert(jobs)
+                    if jobs.len() <= MERGED_INSERT_MAX
+                        && jobs.iter().all(|j| j.idempotency_key.is_none()) =>
+                {
+                    plain.push((req.reply, jobs))
+                }
+                Op::Finish {
+                    job,
+                    outcome,
+                    progress,
+                    now,
+                } => finishes.push((
+                    req.reply,
+                    FinishItem {
+                        job,
+                        outcome,
+                        progress,
+                        now,
+                    },
+                )),
+                op => rest.push(Request {
+                    op,
+                    reply: req.reply,
+                }),
+            }
+        }
+        if !plain.is_empty() {
+            let rows: Vec<&NewJob> = plain.iter().flat_map(|(_, jobs)| jobs.iter()).collect();
+            match insert_rows(conn, &rows).await {
+                Ok(()) => {
+                    for (reply, jobs) in plain {
+                        let created = jobs.iter().map(|j| Inserted::Created(j.to_job())).collect();
+                        answers.push((reply, Ok(Reply::Inserted(created))));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (reply, _) in plain {
+                        answers.push((
+                            reply,
+                            Err(StoreError::Corrupt(format!("insert failed: {msg}"))),
+                        ));
+                    }
+                }
+            }
+        }
+        if !finishes.is_empty() {
+            let items: Vec<&FinishItem> = finishes.iter().map(|(_, f)| f).collect();
+            match finish_rows(conn, &items).await {
+                Ok(done) => {
+                    for (reply, item) in finishes {
+                        let job = done.contains(&item.job.id).then(|| item.finished_job());
+                        answers.push((reply, Ok(Reply::MaybeJob(job))));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (reply, _) in finishes {
+                        answers.push((
+                            reply,
+                            Err(StoreError::Corrupt(format!("finish failed: {msg}"))),
+                        ));
+                    }
+                }
+            }
+        }
+        for req in rest {
             // A multi-statement op runs in a savepoint, so its failure undoes only itself and the
             // rest of the batch still commits. Single-statement ops are atomic on their own.
             let multi = match &req.op {
                 // One multi-row INSERT with no key lookups is atomic by itself.
-                Op::Insert(jobs) => {
-                    jobs.len() > INSERT_CHUNK || jobs.iter().any(|j| j.idempotency_key.is_some())
-                }
+                Op::Insert(_) => true,
                 Op::Recover(_) | Op::Claim(..) | Op::DeleteBlob(_) => true,
                 _ => false,
             };
@@ -240,6 +309,129 @@ fn commit_batch<'a>(
                 }
             }
         }
+    })
+}
+
+type ReplyTo = oneshot::Sender<Result<Reply, StoreError>>;
+
+/// Most rows in one merged INSERT, and most jobs in one submit that may be merged.
+const MERGED_INSERT_MAX: usize = 500;
+/// Most finishes in one UPDATE … FROM (VALUES …) (7 parameters each).
+const FINISH_CHUNK: usize = 500;
+
+struct FinishItem {
+    job: Box<Job>,
+    outcome: Finish,
+    progress: f64,
+    now: Micros,
+}
+
+impl FinishItem {
+    fn columns(&self) -> (JobStatus, Option<String>, Option<String>, f64) {
+        match &self.outcome {
+            Finish::Succeeded(v) => (JobStatus::Succeeded, Some(v.to_string()), None, 1.0),
+            Finish::Failed(e) => (
+                JobStatus::Failed,
+                None,
+                Some(error_json(e)),
+                self.progress.clamp(0.0, 1.0),
+            ),
+        }
+    }
+
+    /// The row as the UPDATE left it, built here instead of read back.
+    fn finished_job(&self) -> Job {
+        let mut job = (*self.job).clone();
+        let (status, _, _, progress) = self.columns();
+        job.status = status;
+        job.progress = progress;
+        job.finished_at = Some(self.now);
+        match &self.outcome {
+            Finish::Succeeded(v) => {
+                job.result = Some(v.clone());
+                job.error = None;
+            }
+            Finish::Failed(e) => job.error = Some(e.clone()),
+        }
+        job.compute_timings();
+        job
+    }
+}
+
+/// running → succeeded | failed for many jobs in one statement per chunk, each guarded by its
+/// attempt. Returns the ids that moved.
+fn finish_rows<'a>(
+    conn: &'a mut SqliteConnection,
+    items: &'a [&'a FinishItem],
+) -> BoxFuture<'a, Result<std::collections::HashSet<JobId>, StoreError>> {
+    Box::pin(async move {
+        let mut done = std::collections::HashSet::with_capacity(items.len());
+        for chunk in items.chunks(FINISH_CHUNK) {
+            let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "UPDATE jobs SET status = v.column2, result = v.column3, error = v.column4, \
+                 progress = v.column5, finished_at = v.column6 FROM (VALUES {values}) AS v \
+                 WHERE jobs.id = v.column1 AND jobs.status = 'running' \
+                 AND jobs.attempt = v.column7 RETURNING jobs.id"
+            );
+            let mut q = sqlx::query(&sql);
+            for item in chunk {
+                let (status, result, error, progress) = item.columns();
+                q = q
+                    .bind(item.job.id.to_string())
+                    .bind(status.as_str())
+                    .bind(result)
+                    .bind(error)
+                    .bind(progress)
+                    .bind(item.now.0)
+                    .bind(item.job.attempt as i64);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                let id: String = row.try_get(0)?;
+                done.insert(id.parse().map_err(|e| corrupt("id", e))?);
+            }
+        }
+        Ok(done)
+    })
+}
+
+/// Inserts new queued jobs, many rows per statement.
+fn insert_rows<'a>(
+    conn: &'a mut SqliteConnection,
+    rows: &'a [&'a NewJob],
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        for chunk in rows.chunks(MERGED_INSERT_MAX) {
+            let mut sql = String::from(
+                "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
+                 max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, \
+                 scheduled_at) VALUES ",
+            );
+            for n in 0..chunk.len() {
+                if n > 0 {
+                    sql.push(',');
+                }
+                sql.push_str("(?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, 0, ?, ?, ?, ?)");
+            }
+            let mut q = sqlx::query(&sql);
+            for job in chunk {
+                q = q
+                    .bind(job.id.to_string())
+                    .bind(job.task.clone())
+                    .bind(job.kind.as_str())
+                    .bind(job.executor.as_str())
+                    .bind(job.args.to_string())
+                    .bind(job.priority)
+                    .bind(job.max_attempts as i64)
+                    .bind(job.timeout_ms.map(|t| t as i64))
+                    .bind(job.idempotency_key.clone())
+                    .bind(job.spec_hash.clone())
+                    .bind(job.created_at.0)
+                    .bind(job.scheduled_at.0);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
     })
 }
 
@@ -281,33 +473,7 @@ fn apply(conn: &mut SqliteConnection, op: Op) -> BoxFuture<'_, Result<Reply, Sto
                 }
                 Ok(Reply::Jobs(claimed))
             }
-            Op::Finish {
-                id,
-                attempt,
-                outcome,
-                progress,
-                now,
-            } => {
-                let (status, result, error, progress) = match outcome {
-                    Finish::Succeeded(v) => (JobStatus::Succeeded, Some(v.to_string()), None, 1.0),
-                    Finish::Failed(e) => (JobStatus::Failed, None, Some(error_json(&e)), progress),
-                };
-                let sql = format!(
-                "UPDATE jobs SET status = ?, result = ?, error = ?, progress = ?, finished_at = ? \
-                 WHERE id = ? AND status = 'running' AND attempt = ? RETURNING {COLUMNS}"
-            );
-                let row = sqlx::query(&sql)
-                    .bind(status.as_str())
-                    .bind(result)
-                    .bind(error)
-                    .bind(progress.clamp(0.0, 1.0))
-                    .bind(now.0)
-                    .bind(id.to_string())
-                    .bind(attempt as i64)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                Ok(Reply::MaybeJob(row.as_ref().map(job_from_row).transpose()?))
-            }
+            Op::Finish { .. } => unreachable!("finishes are merged per batch in commit_batch"),
             Op::Retry {
                 id,
                 attempt,
@@ -495,38 +661,10 @@ fn insert(
                 }
             }
         }
-        for chunk in fresh.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
-             max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, \
-             scheduled_at) VALUES ",
-            );
-            for n in 0..chunk.len() {
-                if n > 0 {
-                    sql.push(',');
-                }
-                sql.push_str("(?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, 0, ?, ?, ?, ?)");
-            }
-            let mut q = sqlx::query(&sql);
-            for (_, job) in chunk {
-                q = q
-                    .bind(job.id.to_string())
-                    .bind(job.task.clone())
-                    .bind(job.kind.as_str())
-                    .bind(job.executor.as_str())
-                    .bind(job.args.to_string())
-                    .bind(job.priority)
-                    .bind(job.max_attempts as i64)
-                    .bind(job.timeout_ms.map(|t| t as i64))
-                    .bind(job.idempotency_key.clone())
-                    .bind(job.spec_hash.clone())
-                    .bind(job.created_at.0)
-                    .bind(job.scheduled_at.0);
-            }
-            q.execute(&mut *conn).await?;
-            for (i, job) in chunk {
-                out[*i] = Some(Inserted::Created(job.to_job()));
-            }
+        let rows: Vec<&NewJob> = fresh.iter().map(|(_, j)| *j).collect();
+        insert_rows(&mut *conn, &rows).await?;
+        for (i, job) in &fresh {
+            out[*i] = Some(Inserted::Created(job.to_job()));
         }
         Ok(out
             .into_iter()
@@ -663,15 +801,13 @@ impl JobStore for SqliteStore {
 
     async fn finish(
         &self,
-        id: JobId,
-        attempt: u32,
+        job: &Job,
         outcome: Finish,
         progress: f64,
         now: Micros,
     ) -> Result<Option<Job>, StoreError> {
         let op = Op::Finish {
-            id,
-            attempt,
+            job: Box::new(job.clone()),
             outcome,
             progress,
             now,

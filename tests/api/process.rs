@@ -43,7 +43,10 @@ async fn isolated_jobs_run_in_worker_processes_with_the_same_results() {
         .submit(json!({"task": "count_primes", "args": {"limit": 1_000_000}, "isolate": true}))
         .await;
     assert_eq!(primes["executor"], "process");
-    assert_eq!(app.wait(&id_of(&primes), 60).await["result"]["count"], 78498);
+    assert_eq!(
+        app.wait(&id_of(&primes), 60).await["result"]["count"],
+        78498
+    );
 
     // The same array job in both lanes gives the same answer.
     let bytes: Vec<u8> = (0..100_000)

@@ -114,6 +114,7 @@ async fn a_late_finisher_cannot_overwrite_a_newer_attempt_or_a_cancel(store: Arc
     store.insert(vec![job.clone()]).await.unwrap();
     let now = Micros::now();
     let claimed = store.claim(vec![job.id], now).await.unwrap();
+    let first = claimed[0].clone();
     assert_eq!(claimed[0].attempt, 1);
     assert_eq!(claimed[0].status, JobStatus::Running);
     assert!(
@@ -128,16 +129,11 @@ async fn a_late_finisher_cannot_overwrite_a_newer_attempt_or_a_cancel(store: Arc
         .unwrap()
         .unwrap();
     assert_eq!(retried.status, JobStatus::Queued);
-    assert_eq!(store.claim(vec![job.id], now).await.unwrap()[0].attempt, 2);
+    let second = store.claim(vec![job.id], now).await.unwrap()[0].clone();
+    assert_eq!(second.attempt, 2);
     // Attempt 1 comes back late: nothing changes.
     let late = store
-        .finish(
-            job.id,
-            1,
-            Finish::Succeeded(json!({"late": true})),
-            1.0,
-            now,
-        )
+        .finish(&first, Finish::Succeeded(json!({"late": true})), 1.0, now)
         .await
         .unwrap();
     assert!(late.is_none());
@@ -148,7 +144,7 @@ async fn a_late_finisher_cannot_overwrite_a_newer_attempt_or_a_cancel(store: Arc
         CancelOutcome::Cancelled(_)
     ));
     let after = store
-        .finish(job.id, 2, Finish::Succeeded(json!({})), 1.0, now)
+        .finish(&second, Finish::Succeeded(json!({})), 1.0, now)
         .await
         .unwrap();
     assert!(after.is_none());
@@ -176,7 +172,7 @@ async fn retries_stop_at_max_attempts(store: Arc<dyn JobStore>) {
         .await
         .unwrap()
         .unwrap();
-    store.claim(vec![job.id], now).await.unwrap();
+    let second = store.claim(vec![job.id], now).await.unwrap()[0].clone();
     assert!(
         store
             .retry(job.id, 2, err.clone(), now)
@@ -186,11 +182,18 @@ async fn retries_stop_at_max_attempts(store: Arc<dyn JobStore>) {
         "no third attempt"
     );
     let failed = store
-        .finish(job.id, 2, Finish::Failed(err), 0.5, now)
+        .finish(&second, Finish::Failed(err), 0.5, now)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.progress, 0.5);
+    // What finish answers is what a read finds.
+    let read = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(read.status, failed.status);
+    assert_eq!(read.finished_at, failed.finished_at);
+    assert_eq!(read.progress, failed.progress);
+    assert_eq!(read.error, failed.error);
     assert_eq!(failed.error.unwrap().kind, "task_error");
 }
 
@@ -230,9 +233,9 @@ async fn delete_and_prune_remove_only_finished_jobs(store: Arc<dyn JobStore>) {
         .await
         .unwrap();
     let now = Micros::now();
-    store.claim(vec![done.id], now).await.unwrap();
+    let running = store.claim(vec![done.id], now).await.unwrap()[0].clone();
     store
-        .finish(done.id, 1, Finish::Succeeded(json!({})), 1.0, now)
+        .finish(&running, Finish::Succeeded(json!({})), 1.0, now)
         .await
         .unwrap();
     assert!(matches!(
