@@ -1,8 +1,11 @@
-//! Shared memory: blob files mapped into the address space, read in place.
+//! Shared memory, and the few OS calls around it: blob files mapped into the address space
+//! and read in place, output files mapped for writing, parent-death signals and thread
+//! priorities for the lanes.
 //!
 //! A blob file is mapped `MAP_SHARED` and read-only, so every reader (a rayon job here, worker
 //! processes later) reads the same physical pages of the page cache: nothing is copied, however
-//! many jobs read the blob at once. This is the one module with `unsafe` code.
+//! many jobs read the blob at once. This is the one module with `unsafe` code; each block says
+//! why it is sound.
 
 #![allow(unsafe_code)]
 
@@ -141,5 +144,20 @@ impl OutputMap {
             Some(m) => m.flush(),
             None => Ok(()),
         }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to nice `niceness`. CPU-bound lanes call it
+/// on their threads (and worker processes at start), so that when they keep every core busy the
+/// runtime threads, which answer HTTP and hand out work, still get a core the moment they wake.
+pub fn lower_thread_priority(niceness: i32) {
+    // SAFETY: gettid has no arguments and cannot fail; setpriority takes plain integers and
+    // only changes the scheduling of the thread named, which is this one.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, niceness)
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower a thread's priority");
     }
 }

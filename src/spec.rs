@@ -1,6 +1,8 @@
 //! Parsing a job spec at the edge: JSON in, a validated [`NewJob`] out, or a message that tells
 //! the caller what to change (a 422).
 
+use std::sync::OnceLock;
+
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -102,8 +104,9 @@ pub fn parse(
             SPEC_FIELDS.join(", ")
         ));
     }
-    let s = spec_schema();
-    schema::validate(value, &s, &s, path)?;
+    static SPEC_SCHEMA: OnceLock<Value> = OnceLock::new();
+    let s = SPEC_SCHEMA.get_or_init(spec_schema);
+    schema::validate(value, s, s, path)?;
 
     let name = obj["task"].as_str().unwrap_or_default();
     let task = registry.get(name).ok_or_else(|| {
@@ -131,8 +134,8 @@ pub fn parse(
         route(task.as_ref(), kind, isolate).map_err(|e| format!("{}: {e}", whole(path)))?;
 
     let args = obj.get("args").cloned().unwrap_or_else(|| json!({}));
-    let args_schema = task.args_schema();
-    schema::validate(&args, &args_schema, &args_schema, &field(path, "args"))?;
+    let args_schema = registry.schema(name).expect("registered with its task");
+    schema::validate(&args, args_schema, args_schema, &field(path, "args"))?;
     task.check_args(&args)
         .map_err(|e| format!("{}: {e}", whole(path)))?;
 

@@ -13,7 +13,7 @@
 mod async_lane;
 mod blocking;
 pub mod process;
-mod rayon_lane;
+pub mod rayon_lane;
 
 use std::any::Any;
 use std::sync::Arc;

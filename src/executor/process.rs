@@ -495,6 +495,8 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
     if !crate::shm::die_with_parent(parent) {
         return std::process::ExitCode::FAILURE;
     }
+    // A worker is single-threaded: lowering this thread lowers the process.
+    crate::shm::lower_thread_priority(super::rayon_lane::CPU_NICENESS);
     let settings = Settings::with_data_dir(data_dir);
     let registry = Registry::builtin(&settings);
     let stdin = std::io::stdin().lock();

@@ -9,6 +9,9 @@ use super::{panic_error, Executor};
 use crate::job::ExecutorKind;
 use crate::task::{JobCtx, Task, TaskError, TaskResult};
 
+/// The nice value of threads and processes that do CPU work.
+pub const CPU_NICENESS: i32 = 10;
+
 /// Runs cpu tasks on a dedicated rayon pool and awaits them through a oneshot channel, so the
 /// runtime thread that awaits is free to do other work meanwhile.
 pub struct RayonLane {
@@ -26,6 +29,8 @@ impl RayonLane {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("offload-cpu-{i}"))
+            // Below the runtime threads: CPU work must not delay answering requests.
+            .start_handler(|_| crate::shm::lower_thread_priority(CPU_NICENESS))
             .build()?;
         Ok(RayonLane {
             pool,

@@ -26,7 +26,7 @@ use crate::job::{JobId, Kind};
 
 pub use array::{ArraySort, ArrayStats, Partial};
 pub use builtin::{BlockingSleep, Fail, Noop, Sleep};
-pub use compute::{CountPrimes, SumSquares};
+pub use compute::{count_primes, sum_squares, CountPrimes, SumSquares};
 pub use files::FileSha256;
 pub use net::HttpGet;
 
@@ -208,6 +208,8 @@ impl JobCtx {
 #[derive(Clone, Default)]
 pub struct Registry {
     tasks: BTreeMap<String, Arc<dyn Task>>,
+    /// Each task's args schema, built once (submits validate against it on the hot path).
+    schemas: BTreeMap<String, Arc<Value>>,
 }
 
 impl Registry {
@@ -233,8 +235,16 @@ impl Registry {
 
     /// Adds a task, replacing any task of the same name.
     pub fn register<T: Task>(&mut self, task: T) -> &mut Self {
-        self.tasks.insert(task.name().to_string(), Arc::new(task));
+        let name = task.name().to_string();
+        self.schemas
+            .insert(name.clone(), Arc::new(task.args_schema()));
+        self.tasks.insert(name, Arc::new(task));
         self
+    }
+
+    /// The args schema of task `name`, as built when it was registered.
+    pub fn schema(&self, name: &str) -> Option<&Value> {
+        self.schemas.get(name).map(|s| s.as_ref())
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Task>> {
