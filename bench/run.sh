@@ -115,17 +115,18 @@ echo
 echo "$TABLE"
 
 if [[ -z "$SMOKE" ]]; then
-  python3 - "$TABLE" <<'PY'
+  python3 - "$TABLE" "$DURABILITY" <<'PY'
 import sys, re
-table = sys.argv[1]
+table, durability = sys.argv[1], sys.argv[2]
 path = "BENCHMARKS.md"
 text = open(path).read()
-begin, end = "<!-- bench/run.sh:begin -->", "<!-- bench/run.sh:end -->"
+begin = f"<!-- bench/run.sh durability={durability}:begin -->"
+end = f"<!-- bench/run.sh durability={durability}:end -->"
 block = f"{begin}\n{table}\n{end}"
 if begin in text:
     text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: block, text, flags=re.S)
 else:
-    text += f"\n## The load benchmark (`bench/run.sh`)\n\n{block}\n"
+    text += f"\n### durability={durability}\n\n{block}\n"
 open(path, "w").write(text)
 PY
   echo "(written to BENCHMARKS.md)"

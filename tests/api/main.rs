@@ -7,5 +7,6 @@ mod helpers;
 mod jobs;
 mod lanes;
 mod openapi;
+mod overload;
 mod process;
 mod store;
