@@ -57,6 +57,7 @@ impl App {
                 source,
             })?;
         }
+        crate::observe::install();
         let blobs =
             BlobDir::open(settings.data_dir.join("blobs")).map_err(|source| AppError::DataDir {
                 path: settings.data_dir.join("blobs").display().to_string(),
@@ -111,6 +112,7 @@ impl App {
             listener,
             state: AppState {
                 dispatcher,
+                health: Arc::default(),
                 blobs,
                 settings: Arc::new(settings),
                 started: Instant::now(),
@@ -158,6 +160,16 @@ impl App {
             }
         });
 
+        let watchdog = {
+            let dispatcher = state.dispatcher.clone();
+            let threshold = Duration::from_millis(state.settings.stall_warn_ms);
+            tokio::spawn(crate::observe::watchdog(
+                state.health.clone(),
+                threshold,
+                move || dispatcher.running_async(),
+            ))
+        };
+
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         let dispatcher = state.dispatcher.clone();
         let drain_timeout = Duration::from_millis(state.settings.drain_timeout_ms);
@@ -179,6 +191,7 @@ impl App {
             .await
             .map_err(AppError::Serve);
         pruner.abort();
+        watchdog.abort();
         tracing::info!("offload stopped");
         result
     }

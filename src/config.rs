@@ -66,6 +66,8 @@ pub struct Settings {
     pub retry_max_ms: u64,
     pub retention_secs: u64,
     pub drain_timeout_ms: u64,
+    /// A runtime wake-up later than this is logged as a stall (a blocking call in async code).
+    pub stall_warn_ms: u64,
     pub http_allow_hosts: Vec<String>,
     pub http_allow_private: bool,
     pub http_max_bytes: u64,
@@ -112,6 +114,7 @@ impl Settings {
             retry_max_ms: 600_000,
             retention_secs: 7 * 24 * 3600,
             drain_timeout_ms: 10_000,
+            stall_warn_ms: 100,
             http_allow_hosts: vec!["*".into()],
             http_allow_private: false,
             http_max_bytes: 10 << 20,
@@ -164,6 +167,7 @@ impl Settings {
         pick!(retry_max_ms);
         pick!(retention_secs);
         pick!(drain_timeout_ms);
+        pick!(stall_warn_ms);
         pick!(http_allow_private);
         pick!(http_max_bytes);
         pick!(http_timeout_ms);
@@ -264,6 +268,7 @@ struct FileSettings {
     retry_max_ms: Option<u64>,
     retention_secs: Option<u64>,
     drain_timeout_ms: Option<u64>,
+    stall_warn_ms: Option<u64>,
     http_allow_hosts: Option<Vec<String>>,
     http_allow_private: Option<bool>,
     http_max_bytes: Option<u64>,
@@ -365,6 +370,9 @@ pub struct ServeArgs {
     /// On shutdown, how long running jobs may take to finish [default: 10000].
     #[arg(long, env = "OFFLOAD_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
+    /// Log a warning (and count a stall) when the runtime wakes a timer this much late [default: 100].
+    #[arg(long, env = "OFFLOAD_STALL_WARN_MS")]
+    pub stall_warn_ms: Option<u64>,
     /// Hosts http_get may fetch, comma-separated; `*` is any, `*.example.com` a domain [default: *].
     #[arg(long, env = "OFFLOAD_HTTP_ALLOW_HOSTS", value_delimiter = ',')]
     pub http_allow_hosts: Option<Vec<String>>,

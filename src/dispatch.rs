@@ -162,6 +162,13 @@ struct Lane {
     failed: AtomicU64,
 }
 
+/// An attempt in progress.
+struct Running {
+    ctx: JobCtx,
+    task: String,
+    executor: ExecutorKind,
+}
+
 /// A lane's figures for `/v1/stats`.
 #[derive(Debug, Clone, Serialize)]
 pub struct LaneStats {
@@ -180,7 +187,7 @@ pub struct Dispatcher {
     events: Arc<Events>,
     lanes: HashMap<ExecutorKind, Lane>,
     /// Attempts in progress, by job: how a cancel reaches them.
-    running: Mutex<HashMap<JobId, JobCtx>>,
+    running: Mutex<HashMap<JobId, Running>>,
     idle: Notify,
     retry: RetryPolicy,
     max_queued: usize,
@@ -361,8 +368,8 @@ impl Dispatcher {
             if let Some(lane) = self.lanes.get(&job.executor) {
                 lane.queue.lock().expect("queue lock").remove(id);
             }
-            if let Some(ctx) = self.running.lock().expect("running lock").get(&id) {
-                ctx.stop(StopReason::Cancelled);
+            if let Some(r) = self.running.lock().expect("running lock").get(&id) {
+                r.ctx.stop(StopReason::Cancelled);
             }
             self.events.publish(job);
         }
@@ -375,7 +382,18 @@ impl Dispatcher {
             .lock()
             .expect("running lock")
             .get(&id)
-            .map(JobCtx::progress)
+            .map(|r| r.ctx.progress())
+    }
+
+    /// The async-lane jobs running now, as `task(id)`: the suspects when the runtime stalls.
+    pub fn running_async(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .filter(|(_, r)| r.executor == ExecutorKind::Async)
+            .map(|(id, r)| format!("{}({id})", r.task))
+            .collect()
     }
 
     pub fn stats(&self) -> Vec<(ExecutorKind, LaneStats)> {
@@ -422,7 +440,7 @@ impl Dispatcher {
             .lock()
             .expect("running lock")
             .iter()
-            .map(|(id, ctx)| (*id, ctx.clone()))
+            .map(|(id, r)| (*id, r.ctx.clone()))
             .collect();
         tracing::warn!(
             count = left.len(),
@@ -519,10 +537,19 @@ impl Dispatcher {
     async fn run_attempt(self: Arc<Self>, job: Job, permit: OwnedSemaphorePermit) {
         let lane = &self.lanes[&job.executor];
         let ctx = JobCtx::new(job.id, job.attempt);
-        self.running
-            .lock()
-            .expect("running lock")
-            .insert(job.id, ctx.clone());
+        self.running.lock().expect("running lock").insert(
+            job.id,
+            Running {
+                ctx: ctx.clone(),
+                task: job.task.clone(),
+                executor: job.executor,
+            },
+        );
+        if let Some(started) = job.started_at {
+            metrics::histogram!("offload_job_queue_seconds", "executor" => job.executor.as_str())
+                .record(started.ms_since(job.scheduled_at).max(0.0) / 1000.0);
+        }
+        let run_started = std::time::Instant::now();
 
         let writes_blob = self
             .registry
@@ -554,6 +581,8 @@ impl Dispatcher {
             }
         };
 
+        metrics::histogram!("offload_job_run_seconds", "executor" => job.executor.as_str())
+            .record(run_started.elapsed().as_secs_f64());
         let result = match (writes_blob, &self.blobs) {
             (true, Some(blobs)) => match result {
                 Ok(value) => self.adopt_output(blobs, &job, value).await,

@@ -18,6 +18,7 @@
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
 //! - [`schema`]: the small JSON Schema validator for task args and the OpenAPI tests.
 //! - [`clock`]: timestamps as microseconds, shown as RFC 3339.
+//! - [`observe`]: Prometheus metrics, the runtime-lag watchdog, HTTP metrics.
 //! - [`telemetry`]: logging setup.
 
 pub mod api;
@@ -29,6 +30,7 @@ pub mod dispatch;
 pub mod events;
 pub mod executor;
 pub mod job;
+pub mod observe;
 pub mod schema;
 pub mod shm;
 pub mod spec;

@@ -28,6 +28,7 @@ use crate::spec::SpecDefaults;
 #[derive(Clone)]
 pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
+    pub health: Arc<crate::observe::RuntimeHealth>,
     pub blobs: BlobDir,
     pub settings: Arc<Settings>,
     pub started: Instant,
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn(crate::observe::http_metrics))
         .with_state(state)
 }
 

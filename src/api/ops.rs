@@ -46,10 +46,15 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         .into_iter()
         .map(|(k, s)| (k.as_str().to_string(), json!(s)))
         .collect();
+    let last_stall = state.health.last.lock().expect("stall lock").clone();
     Json(json!({
         "executors": executors,
         "draining": state.dispatcher.is_draining(),
         "uptime_s": state.started.elapsed().as_secs_f64(),
+        "runtime": {
+            "stalls": state.health.stalls.load(std::sync::atomic::Ordering::Relaxed),
+            "last_stall": last_stall,
+        },
     }))
 }
 
@@ -107,6 +112,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.failed
         );
     }
+    out.push_str(&crate::observe::render());
     (
         [(
             header::CONTENT_TYPE,

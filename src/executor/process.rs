@@ -174,7 +174,8 @@ impl Inner {
     }
 
     /// Replaces a dead worker with a fresh one (or logs why it cannot).
-    fn replace(&self, dead_pid: u32) {
+    fn replace(&self, dead_pid: u32, reason: &'static str) {
+        metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
         self.info.lock().expect("info lock").remove(&dead_pid);
         match self.spawn() {
             Ok(fresh) => self.push_idle(fresh),
@@ -199,7 +200,7 @@ impl Inner {
         };
         for pid in dead {
             tracing::warn!(pid, "an idle worker process died; replacing it");
-            self.replace(pid);
+            self.replace(pid, "died_idle");
         }
     }
 
@@ -267,6 +268,8 @@ fn spawn_worker(
 struct Lease {
     inner: Arc<Inner>,
     worker: Option<Worker>,
+    /// Why the worker is replaced if the lease is dropped holding it.
+    reason: &'static str,
 }
 
 impl Lease {
@@ -275,6 +278,7 @@ impl Lease {
         Lease {
             inner: inner.clone(),
             worker: Some(worker),
+            reason: "killed",
         }
     }
 
@@ -297,6 +301,7 @@ impl Lease {
                 || (recycle.max_rss_bytes > 0 && rss_bytes(w.pid) > recycle.max_rss_bytes);
             if worn_out {
                 tracing::debug!(pid = w.pid, jobs = done, "recycling a worker");
+                self.reason = "recycled";
                 self.worker = Some(w);
                 return;
             }
@@ -321,6 +326,7 @@ impl Lease {
             _ => {
                 let pid = w.pid;
                 let status = w.child.wait().await.ok();
+                self.reason = "crashed";
                 Err(TaskError::Crashed(format!(
                     "worker process {pid} died ({})",
                     status.map_or("unknown status".to_string(), |s| s.to_string())
@@ -334,7 +340,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(mut w) = self.worker.take() {
             let _ = w.child.start_kill();
-            self.inner.replace(w.pid);
+            self.inner.replace(w.pid, self.reason);
         }
     }
 }

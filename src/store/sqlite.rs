@@ -197,6 +197,9 @@ fn commit_batch<'a>(
                 total_us = started.elapsed().as_micros() as u64,
                 "autocommit"
             );
+            metrics::histogram!("offload_store_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("offload_store_batch_size").record(1.0);
             return;
         }
         if let Err(e) = exec(&mut *conn, &["BEGIN IMMEDIATE"]).await {
@@ -315,6 +318,9 @@ fn commit_batch<'a>(
                     total_us = started.elapsed().as_micros() as u64,
                     "group commit"
                 );
+                metrics::histogram!("offload_store_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("offload_store_batch_size").record(ops as f64);
                 for (reply, result) in answers {
                     let _ = reply.send(result);
                 }

@@ -6,6 +6,7 @@ mod errors;
 mod helpers;
 mod jobs;
 mod lanes;
+mod observe;
 mod openapi;
 mod overload;
 mod process;
