@@ -167,6 +167,10 @@ struct Running {
     ctx: JobCtx,
     task: String,
     executor: ExecutorKind,
+    /// The job as claimed, for progress events.
+    job: Arc<Job>,
+    /// The progress last published (f64 bits).
+    published: AtomicU64,
 }
 
 /// A lane's figures for `/v1/stats`.
@@ -282,6 +286,17 @@ impl Dispatcher {
             let this = self.clone();
             tokio::spawn(async move { this.lane_loop(kind).await });
         }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(this) => this.publish_progress(),
+                    None => return,
+                }
+            }
+        });
         Ok(())
     }
 
@@ -383,6 +398,31 @@ impl Dispatcher {
             .expect("running lock")
             .get(&id)
             .map(|r| r.ctx.progress())
+    }
+
+    /// Publishes the progress of running jobs that someone watches, if it moved since the
+    /// last tick. Progress lives in memory (an atomic the task writes); only watchers pay for
+    /// turning it into events.
+    pub fn publish_progress(&self) {
+        let snapshots: Vec<Job> = {
+            let running = self.running.lock().expect("running lock");
+            running
+                .iter()
+                .filter(|(id, _)| self.events.is_watched(**id))
+                .filter_map(|(_, r)| {
+                    let now = r.ctx.progress();
+                    let before = f64::from_bits(r.published.swap(now.to_bits(), Ordering::Relaxed));
+                    (now != before).then(|| {
+                        let mut job = (*r.job).clone();
+                        job.progress = now;
+                        job
+                    })
+                })
+                .collect()
+        };
+        for job in &snapshots {
+            self.events.publish(job);
+        }
     }
 
     /// The async-lane jobs running now, as `task(id)`: the suspects when the runtime stalls.
@@ -543,6 +583,8 @@ impl Dispatcher {
                 ctx: ctx.clone(),
                 task: job.task.clone(),
                 executor: job.executor,
+                job: Arc::new(job.clone()),
+                published: AtomicU64::new(0f64.to_bits()),
             },
         );
         if let Some(started) = job.started_at {

@@ -54,6 +54,12 @@ impl Events {
         }
     }
 
+    /// Whether anyone follows this job (its own watchers, or the stream of every change).
+    pub fn is_watched(&self, id: JobId) -> bool {
+        self.all.receiver_count() > 0
+            || self.watchers.lock().expect("events lock").contains_key(&id)
+    }
+
     /// Watches one job. Subscribe *before* reading the job's current state, so no change can
     /// fall between the read and the wait.
     pub fn watch(self: &Arc<Self>, id: JobId) -> JobWatch {

@@ -358,3 +358,35 @@ pub async fn events(
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
+
+/// Server-Sent Events of every job change, for dashboards. A reader that falls more than the
+/// buffer (1,024 events) behind is disconnected rather than buffered for: it can reconnect and
+/// read the current state from the list.
+pub async fn all_events(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let events = state.dispatcher.events().clone();
+    let rx = events.subscribe_all();
+    let closing = events.closing();
+    let stream = stream::unfold((rx, closing), |(mut rx, mut closing)| async move {
+        if *closing.borrow() {
+            return None;
+        }
+        let job = tokio::select! {
+            r = rx.recv() => match r {
+                Ok(job) => job,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::info!(missed = n, "dropping a slow /v1/events reader");
+                    return None;
+                }
+                Err(_) => return None,
+            },
+            _ = closing.changed() => return None,
+        };
+        let event = Event::default()
+            .event("job")
+            .data(serde_json::to_string(&*job).unwrap_or_default());
+        Some((Ok(event), (rx, closing)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::delete_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/events", get(jobs::all_events))
         .route("/v1/blobs", post(blobs::upload))
         .route("/v1/blobs/{id}", get(blobs::download).delete(blobs::remove))
         .route("/v1/tasks", get(ops::tasks))

@@ -48,6 +48,8 @@ struct Request {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Answer {
+    /// Not an answer yet: the job's progress, sent while it runs.
+    Progress(f64),
     Ok(Value),
     Permanent(String),
     Transient(String),
@@ -309,8 +311,9 @@ impl Lease {
         }
     }
 
-    /// Sends one request and reads its answer.
-    async fn call(&mut self, request: &Request) -> Result<Answer, TaskError> {
+    /// Sends one request and reads its answer, passing progress reports on to `ctx`
+    /// (when given) as they come.
+    async fn call(&mut self, request: &Request, ctx: Option<&JobCtx>) -> Result<Answer, TaskError> {
         let w = self
             .worker
             .as_mut()
@@ -320,19 +323,25 @@ impl Lease {
         if let Err(e) = w.stdin.write_all(&line).await {
             return Err(TaskError::Crashed(format!("worker {} is gone: {e}", w.pid)));
         }
-        match w.stdout.next_line().await {
-            Ok(Some(text)) => serde_json::from_str::<Answer>(&text)
-                .map_err(|e| TaskError::Crashed(format!("worker answered garbage: {e}"))),
-            _ => {
-                let pid = w.pid;
-                let status = w.child.wait().await.ok();
-                self.reason = "crashed";
-                Err(TaskError::Crashed(format!(
-                    "worker process {pid} died ({})",
-                    status.map_or("unknown status".to_string(), |s| s.to_string())
-                )))
+        while let Ok(Some(text)) = w.stdout.next_line().await {
+            match serde_json::from_str::<Answer>(&text) {
+                Ok(Answer::Progress(p)) => {
+                    if let Some(ctx) = ctx {
+                        ctx.set_progress(p);
+                    }
+                }
+                Ok(answer) => return Ok(answer),
+                Err(e) => return Err(TaskError::Crashed(format!("worker answered garbage: {e}"))),
             }
         }
+        // The pipe closed: the worker died mid-job.
+        let pid = w.pid;
+        let status = w.child.wait().await.ok();
+        self.reason = "crashed";
+        Err(TaskError::Crashed(format!(
+            "worker process {pid} died ({})",
+            status.map_or("unknown status".to_string(), |s| s.to_string())
+        )))
     }
 }
 
@@ -351,6 +360,9 @@ fn answer_to_result(answer: Answer) -> TaskResult {
         Answer::Permanent(m) => Err(TaskError::Permanent(m)),
         Answer::Transient(m) => Err(TaskError::Transient(m)),
         Answer::Crashed(m) => Err(TaskError::Crashed(m)),
+        Answer::Progress(_) => Err(TaskError::Crashed(
+            "a worker sent progress as its answer".into(),
+        )),
     }
 }
 
@@ -417,7 +429,7 @@ impl Executor for ProcessLane {
                     args,
                     part: None,
                 };
-                let answer = leases[0].call(&request).await?;
+                let answer = leases[0].call(&request, Some(&ctx)).await?;
                 let lease = leases.pop().expect("one lease");
                 lease.give_back();
                 return answer_to_result(answer);
@@ -456,7 +468,7 @@ async fn split_stats(
         leases
             .iter_mut()
             .zip(&requests)
-            .map(|(lease, req)| lease.call(req)),
+            .map(|(lease, req)| lease.call(req, None)),
     )
     .await;
     let mut total = crate::task::Partial::EMPTY;
@@ -470,6 +482,48 @@ async fn split_stats(
         lease.give_back();
     }
     Ok(total.to_json())
+}
+
+fn write_line(out: &Mutex<std::io::Stdout>, answer: &Answer) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(answer).expect("an answer serializes");
+    line.push(b'\n');
+    let mut out = out.lock().expect("stdout lock");
+    out.write_all(&line)?;
+    out.flush()
+}
+
+/// A thread that reports a running job's progress to the server every 100 ms, when it moved.
+struct ProgressReporter {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ProgressReporter {
+    fn start(ctx: JobCtx, out: Arc<Mutex<std::io::Stdout>>) -> Self {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let mut sent = 0.0;
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::park_timeout(std::time::Duration::from_millis(100));
+                let p = ctx.progress();
+                if p != sent && !flag.load(std::sync::atomic::Ordering::Acquire) {
+                    sent = p;
+                    if write_line(&out, &Answer::Progress(p)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        ProgressReporter { done, thread }
+    }
+
+    /// Stops the reporter before the answer is written, so no progress line follows it.
+    fn stop(self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
 }
 
 /// For programs that embed the library: if this process was started as a worker
@@ -506,7 +560,8 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
     let settings = Settings::with_data_dir(data_dir);
     let registry = Registry::builtin(&settings);
     let stdin = std::io::stdin().lock();
-    let mut stdout = std::io::stdout().lock();
+    // Shared with the progress reporter thread: whole lines only, under the lock.
+    let out = Arc::new(Mutex::new(std::io::stdout()));
     for line in stdin.lines() {
         let Ok(line) = line else { break };
         let answer = match serde_json::from_str::<Request>(&line) {
@@ -527,7 +582,10 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
                 Some(task) => {
                     let id = req.id.parse().unwrap_or_default();
                     let ctx = JobCtx::new(id, req.attempt);
-                    match catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, req.args))) {
+                    let reporter = ProgressReporter::start(ctx.clone(), out.clone());
+                    let result = catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, req.args)));
+                    reporter.stop();
+                    match result {
                         Ok(Ok(v)) => Answer::Ok(v),
                         Ok(Err(TaskError::Permanent(m))) => Answer::Permanent(m),
                         Ok(Err(TaskError::Transient(m))) | Ok(Err(TaskError::Crashed(m))) => {
@@ -539,9 +597,7 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
                 }
             },
         };
-        let mut out = serde_json::to_vec(&answer).expect("an answer serializes");
-        out.push(b'\n');
-        if stdout.write_all(&out).and_then(|_| stdout.flush()).is_err() {
+        if write_line(&out, &answer).is_err() {
             break;
         }
     }

@@ -10,4 +10,5 @@ mod observe;
 mod openapi;
 mod overload;
 mod process;
+mod progress;
 mod store;
