@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{FromRequest, Request, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
@@ -57,11 +57,27 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/", get(dashboard))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn(crate::observe::http_metrics))
         .with_state(state)
+}
+
+/// The dashboard: one page, its script and styles inline, no CDN.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -89,13 +105,40 @@ async fn require_token(
     if let Some(token) = &state.settings.api_token {
         let path = req.uri().path();
         if path != "/healthz" && path != "/readyz" {
-            let given = req
+            let bearer = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                .and_then(|v| v.strip_prefix("Bearer "));
+            // A browser cannot add a header to a page it navigates to: the dashboard is opened
+            // once as `/?token=...`, which sets an HttpOnly, SameSite=Strict cookie (no other
+            // site can make the browser send it) and redirects to `/`.
+            let cookie = req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| c.trim().strip_prefix("offload_token="));
+            let query = (path == "/")
+                .then(|| req.uri().query())
+                .flatten()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+            let ok = |given: Option<&str>| {
+                given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+            };
+            if ok(query) {
+                let cookie = format!("offload_token={token}; HttpOnly; SameSite=Strict; Path=/");
+                return Ok((
+                    StatusCode::SEE_OTHER,
+                    [
+                        (header::LOCATION, "/".to_string()),
+                        (header::SET_COOKIE, cookie),
+                    ],
+                )
+                    .into_response());
+            }
+            if !ok(bearer) && !ok(cookie) {
                 return Err(ApiError::unauthorized());
             }
         }

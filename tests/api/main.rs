@@ -1,6 +1,7 @@
 //! Integration tests: the real server over real HTTP, a fresh data dir per test.
 
 mod blobs;
+mod browser;
 mod crash;
 mod errors;
 mod helpers;
