@@ -75,6 +75,29 @@ pub async fn http_metrics(req: Request, next: Next) -> Response {
     response
 }
 
+/// Gives every request an id (the caller's `X-Request-Id` if it sent a sane one), logs the
+/// request inside a span that carries it, and returns it in the answer's `X-Request-Id`.
+pub async fn request_id(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    let span =
+        tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(status = response.status().as_u16(), "answered");
+    });
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
 /// One time the runtime woke the watchdog late.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stall {

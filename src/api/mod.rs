@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn(crate::observe::http_metrics))
+        .layer(middleware::from_fn(crate::observe::request_id))
         .with_state(state)
 }
 

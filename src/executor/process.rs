@@ -552,9 +552,14 @@ pub fn run_worker_if_asked() -> Option<std::process::ExitCode> {
 
 /// The `offload worker` subcommand: runs jobs from stdin until stdin closes.
 pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
+    let log_format = match std::env::var("OFFLOAD_LOG_FORMAT").as_deref() {
+        Ok("json") => crate::config::LogFormat::Json,
+        _ => crate::config::LogFormat::Text,
+    };
     if !crate::shm::die_with_parent(parent) {
         return std::process::ExitCode::FAILURE;
     }
+    crate::telemetry::init_worker(log_format);
     // A worker is single-threaded: lowering this thread lowers the process.
     crate::shm::lower_thread_priority(super::rayon_lane::CPU_NICENESS);
     let settings = Settings::with_data_dir(data_dir);
@@ -582,6 +587,11 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
                 Some(task) => {
                     let id = req.id.parse().unwrap_or_default();
                     let ctx = JobCtx::new(id, req.attempt);
+                    // The job's span, carried across the process boundary by its id.
+                    let span = tracing::info_span!("job", id = %req.id, task = %req.task,
+                        attempt = req.attempt, worker = std::process::id());
+                    let _enter = span.enter();
+                    tracing::debug!("running in a worker process");
                     let reporter = ProgressReporter::start(ctx.clone(), out.clone());
                     let result = catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, req.args)));
                     reporter.stop();

@@ -108,3 +108,23 @@ async fn a_blocked_runtime_is_logged_counted_and_names_the_job() {
         .unwrap();
     assert!(m.contains("offload_runtime_stalls_total"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_a_request_id() {
+    let app = spawn_app().await;
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(made.len(), 32, "{made}");
+    let r = app
+        .client
+        .get(app.url("/v1/jobs/nope"))
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-request-id"],
+        "trace-42",
+        "a caller's id is kept"
+    );
+}
