@@ -14,7 +14,7 @@ use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::events::Events;
 use crate::executor::process::Recycle;
 use crate::executor::{AsyncLane, BlockingLane, Executor, ProcessLane, RayonLane};
-use crate::store::{JobStore, SqliteStore, StoreError};
+use crate::store::{JobStore, PostgresStore, SqliteStore, StoreError};
 use crate::task::Registry;
 
 /// How often finished jobs past their retention are pruned.
@@ -63,8 +63,11 @@ impl App {
                 path: settings.data_dir.join("blobs").display().to_string(),
                 source,
             })?;
-        let store: Arc<dyn JobStore> =
-            Arc::new(SqliteStore::open(&settings.database_url, settings.durability).await?);
+        let store: Arc<dyn JobStore> = if settings.database_url.starts_with("sqlite:") {
+            Arc::new(SqliteStore::open(&settings.database_url, settings.durability).await?)
+        } else {
+            Arc::new(PostgresStore::open(&settings.database_url, None).await?)
+        };
         let worker_exe = match &settings.worker_exe {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(AppError::Workers)?,

@@ -224,9 +224,12 @@ impl Settings {
                 "retry-max-ms: must be at least retry-base-ms".into(),
             ));
         }
-        if !self.database_url.starts_with("sqlite:") {
+        if !self.database_url.starts_with("sqlite:")
+            && !self.database_url.starts_with("postgres://")
+            && !self.database_url.starts_with("postgresql://")
+        {
             return Err(ConfigError(format!(
-                "database-url: `{}` is not supported; use sqlite://path (PostgreSQL is not in this build yet)",
+                "database-url: `{}` is not supported; use sqlite://path or postgres://user@host/db",
                 self.database_url
             )));
         }

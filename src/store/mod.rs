@@ -8,6 +8,7 @@
 //! A PostgreSQL store will implement the same trait and pass the same conformance tests
 //! (`tests/store_conformance.rs`).
 
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -203,6 +203,30 @@ async fn sigterm_drains_running_work_then_exits() {
         .await
         .unwrap();
     let id = id_of(&r.json::<Value>().await.unwrap());
+    // Streams and long-polls that would never end by themselves must not hold the shutdown.
+    let mut all_events = client
+        .get(format!("{}/v1/events", server.base))
+        .send()
+        .await
+        .unwrap();
+    let forever = client
+        .post(format!("{}/v1/jobs", server.base))
+        .json(&json!({"task": "noop", "delay_ms": 3_600_000}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let long_poll = tokio::spawn(
+        client
+            .get(format!(
+                "{}/v1/jobs/{}?wait=60",
+                server.base,
+                id_of(&forever)
+            ))
+            .send(),
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = server.child.id().to_string();
     assert!(Command::new("kill")
@@ -212,6 +236,14 @@ async fn sigterm_drains_running_work_then_exits() {
         .success());
     let status = server.child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
+    // The long-poll was answered when the drain ended it.
+    let polled = long_poll.await.unwrap().unwrap();
+    assert_eq!(polled.status(), reqwest::StatusCode::OK);
+    // The stream is over: reading it ends (the server closed it or went away), never hangs.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), all_events.chunk())
+        .await
+        .expect("the event stream ended")
+    {}
 
     let server = Server::start(dir.path());
     let job = wait_final(&client, &server.base, &id).await;

@@ -10,6 +10,7 @@ mod lanes;
 mod observe;
 mod openapi;
 mod overload;
+mod postgres;
 mod process;
 mod progress;
 mod store;

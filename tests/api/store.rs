@@ -8,7 +8,8 @@ use offload::clock::Micros;
 use offload::config::Durability;
 use offload::job::{ErrorInfo, ExecutorKind, JobId, JobStatus, Kind, NewJob};
 use offload::store::{
-    CancelOutcome, DeleteOutcome, Finish, Inserted, JobStore, ListFilter, SqliteStore, StoreError,
+    CancelOutcome, DeleteOutcome, Finish, Inserted, JobStore, ListFilter, PostgresStore,
+    SqliteStore, StoreError,
 };
 use serde_json::json;
 
@@ -37,7 +38,31 @@ async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
     (dir, Arc::new(store))
 }
 
-/// Runs one conformance check against every backend available here.
+/// The PostgreSQL the machine runs (trust auth, database `test`); `OFFLOAD_TEST_PG` overrides.
+fn pg_url() -> String {
+    std::env::var("OFFLOAD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A PostgreSQL store in a schema of its own, dropped by `drop_schema`.
+async fn postgres() -> (String, Arc<dyn JobStore>) {
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let store = PostgresStore::open(&pg_url(), Some(&schema))
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432, database `test` (.ci/run starts it)");
+    (schema, Arc::new(store))
+}
+
+async fn drop_schema(schema: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Runs one conformance check against every backend: SQLite and PostgreSQL.
 macro_rules! conformance {
     ($name:ident) => {
         mod $name {
@@ -45,6 +70,13 @@ macro_rules! conformance {
             async fn sqlite() {
                 let (_dir, store) = super::sqlite().await;
                 super::$name(store).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let (schema, store) = super::postgres().await;
+                super::$name(store).await;
+                super::drop_schema(&schema).await;
             }
         }
     };
@@ -254,4 +286,46 @@ async fn delete_and_prune_remove_only_finished_jobs(store: Arc<dyn JobStore>) {
         DeleteOutcome::NotFound
     ));
     assert!(store.get(open.id).await.unwrap().is_some());
+}
+
+conformance!(blobs_are_recorded_and_guarded_by_unfinished_jobs);
+async fn blobs_are_recorded_and_guarded_by_unfinished_jobs(store: Arc<dyn JobStore>) {
+    use offload::blob::BlobMeta;
+    use offload::store::BlobDeleteOutcome;
+    let id = JobId::new().to_string();
+    let meta = BlobMeta {
+        id: id.clone(),
+        size: 24,
+        sha256: "ab".repeat(32),
+        created_at: Micros::now(),
+    };
+    store.insert_blob(meta.clone()).await.unwrap();
+    assert_eq!(store.get_blob(&id).await.unwrap().unwrap().size, 24);
+    assert!(store.get_blob("not-a-blob").await.unwrap().is_none());
+    let mut user = new_job("array_stats", None, None);
+    user.args = json!({ "blob": id });
+    store.insert(vec![user.clone()]).await.unwrap();
+    assert_eq!(
+        store.delete_blob(&id).await.unwrap(),
+        BlobDeleteOutcome::InUse(1)
+    );
+    store.cancel(user.id, Micros::now()).await.unwrap();
+    assert_eq!(
+        store.delete_blob(&id).await.unwrap(),
+        BlobDeleteOutcome::Deleted
+    );
+    assert_eq!(
+        store.delete_blob(&id).await.unwrap(),
+        BlobDeleteOutcome::NotFound
+    );
+}
+
+#[tokio::test]
+async fn a_second_server_on_one_postgres_database_is_refused() {
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let first = PostgresStore::open(&pg_url(), Some(&schema)).await.unwrap();
+    let second = PostgresStore::open(&pg_url(), Some(&schema)).await;
+    assert!(second.is_err());
+    drop(first);
+    drop_schema(&schema).await;
 }

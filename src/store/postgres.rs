@@ -1,0 +1,586 @@
+//! The PostgreSQL store: the same `JobStore` contract as SQLite, passing the same conformance
+//! suite (`tests/api/store.rs`).
+//!
+//! PostgreSQL takes concurrent writers, so there is no single writer task here: each write is
+//! one statement (or one transaction) on a pooled connection, and PostgreSQL's own group
+//! commit batches the fsyncs. Every move is guarded in SQL by the status it moves from and,
+//! for a running job, its attempt, exactly as in SQLite.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    BlobDeleteOutcome, CancelOutcome, DeleteOutcome, Finish, Inserted, JobStore, ListFilter,
+    QueuedRef, Recovered, StoreError,
+};
+use crate::blob::BlobMeta;
+use crate::clock::Micros;
+use crate::job::{ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
+
+const COLUMNS: &str =
+    "id, task, kind, executor, status, args::text AS args, result::text AS result, \
+    error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
+    spec_hash, created_at, scheduled_at, started_at, finished_at";
+
+#[derive(Debug)]
+struct Embedded;
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "jobs",
+    include_str!("../../migrations/postgres/0001_jobs.sql"),
+)];
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|(version, name, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*name),
+                        MigrationType::Simple,
+                        Cow::Borrowed(*sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+pub struct PostgresStore {
+    pool: PgPool,
+    /// Holds the advisory lock that makes this the only server on the database (see `open`).
+    _owner: Option<sqlx::PgConnection>,
+}
+
+impl PostgresStore {
+    /// Connects to `url` and applies the migrations. With `schema`, everything lives in that
+    /// schema (created if needed): how tests share one database.
+    pub async fn open(url: &str, schema: Option<&str>) -> Result<Self, StoreError> {
+        let mut options = PgConnectOptions::from_str(url)?;
+        if let Some(s) = schema {
+            if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(StoreError::Corrupt(format!("bad schema name `{s}`")));
+            }
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+                .execute(&admin)
+                .await?;
+            admin.close().await;
+            options = options.options([("search_path", s)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(options)
+            .await?;
+        let migrator = Migrator::new(Embedded).await?;
+        migrator.run(&pool).await?;
+        // One server per database (per schema) for now: the dispatcher keeps the queue in
+        // memory and recovery at start requeues every running job, which is only right when
+        // no other server runs them. A session advisory lock, held on a connection of its own
+        // for the life of the store, turns a second server into a clear error instead of
+        // jobs run twice. (Several servers sharing the work need leases: not in this build.)
+        let mut owner = options_for_lock(url, schema).await?;
+        let got: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtext('offload:' || current_schema()))",
+        )
+        .fetch_one(&mut owner)
+        .await?;
+        if !got {
+            return Err(StoreError::Corrupt(
+                "another offload server already uses this PostgreSQL database; one server per \
+                 database until multi-server claiming lands"
+                    .into(),
+            ));
+        }
+        Ok(PostgresStore {
+            pool,
+            _owner: Some(owner),
+        })
+    }
+}
+
+async fn options_for_lock(
+    url: &str,
+    schema: Option<&str>,
+) -> Result<sqlx::PgConnection, StoreError> {
+    use sqlx::ConnectOptions;
+    let mut options = PgConnectOptions::from_str(url)?;
+    if let Some(s) = schema {
+        options = options.options([("search_path", s)]);
+    }
+    Ok(options.connect().await?)
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
+    let text = |col: &str| -> Result<String, StoreError> { Ok(row.try_get::<String, _>(col)?) };
+    let opt_json = |col: &str| -> Result<Option<Value>, StoreError> {
+        row.try_get::<Option<String>, _>(col)?
+            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(col, e)))
+            .transpose()
+    };
+    let error = row
+        .try_get::<Option<String>, _>("error")?
+        .map(|s| serde_json::from_str::<ErrorInfo>(&s).map_err(|e| corrupt("error", e)))
+        .transpose()?;
+    let mut job = Job {
+        id: JobId(row.try_get::<Uuid, _>("id")?),
+        task: text("task")?,
+        kind: text("kind")?.parse().map_err(|e| corrupt("kind", e))?,
+        executor: text("executor")?
+            .parse()
+            .map_err(|e| corrupt("executor", e))?,
+        status: text("status")?.parse().map_err(|e| corrupt("status", e))?,
+        args: serde_json::from_str(&text("args")?).map_err(|e| corrupt("args", e))?,
+        result: opt_json("result")?,
+        error,
+        priority: row.try_get::<i32, _>("priority")?,
+        attempt: row.try_get::<i32, _>("attempt")? as u32,
+        max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
+        timeout_ms: row
+            .try_get::<Option<i64>, _>("timeout_ms")?
+            .map(|t| t as u64),
+        progress: row.try_get("progress")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        spec_hash: row.try_get("spec_hash")?,
+        created_at: Micros(row.try_get("created_at")?),
+        scheduled_at: Micros(row.try_get("scheduled_at")?),
+        started_at: row.try_get::<Option<i64>, _>("started_at")?.map(Micros),
+        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(Micros),
+        timings: Timings {
+            queued_ms: None,
+            run_ms: None,
+        },
+    };
+    job.compute_timings();
+    Ok(job)
+}
+
+fn error_json(e: &ErrorInfo) -> String {
+    serde_json::to_string(e).expect("an ErrorInfo always serializes")
+}
+
+/// Inserts new queued jobs in one statement (arrays unnested into rows).
+async fn insert_rows(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[&NewJob],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let col = |f: &dyn Fn(&NewJob) -> String| rows.iter().map(|j| f(j)).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
+         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at) \
+         SELECT id, task, kind, executor, 'queued', args::jsonb, priority, 0, max_attempts, \
+         timeout_ms, 0, key, hash, created_at, scheduled_at FROM UNNEST($1::uuid[], $2::text[], \
+         $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
+         $10::text[], $11::bigint[], $12::bigint[]) AS t(id, task, kind, executor, args, priority, \
+         max_attempts, timeout_ms, key, hash, created_at, scheduled_at)",
+    )
+    .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
+    .bind(col(&|j| j.task.clone()))
+    .bind(col(&|j| j.kind.as_str().to_string()))
+    .bind(col(&|j| j.executor.as_str().to_string()))
+    .bind(col(&|j| j.args.to_string()))
+    .bind(rows.iter().map(|j| j.priority).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|j| j.max_attempts as i32)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.timeout_ms.map(|t| t as i64))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.idempotency_key.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|j| j.spec_hash.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|j| j.created_at.0).collect::<Vec<_>>())
+    .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl PostgresStore {
+    async fn try_insert(&self, jobs: &[NewJob]) -> Result<Vec<Inserted>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out: Vec<Option<Inserted>> = vec![None; jobs.len()];
+        let mut fresh: Vec<(usize, &NewJob)> = Vec::with_capacity(jobs.len());
+        let mut in_batch: HashMap<&str, usize> = HashMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let Some(key) = job.idempotency_key.as_deref() else {
+                fresh.push((i, job));
+                continue;
+            };
+            let existing = if let Some(&first) = in_batch.get(key) {
+                Some(jobs[first].to_job())
+            } else {
+                let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1");
+                let row = sqlx::query(&sql).bind(key).fetch_optional(&mut *tx).await?;
+                row.as_ref().map(job_from_row).transpose()?
+            };
+            match existing {
+                Some(found) if found.spec_hash == job.spec_hash => {
+                    out[i] = Some(Inserted::Existing(found))
+                }
+                Some(_) => {
+                    return Err(StoreError::IdempotencyConflict {
+                        index: i,
+                        key: key.to_string(),
+                    })
+                }
+                None => {
+                    in_batch.insert(key, i);
+                    fresh.push((i, job));
+                }
+            }
+        }
+        let rows: Vec<&NewJob> = fresh.iter().map(|(_, j)| *j).collect();
+        insert_rows(&mut tx, &rows).await?;
+        tx.commit().await?;
+        for (i, job) in fresh {
+            out[i] = Some(Inserted::Created(job.to_job()));
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every job answered"))
+            .collect())
+    }
+
+    async fn one(
+        &self,
+        sql: &str,
+        binds: impl FnOnce(
+            sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+        ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Option<Job>, StoreError> {
+        let row = binds(sqlx::query(sql)).fetch_optional(&self.pool).await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+}
+
+fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, StoreError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505"))
+}
+
+#[async_trait]
+impl JobStore for PostgresStore {
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError> {
+        // Two servers inserting the same new key at once: one wins the unique index, the other
+        // retries and finds the winner's job (a replay or a conflict, as in one server).
+        match self.try_insert(&jobs).await {
+            Err(e) if is_unique_violation(&e) => self.try_insert(&jobs).await,
+            other => other,
+        }
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
+        self.one(&sql, |q| q.bind(id.0)).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE TRUE");
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if filter.status.is_some() {
+            sql.push_str(&format!(" AND status = {}", next()));
+        }
+        if filter.task.is_some() {
+            sql.push_str(&format!(" AND task = {}", next()));
+        }
+        if filter.kind.is_some() {
+            sql.push_str(&format!(" AND kind = {}", next()));
+        }
+        if filter.before.is_some() {
+            sql.push_str(&format!(" AND id < {}", next()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", next()));
+        let mut q = sqlx::query(&sql);
+        if let Some(s) = filter.status {
+            q = q.bind(s.as_str());
+        }
+        if let Some(t) = &filter.task {
+            q = q.bind(t.clone());
+        }
+        if let Some(k) = filter.kind {
+            q = q.bind(k.as_str());
+        }
+        if let Some(b) = filter.before {
+            q = q.bind(b.0);
+        }
+        let rows = q.bind(filter.limit as i64).fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn claim(&self, ids: Vec<JobId>, now: Micros) -> Result<Vec<Job>, StoreError> {
+        let sql = format!(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
+             progress = 0 WHERE id = ANY($2) AND status = 'queued' AND attempt < max_attempts \
+             RETURNING {COLUMNS}"
+        );
+        let ids: Vec<Uuid> = ids.iter().map(|i| i.0).collect();
+        let rows = sqlx::query(&sql)
+            .bind(now.0)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn finish(
+        &self,
+        job: &Job,
+        outcome: Finish,
+        progress: f64,
+        now: Micros,
+    ) -> Result<Option<Job>, StoreError> {
+        let (status, result, error, progress) = match &outcome {
+            Finish::Succeeded(v) => (JobStatus::Succeeded, Some(v.to_string()), None, 1.0),
+            Finish::Failed(e) => (
+                JobStatus::Failed,
+                None,
+                Some(error_json(e)),
+                progress.clamp(0.0, 1.0),
+            ),
+        };
+        let sql = format!(
+            "UPDATE jobs SET status = $1, result = $2::jsonb, error = $3::jsonb, progress = $4, \
+             finished_at = $5 WHERE id = $6 AND status = 'running' AND attempt = $7 \
+             RETURNING {COLUMNS}"
+        );
+        self.one(&sql, |q| {
+            q.bind(status.as_str())
+                .bind(result)
+                .bind(error)
+                .bind(progress)
+                .bind(now.0)
+                .bind(job.id.0)
+                .bind(job.attempt as i32)
+        })
+        .await
+    }
+
+    async fn retry(
+        &self,
+        id: JobId,
+        attempt: u32,
+        error: ErrorInfo,
+        at: Micros,
+    ) -> Result<Option<Job>, StoreError> {
+        let sql = format!(
+            "UPDATE jobs SET status = 'queued', error = $1::jsonb, scheduled_at = $2, progress = 0 \
+             WHERE id = $3 AND status = 'running' AND attempt = $4 AND attempt < max_attempts \
+             RETURNING {COLUMNS}"
+        );
+        self.one(&sql, |q| {
+            q.bind(error_json(&error))
+                .bind(at.0)
+                .bind(id.0)
+                .bind(attempt as i32)
+        })
+        .await
+    }
+
+    async fn release(&self, id: JobId, attempt: u32) -> Result<Option<Job>, StoreError> {
+        let sql = format!(
+            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, progress = 0 \
+             WHERE id = $1 AND status = 'running' AND attempt = $2 RETURNING {COLUMNS}"
+        );
+        self.one(&sql, |q| q.bind(id.0).bind(attempt as i32)).await
+    }
+
+    async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError> {
+        let error = error_json(&ErrorInfo::new("cancelled", "cancelled by request"));
+        let sql = format!(
+            "UPDATE jobs SET status = 'cancelled', error = $1::jsonb, finished_at = $2 \
+             WHERE id = $3 AND status IN ('queued', 'running') RETURNING {COLUMNS}"
+        );
+        if let Some(job) = self
+            .one(&sql, |q| q.bind(error).bind(now.0).bind(id.0))
+            .await?
+        {
+            return Ok(CancelOutcome::Cancelled(job));
+        }
+        Ok(match self.get(id).await? {
+            Some(job) => CancelOutcome::AlreadyFinal(job),
+            None => CancelOutcome::NotFound,
+        })
+    }
+
+    async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM jobs WHERE id = $1 AND status IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(id.0)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(DeleteOutcome::Deleted);
+        }
+        Ok(match self.get(id).await? {
+            Some(job) => DeleteOutcome::Unfinished(Box::new(job)),
+            None => DeleteOutcome::NotFound,
+        })
+    }
+
+    async fn recover(&self, now: Micros) -> Result<Recovered, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let lost = error_json(&ErrorInfo::new(
+            "lost",
+            "the server stopped while the job ran, and no attempts remain",
+        ));
+        let lost = sqlx::query(
+            "UPDATE jobs SET status = 'failed', error = $1::jsonb, finished_at = $2 \
+             WHERE status = 'running' AND attempt >= max_attempts",
+        )
+        .bind(lost)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let interrupted = error_json(&ErrorInfo::new(
+            "crashed",
+            "the server stopped while the job ran; it was requeued",
+        ));
+        let requeued = sqlx::query(
+            "UPDATE jobs SET status = 'queued', error = $1::jsonb, scheduled_at = $2, progress = 0 \
+             WHERE status = 'running'",
+        )
+        .bind(interrupted)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Recovered { requeued, lost })
+    }
+
+    async fn queued(&self) -> Result<Vec<QueuedRef>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, executor, priority, scheduled_at FROM jobs WHERE status = 'queued'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(QueuedRef {
+                    id: JobId(row.try_get("id")?),
+                    executor: row
+                        .try_get::<String, _>("executor")?
+                        .parse()
+                        .map_err(|e| corrupt("executor", e))?,
+                    priority: row.try_get("priority")?,
+                    scheduled_at: Micros(row.try_get("scheduled_at")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL \
+             AND finished_at < $1 ORDER BY finished_at LIMIT $2)",
+        )
+        .bind(before.0)
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError> {
+        let id = Uuid::parse_str(&meta.id).map_err(|e| corrupt("blob id", e))?;
+        sqlx::query("INSERT INTO blobs (id, size, sha256, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(meta.size as i64)
+            .bind(meta.sha256)
+            .bind(meta.created_at.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError> {
+        let Ok(uuid) = Uuid::parse_str(id) else {
+            return Ok(None);
+        };
+        let row = sqlx::query("SELECT id, size, sha256, created_at FROM blobs WHERE id = $1")
+            .bind(uuid)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(BlobMeta {
+                id: r.try_get::<Uuid, _>("id")?.hyphenated().to_string(),
+                size: r.try_get::<i64, _>("size")? as u64,
+                sha256: r.try_get("sha256")?,
+                created_at: Micros(r.try_get("created_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {
+        let Ok(uuid) = Uuid::parse_str(id) else {
+            return Ok(BlobDeleteOutcome::NotFound);
+        };
+        let mut tx = self.pool.begin().await?;
+        // Lock the blob's row so a concurrent delete waits for this one.
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM blobs WHERE id = $1 FOR UPDATE")
+                .bind(uuid)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Ok(BlobDeleteOutcome::NotFound);
+        }
+        let users: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND args->>'blob' = $1",
+        )
+        .bind(uuid.hyphenated().to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        if users > 0 {
+            return Ok(BlobDeleteOutcome::InUse(users as u64));
+        }
+        sqlx::query("DELETE FROM blobs WHERE id = $1")
+            .bind(uuid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(BlobDeleteOutcome::Deleted)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

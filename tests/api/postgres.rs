@@ -1,0 +1,80 @@
+//! The whole service on PostgreSQL: the same API, the same lanes, a different store.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// A schema of its own in the machine's `test` database, named in the URL's search_path.
+async fn pg_schema_url() -> (String, String) {
+    use sqlx::Connection;
+    let base = std::env::var("OFFLOAD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let schema = format!("e_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("PostgreSQL is running");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("{base}?options=-c%20search_path%3D{schema}");
+    (schema, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_runs_on_postgresql_and_recovers_after_a_restart() {
+    let (schema, url) = pg_schema_url().await;
+    let u = url.clone();
+    let mut app = spawn_with(move |s| s.database_url = u).await;
+    let job = app
+        .submit(json!({"task": "sum_squares", "args": {"n": 10_000_000}}))
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["result"]["sum"], "333333283333335000000");
+    let waiting = app
+        .submit(json!({"task": "noop", "delay_ms": 60_000, "idempotency_key": "pg-1"}))
+        .await;
+    let again = app
+        .post(
+            "/v1/jobs",
+            json!({"task": "noop", "delay_ms": 60_000, "idempotency_key": "pg-1"}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK);
+    let listed = app.get("/v1/jobs?status=succeeded").await.body;
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1);
+
+    // A second server on the same database is refused, not allowed to run jobs twice.
+    let u = url.clone();
+    let second = offload::App::build(
+        {
+            let mut s = test_settings(tempfile::tempdir().unwrap().keep().as_path());
+            s.database_url = u;
+            s
+        },
+        offload::Registry::empty(),
+    )
+    .await;
+    assert!(second.is_err());
+
+    app.stop().await;
+    let u = url.clone();
+    let app = spawn_in(app.dir, move |s| s.database_url = u).await;
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{}", id_of(&waiting))).await.body["status"],
+        "queued"
+    );
+    let cancelled = app
+        .post(&format!("/v1/jobs/{}/cancel", id_of(&waiting)), json!({}))
+        .await;
+    assert_eq!(cancelled.body["status"], "cancelled");
+    drop(app);
+    use sqlx::Connection;
+    let base = std::env::var("OFFLOAD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut conn)
+        .await;
+}
