@@ -68,10 +68,12 @@ impl Executor for RayonLane {
         let span = tracing::Span::current();
         self.pool.spawn(move || {
             let _enter = span.enter();
-            let _permit = permit;
-            let _core = core;
             let result = catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, args)))
                 .unwrap_or_else(|payload| Err(panic_error(payload)));
+            // Free the slot and the core before anyone hears of the result: a caller who sees
+            // the job finish and submits the next must find them free.
+            drop(core);
+            drop(permit);
             // The receiver is gone if the job timed out or was cancelled: nothing to do.
             let _ = tx.send(result);
         });
