@@ -19,6 +19,36 @@ use crate::clock::Micros;
 use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob};
 
 pub use postgres::PostgresStore;
+
+use std::borrow::Cow;
+
+use futures_util::future::BoxFuture;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType};
+
+/// Migrations compiled into the binary (version, name, SQL), so it runs from anywhere; each
+/// backend has its own list under `migrations/`.
+#[derive(Debug)]
+pub(crate) struct Embedded(pub &'static [(i64, &'static str, &'static str)]);
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|(version, name, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*name),
+                        MigrationType::Simple,
+                        Cow::Borrowed(*sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -6,14 +6,12 @@
 //! commit batches the fsyncs. Every move is guarded in SQL by the status it moves from and,
 //! for a running job, its attempt, exactly as in SQLite.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use futures_util::future::BoxFuture;
 use serde_json::Value;
-use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -31,33 +29,13 @@ const COLUMNS: &str =
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
     spec_hash, created_at, scheduled_at, started_at, finished_at";
 
-#[derive(Debug)]
-struct Embedded;
+/// The migrations, compiled into the binary.
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
     1,
     "jobs",
     include_str!("../../migrations/postgres/0001_jobs.sql"),
 )];
-
-impl MigrationSource<'static> for Embedded {
-    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        Box::pin(async {
-            Ok(MIGRATIONS
-                .iter()
-                .map(|(version, name, sql)| {
-                    Migration::new(
-                        *version,
-                        Cow::Borrowed(*name),
-                        MigrationType::Simple,
-                        Cow::Borrowed(*sql),
-                        false,
-                    )
-                })
-                .collect())
-        })
-    }
-}
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -88,7 +66,7 @@ impl PostgresStore {
             .max_connections(16)
             .connect_with(options)
             .await?;
-        let migrator = Migrator::new(Embedded).await?;
+        let migrator = Migrator::new(super::Embedded(MIGRATIONS)).await?;
         migrator.run(&pool).await?;
         // One server per database (per schema) for now: the dispatcher keeps the queue in
         // memory and recovery at start requeues every running job, which is only right when

@@ -8,7 +8,6 @@
 //! one fsync (group commit); when idle, a single request commits at once, so nothing waits for a
 //! timer. Reads go to a separate pool and see every committed write (WAL mode).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
-use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -43,8 +42,6 @@ const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, pr
     started_at, finished_at";
 
 /// The migrations, compiled into the binary so it runs from anywhere.
-#[derive(Debug)]
-struct Embedded;
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -58,25 +55,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0002_blobs.sql"),
     ),
 ];
-
-impl MigrationSource<'static> for Embedded {
-    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        Box::pin(async {
-            Ok(MIGRATIONS
-                .iter()
-                .map(|(version, name, sql)| {
-                    Migration::new(
-                        *version,
-                        Cow::Borrowed(*name),
-                        MigrationType::Simple,
-                        Cow::Borrowed(*sql),
-                        false,
-                    )
-                })
-                .collect())
-        })
-    }
-}
 
 enum Op {
     Insert(Vec<NewJob>),
@@ -138,7 +116,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .pragma("temp_store", "memory");
         let mut conn = options.connect().await?;
-        let migrator = Migrator::new(Embedded).await?;
+        let migrator = Migrator::new(super::Embedded(MIGRATIONS)).await?;
         migrator.run_direct(&mut conn).await?;
         let reads = SqlitePoolOptions::new()
             .min_connections(1)
