@@ -30,7 +30,6 @@ const COLUMNS: &str =
     spec_hash, created_at, scheduled_at, started_at, finished_at";
 
 /// The migrations, compiled into the binary.
-
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
     1,
     "jobs",

@@ -42,7 +42,6 @@ const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, pr
     started_at, finished_at";
 
 /// The migrations, compiled into the binary so it runs from anywhere.
-
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
