@@ -380,7 +380,7 @@ pub struct ServeArgs {
     #[arg(long, env = "OFFLOAD_HTTP_ALLOW_HOSTS", value_delimiter = ',')]
     pub http_allow_hosts: Option<Vec<String>>,
     /// Let http_get reach loopback and private addresses [default: false].
-    #[arg(long, env = "OFFLOAD_HTTP_ALLOW_PRIVATE")]
+    #[arg(long, env = "OFFLOAD_HTTP_ALLOW_PRIVATE", num_args = 0..=1, default_missing_value = "true")]
     pub http_allow_private: Option<bool>,
     /// Largest response body http_get reads [default: 10485760].
     #[arg(long, env = "OFFLOAD_HTTP_MAX_BYTES")]
@@ -408,6 +408,22 @@ mod tests {
         assert_eq!(s.cpu_threads, 5);
         assert_eq!(s.retry_base_ms, 50);
         assert_eq!(s.default_max_attempts, 3);
+    }
+
+    #[test]
+    fn a_bare_boolean_flag_means_true() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["offload", "serve", "--http-allow-private"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert!(Settings::load(&args).unwrap().http_allow_private);
+        let cli =
+            Cli::try_parse_from(["offload", "serve", "--http-allow-private", "false"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert!(!Settings::load(&args).unwrap().http_allow_private);
     }
 
     #[test]
