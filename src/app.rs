@@ -17,9 +17,6 @@ use crate::executor::{AsyncLane, BlockingLane, Executor, ProcessLane, RayonLane}
 use crate::store::{JobStore, PostgresStore, SqliteStore, StoreError};
 use crate::task::Registry;
 
-/// How often finished jobs past their retention are pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
-
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("data dir {path}: {source}")]
@@ -151,8 +148,9 @@ impl App {
 
         let dispatcher = state.dispatcher.clone();
         let retention = Duration::from_secs(state.settings.retention_secs);
+        let prune_every = Duration::from_millis(state.settings.prune_interval_ms);
         let pruner = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            let mut tick = tokio::time::interval(prune_every);
             loop {
                 tick.tick().await;
                 match dispatcher.prune(retention).await {

@@ -32,6 +32,8 @@ pub struct BlobMeta {
     pub id: String,
     pub size: u64,
     pub sha256: String,
+    /// Kept after the last job that used it is pruned (uploaded with `?keep=true`).
+    pub keep: bool,
     #[serde(skip)]
     pub created_at: Micros,
 }
@@ -117,6 +119,7 @@ impl BlobDir {
             id,
             size,
             sha256: crate::task::hex(&hasher.finalize()),
+            keep: false,
             created_at: Micros::now(),
         })
     }
@@ -134,10 +137,13 @@ impl BlobDir {
             output_temp_path(&self.dir, job, attempt),
             self.dir.join(&id),
         )?;
+        // An output blob is a result: it is kept until deleted, like an uploaded one with
+        // `keep`, rather than going with the job that made it.
         Ok(BlobMeta {
             id,
             size,
             sha256,
+            keep: true,
             created_at: Micros::now(),
         })
     }

@@ -65,6 +65,8 @@ pub struct Settings {
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
     pub retention_secs: u64,
+    /// How often finished jobs (and the blobs they were the last to use) are pruned.
+    pub prune_interval_ms: u64,
     pub drain_timeout_ms: u64,
     /// A runtime wake-up later than this is logged as a stall (a blocking call in async code).
     pub stall_warn_ms: u64,
@@ -113,6 +115,7 @@ impl Settings {
             retry_base_ms: 1_000,
             retry_max_ms: 600_000,
             retention_secs: 7 * 24 * 3600,
+            prune_interval_ms: 60_000,
             drain_timeout_ms: 10_000,
             stall_warn_ms: 100,
             http_allow_hosts: vec!["*".into()],
@@ -166,6 +169,7 @@ impl Settings {
         pick!(retry_base_ms);
         pick!(retry_max_ms);
         pick!(retention_secs);
+        pick!(prune_interval_ms);
         pick!(drain_timeout_ms);
         pick!(stall_warn_ms);
         pick!(http_allow_private);
@@ -205,6 +209,7 @@ impl Settings {
             ("default-max-attempts", self.default_max_attempts as u64),
             ("http-max-bytes", self.http_max_bytes),
             ("http-timeout-ms", self.http_timeout_ms),
+            ("prune-interval-ms", self.prune_interval_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -270,6 +275,7 @@ struct FileSettings {
     retry_base_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     retention_secs: Option<u64>,
+    prune_interval_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     stall_warn_ms: Option<u64>,
     http_allow_hosts: Option<Vec<String>>,
@@ -370,6 +376,9 @@ pub struct ServeArgs {
     /// How long finished jobs are kept [default: 604800, 7 days].
     #[arg(long, env = "OFFLOAD_RETENTION_SECS")]
     pub retention_secs: Option<u64>,
+    /// How often finished jobs past retention, and blobs no job needs, are pruned [default: 60000].
+    #[arg(long, env = "OFFLOAD_PRUNE_INTERVAL_MS")]
+    pub prune_interval_ms: Option<u64>,
     /// On shutdown, how long running jobs may take to finish [default: 10000].
     #[arg(long, env = "OFFLOAD_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,

@@ -756,6 +756,21 @@ impl Dispatcher {
             let n = self.store.prune(before, BATCH).await?;
             total += n;
             if n < BATCH as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // Then the blobs those jobs were the last to use (unless uploaded to be kept).
+        loop {
+            let gone = self.store.prune_blobs(BATCH).await?;
+            if let Some(blobs) = &self.blobs {
+                for id in &gone {
+                    if let Err(e) = blobs.remove(id).await {
+                        tracing::warn!(blob = %id, error = %e, "a pruned blob's file could not be removed");
+                    }
+                }
+            }
+            if gone.len() < BATCH as usize {
                 return Ok(total);
             }
             tokio::task::yield_now().await;

@@ -9,10 +9,25 @@ use futures_util::stream;
 use tokio::io::AsyncReadExt;
 
 use super::{ApiError, AppState};
-use crate::blob::UploadError;
+use crate::blob::{BlobMeta, UploadError};
 use crate::store::BlobDeleteOutcome;
 
 pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let keep = match req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("keep="))
+    {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "keep: `{other}` must be true or false"
+            )))
+        }
+    };
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -36,7 +51,7 @@ pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Respo
     }
     let body = req.into_body().into_data_stream();
     let meta = match state.blobs.write(body, limit).await {
-        Ok(m) => m,
+        Ok(m) => BlobMeta { keep, ..m },
         Err(e @ UploadError::TooLarge { .. }) => return Err(ApiError::too_large(e.to_string())),
         Err(e @ UploadError::Interrupted(_)) => return Err(ApiError::bad_request(e.to_string())),
         Err(e) => return Err(ApiError::internal(e)),

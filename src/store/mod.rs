@@ -182,6 +182,9 @@ pub trait JobStore: Send + Sync + 'static {
     async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError>;
     /// Forgets a blob unless a queued or running job names it in its args.
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError>;
+    /// Forgets up to `limit` blobs that jobs used, that no job names any more, and that were
+    /// not uploaded to be kept; returns their ids so their files can go too.
+    async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }

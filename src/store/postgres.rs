@@ -30,11 +30,18 @@ const COLUMNS: &str =
     spec_hash, created_at, scheduled_at, started_at, finished_at";
 
 /// The migrations, compiled into the binary.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "jobs",
-    include_str!("../../migrations/postgres/0001_jobs.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "jobs",
+        include_str!("../../migrations/postgres/0001_jobs.sql"),
+    ),
+    (
+        2,
+        "blob_retention",
+        include_str!("../../migrations/postgres/0002_blob_retention.sql"),
+    ),
+];
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -200,6 +207,18 @@ async fn insert_rows(
     .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
+    // Blobs named by these jobs are now in use: they go with the last job that names them.
+    let blobs: Vec<Uuid> = rows
+        .iter()
+        .filter_map(|j| j.args.get("blob").and_then(Value::as_str))
+        .filter_map(|b| Uuid::parse_str(b).ok())
+        .collect();
+    if !blobs.is_empty() {
+        sqlx::query("UPDATE blobs SET used = TRUE WHERE id = ANY($1) AND NOT used")
+            .bind(blobs)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
@@ -496,13 +515,16 @@ impl JobStore for PostgresStore {
 
     async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError> {
         let id = Uuid::parse_str(&meta.id).map_err(|e| corrupt("blob id", e))?;
-        sqlx::query("INSERT INTO blobs (id, size, sha256, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(meta.size as i64)
-            .bind(meta.sha256)
-            .bind(meta.created_at.0)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO blobs (id, size, sha256, created_at, keep) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(meta.size as i64)
+        .bind(meta.sha256)
+        .bind(meta.created_at.0)
+        .bind(meta.keep)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -510,7 +532,7 @@ impl JobStore for PostgresStore {
         let Ok(uuid) = Uuid::parse_str(id) else {
             return Ok(None);
         };
-        let row = sqlx::query("SELECT id, size, sha256, created_at FROM blobs WHERE id = $1")
+        let row = sqlx::query("SELECT id, size, sha256, created_at, keep FROM blobs WHERE id = $1")
             .bind(uuid)
             .fetch_optional(&self.pool)
             .await?;
@@ -519,10 +541,26 @@ impl JobStore for PostgresStore {
                 id: r.try_get::<Uuid, _>("id")?.hyphenated().to_string(),
                 size: r.try_get::<i64, _>("size")? as u64,
                 sha256: r.try_get("sha256")?,
+                keep: r.try_get("keep")?,
                 created_at: Micros(r.try_get("created_at")?),
             })
         })
         .transpose()
+    }
+
+    async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "DELETE FROM blobs WHERE id IN (SELECT b.id FROM blobs b WHERE b.used AND NOT b.keep \
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.args->>'blob' = b.id::text) LIMIT $1) \
+             RETURNING id",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids
+            .into_iter()
+            .map(|u| u.hyphenated().to_string())
+            .collect())
     }
 
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {

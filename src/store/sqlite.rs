@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "blobs",
         include_str!("../../migrations/sqlite/0002_blobs.sql"),
     ),
+    (
+        3,
+        "blob_retention",
+        include_str!("../../migrations/sqlite/0003_blob_retention.sql"),
+    ),
 ];
 
 enum Op {
@@ -77,6 +82,7 @@ enum Op {
     Prune(Micros, u32),
     InsertBlob(BlobMeta),
     DeleteBlob(String),
+    PruneBlobs(u32),
 }
 
 enum Reply {
@@ -89,6 +95,7 @@ enum Reply {
     Count(u64),
     Done,
     BlobDelete(BlobDeleteOutcome),
+    Ids(Vec<String>),
 }
 
 struct Request {
@@ -333,6 +340,7 @@ fn single_statement(op: &Op) -> bool {
         | Op::Prune(..)
         | Op::InsertBlob(_) => true,
         Op::Recover(_) | Op::DeleteBlob(_) => false,
+        Op::PruneBlobs(_) => true,
     }
 }
 
@@ -491,6 +499,21 @@ fn insert_rows<'a>(
             }
             q.execute(&mut *conn).await?;
         }
+        // Blobs named by these jobs are now in use: they go with the last job that names them
+        // (see prune_blobs).
+        let blobs: Vec<&str> = rows
+            .iter()
+            .filter_map(|j| j.args.get("blob").and_then(Value::as_str))
+            .collect();
+        for chunk in blobs.chunks(CLAIM_CHUNK) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("UPDATE blobs SET used = 1 WHERE id IN ({marks}) AND used = 0");
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *conn).await?;
+        }
         Ok(())
     })
 }
@@ -642,14 +665,28 @@ fn apply(conn: &mut SqliteConnection, op: Op) -> BoxFuture<'_, Result<Reply, Sto
                 Ok(Reply::Count(done.rows_affected()))
             }
             Op::InsertBlob(meta) => {
-                sqlx::query("INSERT INTO blobs (id, size, sha256, created_at) VALUES (?, ?, ?, ?)")
-                    .bind(meta.id)
-                    .bind(meta.size as i64)
-                    .bind(meta.sha256)
-                    .bind(meta.created_at.0)
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(
+                    "INSERT INTO blobs (id, size, sha256, created_at, keep) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(meta.id)
+                .bind(meta.size as i64)
+                .bind(meta.sha256)
+                .bind(meta.created_at.0)
+                .bind(meta.keep as i64)
+                .execute(&mut *conn)
+                .await?;
                 Ok(Reply::Done)
+            }
+            Op::PruneBlobs(limit) => {
+                let ids: Vec<String> = sqlx::query_scalar(
+                    "DELETE FROM blobs WHERE id IN (SELECT b.id FROM blobs b WHERE b.used = 1 \
+                     AND b.keep = 0 AND NOT EXISTS (SELECT 1 FROM jobs j \
+                     WHERE json_extract(j.args, '$.blob') = b.id) LIMIT ?) RETURNING id",
+                )
+                .bind(limit as i64)
+                .fetch_all(&mut *conn)
+                .await?;
+                Ok(Reply::Ids(ids))
             }
             Op::DeleteBlob(id) => {
                 let users: i64 = sqlx::query_scalar(
@@ -961,7 +998,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError> {
-        let row = sqlx::query("SELECT id, size, sha256, created_at FROM blobs WHERE id = ?")
+        let row = sqlx::query("SELECT id, size, sha256, created_at, keep FROM blobs WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.reads)
             .await?;
@@ -970,10 +1007,18 @@ impl JobStore for SqliteStore {
                 id: r.try_get("id")?,
                 size: r.try_get::<i64, _>("size")? as u64,
                 sha256: r.try_get("sha256")?,
+                keep: r.try_get::<i64, _>("keep")? != 0,
                 created_at: Micros(r.try_get("created_at")?),
             })
         })
         .transpose()
+    }
+
+    async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        match self.write(Op::PruneBlobs(limit)).await? {
+            Reply::Ids(ids) => Ok(ids),
+            _ => unreachable!("prune_blobs answers Ids"),
+        }
     }
 
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {

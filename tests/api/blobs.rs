@@ -246,3 +246,59 @@ async fn a_blob_in_use_by_an_unfinished_job_cannot_be_deleted_and_survives_resta
         .await;
     assert_eq!(a.status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_finished_jobs_and_the_blobs_only_they_used() {
+    let app = spawn_with(|s| {
+        s.retention_secs = 0;
+        s.prune_interval_ms = 100;
+    })
+    .await;
+    let used = upload(&app, f64_bytes([1.0, 2.0])).await;
+    let a = app
+        .call_raw(
+            Method::POST,
+            "/v1/blobs?keep=true",
+            "application/octet-stream",
+            f64_bytes([3.0]),
+        )
+        .await;
+    assert_eq!(a.body["keep"], true);
+    let kept = a.body["id"].as_str().unwrap().to_string();
+    let unused = upload(&app, f64_bytes([4.0])).await;
+    let mut ids = Vec::new();
+    for blob in [&used, &kept] {
+        let job = app
+            .submit(json!({"task": "array_stats", "args": {"blob": blob}}))
+            .await;
+        ids.push(id_of(&job));
+    }
+    let mut gone = false;
+    for _ in 0..100 {
+        if app.get(&format!("/v1/blobs/{used}")).await.status == StatusCode::NOT_FOUND {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the blob went with its last job");
+    for id in &ids {
+        assert_eq!(
+            app.get(&format!("/v1/jobs/{id}")).await.status,
+            StatusCode::NOT_FOUND,
+            "pruned"
+        );
+    }
+    assert_eq!(
+        app.get(&format!("/v1/blobs/{kept}")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.get(&format!("/v1/blobs/{unused}")).await.status,
+        StatusCode::OK
+    );
+    assert!(
+        !app.dir.path().join("blobs").join(&used).exists(),
+        "its file is gone too"
+    );
+}
