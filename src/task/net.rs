@@ -53,9 +53,9 @@ impl HttpGet {
     fn parse(&self, raw: &str) -> Result<reqwest::Url, String> {
         let url =
             reqwest::Url::parse(raw).map_err(|e| format!("args.url: `{raw}` is not a URL: {e}"))?;
-        if url.scheme() != "http" {
+        if url.scheme() != "http" && url.scheme() != "https" {
             return Err(format!(
-                "args.url: scheme `{}` is not supported; use http:// (this build has no TLS)",
+                "args.url: scheme `{}` is not supported; use http:// or https://",
                 url.scheme()
             ));
         }
@@ -124,7 +124,7 @@ impl Task for HttpGet {
         "http_get"
     }
     fn description(&self) -> &str {
-        "GETs an http:// URL on an allowed host (async io); its status, size and sha256. Redirects are not followed."
+        "GETs an http:// or https:// URL on an allowed host (async io); its status, size and sha256. Redirects are not followed."
     }
     fn kinds(&self) -> &[Kind] {
         &[Kind::Io]
@@ -148,7 +148,7 @@ impl Task for HttpGet {
             .parse(arg_str(&args, "url")?)
             .map_err(TaskError::Permanent)?;
         let host = url.host_str().unwrap_or_default().to_string();
-        let port = url.port_or_known_default().unwrap_or(80);
+        let port = url.port_or_known_default().unwrap_or(443);
         let bare = host
             .trim_start_matches('[')
             .trim_end_matches(']')

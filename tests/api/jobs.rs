@@ -442,6 +442,34 @@ async fn http_get_fetches_allowed_hosts_within_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_get_speaks_tls_for_https_urls() {
+    // The origin speaks plain HTTP: an https:// URL to it must fail in the TLS handshake,
+    // which shows the request really went out over TLS.
+    let origin = origin().await;
+    let app = spawn_with(|s| s.http_allow_private = true).await;
+    let url = origin.replace("http://", "https://") + "/small";
+    let job = app
+        .submit(json!({"task": "http_get", "args": {"url": url}, "max_attempts": 1}))
+        .await;
+    let done = app.wait(&id_of(&job), 20).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET failed"),
+        "{done}"
+    );
+    let a = app
+        .post(
+            "/v1/jobs",
+            json!({"task": "http_get", "args": {"url": "ftp://example.com/"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_get_refuses_private_addresses_and_hosts_off_the_allowlist() {
     let origin = origin().await;
     let app = spawn_app().await;
