@@ -468,11 +468,22 @@ impl Dispatcher {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let idle = self.idle.notified();
-            if self.running.lock().expect("running lock").is_empty() {
+            // Busy while an attempt runs, and while a claim is in flight (its jobs are about
+            // to start; they must finish or be handed back too).
+            let busy = !self.running.lock().expect("running lock").is_empty()
+                || self.lanes.values().any(|l| {
+                    l.running.load(Ordering::Acquire) > 0 || l.claiming.load(Ordering::Acquire) > 0
+                });
+            if !busy {
                 return;
             }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
                 break;
+            }
+            // Woken when the last attempt ends; the short sleep covers a claim finishing.
+            tokio::select! {
+                _ = idle => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
         let left: Vec<(JobId, JobCtx)> = self
