@@ -89,6 +89,14 @@ impl Task for FileSha256 {
                 "`{rel}` resolves outside the files folder; refused"
             )));
         }
+        // Only regular files: a FIFO or a device would block or never end.
+        let meta = std::fs::metadata(&real)
+            .map_err(|e| TaskError::Permanent(format!("cannot open `{rel}`: {e}")))?;
+        if !meta.is_file() {
+            return Err(TaskError::Permanent(format!(
+                "`{rel}` is not a regular file"
+            )));
+        }
         let mut file = std::fs::File::open(&real)
             .map_err(|e| TaskError::Permanent(format!("cannot open `{rel}`: {e}")))?;
         let total = file.metadata().map(|m| m.len()).unwrap_or(0);

@@ -256,3 +256,51 @@ async fn while_draining_submits_and_readiness_are_503() {
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["attempt"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_malformed_input_gets_a_5xx_or_changes_anything() {
+    let app = spawn_app().await;
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    let bodies: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"null".to_vec(),
+        b"{\"task\": null}".to_vec(),
+        b"{\"task\": \"noop\", \"args\": []}".to_vec(),
+        b"{\"task\": \"noop\", \"priority\": 1e400}".to_vec(),
+        b"{\"task\": \"noop\", \"max_attempts\": -1}".to_vec(),
+        b"{\"task\": \"sum_squares\", \"args\": {\"n\": 18446744073709551616}}".to_vec(),
+        b"{\"task\": \"sleep\", \"args\": {\"ms\": 1.5}}".to_vec(),
+        b"{\"task\": \"\\u0000\"}".to_vec(),
+        b"{\"jobs\": {}}".to_vec(),
+        b"{\"jobs\": [1, 2]}".to_vec(),
+        b"\xff\xfe\xfd".to_vec(),
+        deep.into_bytes(),
+        vec![b'{'; 100_000],
+    ];
+    for path in ["/v1/jobs", "/v1/jobs/batch"] {
+        for body in &bodies {
+            let a = app
+                .call_raw(Method::POST, path, "application/json", body.clone())
+                .await;
+            assert!(
+                a.status.is_client_error(),
+                "{path} {:?}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(60)]),
+                a.status
+            );
+        }
+    }
+    for path in [
+        "/v1/jobs/%00",
+        "/v1/jobs/..%2F..%2Fetc",
+        "/v1/jobs?limit=99999999999999999999",
+        "/v1/jobs?cursor=%ff",
+        "/v1/blobs/..%2Foffload.db",
+        "/v1/jobs/00000000-0000-0000-0000-000000000000/events",
+    ] {
+        let a = app.get(path).await;
+        assert!(a.status.is_client_error(), "{path}: {}", a.status);
+    }
+    assert_eq!(job_count(&app).await, 0);
+    assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
+}

@@ -541,4 +541,24 @@ async fn file_sha256_stays_inside_the_files_folder() {
             .contains("outside"),
         "{done}"
     );
+
+    // A FIFO would block the reading thread forever: refused, not read.
+    let fifo = app.dir.path().join("files/pipe");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let job = app
+        .submit(json!({"task": "file_sha256", "args": {"path": "pipe"}}))
+        .await;
+    let done = app.wait(&id_of(&job), 10).await;
+    assert_eq!(done["status"], "failed");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("regular file"),
+        "{done}"
+    );
 }
