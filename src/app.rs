@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::blob::BlobDir;
 use crate::config::Settings;
-use crate::dispatch::{Dispatcher, RetryPolicy};
+use crate::dispatch::{DispatchOptions, Dispatcher, RetryPolicy};
 use crate::events::Events;
 use crate::executor::process::Recycle;
 use crate::executor::{AsyncLane, BlockingLane, Executor, ProcessLane, RayonLane};
@@ -94,12 +94,15 @@ impl App {
             Arc::new(registry),
             Arc::new(Events::new()),
             executors,
-            RetryPolicy {
-                base: Duration::from_millis(settings.retry_base_ms),
-                max: Duration::from_millis(settings.retry_max_ms),
+            DispatchOptions {
+                retry: RetryPolicy {
+                    base: Duration::from_millis(settings.retry_base_ms),
+                    max: Duration::from_millis(settings.retry_max_ms),
+                },
+                max_queued: settings.max_queued_per_lane,
+                blobs: Some(blobs.clone()),
+                lease: Duration::from_millis(settings.lease_ms),
             },
-            settings.max_queued_per_lane,
-            Some(blobs.clone()),
         );
         dispatcher.start().await?;
         let listener = TcpListener::bind(settings.bind)

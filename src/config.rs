@@ -68,6 +68,9 @@ pub struct Settings {
     /// How often finished jobs (and the blobs they were the last to use) are pruned.
     pub prune_interval_ms: u64,
     pub drain_timeout_ms: u64,
+    /// With a shared (PostgreSQL) store: how long a running job's lease lasts without renewal
+    /// before another server requeues it.
+    pub lease_ms: u64,
     /// A runtime wake-up later than this is logged as a stall (a blocking call in async code).
     pub stall_warn_ms: u64,
     pub http_allow_hosts: Vec<String>,
@@ -117,6 +120,7 @@ impl Settings {
             retention_secs: 7 * 24 * 3600,
             prune_interval_ms: 60_000,
             drain_timeout_ms: 10_000,
+            lease_ms: 15_000,
             stall_warn_ms: 100,
             http_allow_hosts: vec!["*".into()],
             http_allow_private: false,
@@ -171,6 +175,7 @@ impl Settings {
         pick!(retention_secs);
         pick!(prune_interval_ms);
         pick!(drain_timeout_ms);
+        pick!(lease_ms);
         pick!(stall_warn_ms);
         pick!(http_allow_private);
         pick!(http_max_bytes);
@@ -210,6 +215,7 @@ impl Settings {
             ("http-max-bytes", self.http_max_bytes),
             ("http-timeout-ms", self.http_timeout_ms),
             ("prune-interval-ms", self.prune_interval_ms),
+            ("lease-ms", self.lease_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -277,6 +283,7 @@ struct FileSettings {
     retention_secs: Option<u64>,
     prune_interval_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
+    lease_ms: Option<u64>,
     stall_warn_ms: Option<u64>,
     http_allow_hosts: Option<Vec<String>>,
     http_allow_private: Option<bool>,
@@ -382,6 +389,9 @@ pub struct ServeArgs {
     /// On shutdown, how long running jobs may take to finish [default: 10000].
     #[arg(long, env = "OFFLOAD_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
+    /// PostgreSQL: a running job's lease; another server requeues the job when it runs out [default: 15000].
+    #[arg(long, env = "OFFLOAD_LEASE_MS")]
+    pub lease_ms: Option<u64>,
     /// Log a warning (and count a stall) when the runtime wakes a timer this much late [default: 100].
     #[arg(long, env = "OFFLOAD_STALL_WARN_MS")]
     pub stall_warn_ms: Option<u64>,

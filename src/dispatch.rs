@@ -21,7 +21,7 @@ use crate::clock::Micros;
 use crate::events::Events;
 use crate::executor::Executor;
 use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, Kind, NewJob};
-use crate::store::{CancelOutcome, Finish, Inserted, JobStore, QueuedRef, StoreError};
+use crate::store::{CancelOutcome, Finish, Inserted, JobStore, Notice, QueuedRef, StoreError};
 use crate::task::{IoStyle, JobCtx, Registry, StopReason, Task, TaskError, TaskResult};
 
 /// Most jobs one lane claims in one store write.
@@ -199,6 +199,23 @@ pub struct Dispatcher {
     stop_lanes: watch::Sender<bool>,
     /// Where output blobs are adopted (tasks that write one).
     blobs: Option<BlobDir>,
+    /// Several servers share the store: claim from the database, hold leases, listen.
+    shared: bool,
+    /// This server's name on the leases it holds.
+    node: String,
+    lease: Duration,
+}
+
+/// How the dispatcher behaves, from the settings.
+pub struct DispatchOptions {
+    pub retry: RetryPolicy,
+    /// Queued jobs per lane before submits are refused (one server's memory; not applied to
+    /// a shared store).
+    pub max_queued: usize,
+    /// Where output blobs are adopted.
+    pub blobs: Option<BlobDir>,
+    /// A running job's lease on a shared store.
+    pub lease: Duration,
 }
 
 /// Admission slots taken for a submit; given back when dropped.
@@ -223,10 +240,15 @@ impl Dispatcher {
         registry: Arc<Registry>,
         events: Arc<Events>,
         executors: Vec<Arc<dyn Executor>>,
-        retry: RetryPolicy,
-        max_queued: usize,
-        blobs: Option<BlobDir>,
+        options: DispatchOptions,
     ) -> Arc<Self> {
+        let DispatchOptions {
+            retry,
+            max_queued,
+            blobs,
+            lease,
+        } = options;
+        let shared = store.shared();
         let lanes = executors
             .into_iter()
             .map(|executor| {
@@ -255,11 +277,17 @@ impl Dispatcher {
             draining: AtomicBool::new(false),
             stop_lanes: watch::channel(false).0,
             blobs,
+            shared,
+            node: uuid::Uuid::now_v7().simple().to_string(),
+            lease,
         })
     }
 
     /// Recovers what a previous process left running, loads the queue, and starts the lanes.
     pub async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        if self.shared {
+            return self.start_shared().await;
+        }
         let now = Micros::now();
         let recovered = self.store.recover(now).await?;
         if recovered.requeued + recovered.lost > 0 {
@@ -286,18 +314,147 @@ impl Dispatcher {
             let this = self.clone();
             tokio::spawn(async move { this.lane_loop(kind).await });
         }
+        self.spawn_progress_ticker();
+        Ok(())
+    }
+
+    /// Starts the lanes against a shared store: no queue in memory, no start-up recovery
+    /// (another server may be running the jobs); instead a listener for the store's notices,
+    /// a heartbeat that renews this server's leases, and maintenance that requeues jobs
+    /// whose server stopped renewing.
+    async fn start_shared(self: &Arc<Self>) -> Result<(), StoreError> {
+        let mut notices = self.store.listen().await?;
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            while let Some(notice) = notices.recv().await {
+                let Some(this) = weak.upgrade() else { return };
+                this.on_notice(notice).await;
+            }
+        });
+        let weak = Arc::downgrade(self);
+        let beat = (self.lease / 3).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(beat);
             loop {
                 tick.tick().await;
-                match weak.upgrade() {
-                    Some(this) => this.publish_progress(),
-                    None => return,
+                let Some(this) = weak.upgrade() else { return };
+                let until = Micros::now().plus(this.lease);
+                if let Err(e) = this.store.renew_leases(&this.node, until).await {
+                    tracing::warn!(error = %e, "renewing leases failed");
+                }
+                match this.store.requeue_expired(Micros::now()).await {
+                    Ok(r) if r.requeued + r.lost > 0 => tracing::warn!(
+                        requeued = r.requeued,
+                        lost = r.lost,
+                        "jobs of a server that stopped renewing its leases"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "requeueing expired leases failed"),
                 }
             }
         });
+        for &kind in self.lanes.keys() {
+            let this = self.clone();
+            tokio::spawn(async move { this.shared_lane_loop(kind).await });
+        }
+        self.spawn_progress_ticker();
+        tracing::info!(node = %self.node, "sharing the database with other servers");
         Ok(())
+    }
+
+    async fn on_notice(&self, notice: Notice) {
+        match notice {
+            Notice::New(kind) => {
+                if let Some(lane) = self.lanes.get(&kind) {
+                    lane.wake.notify_one();
+                }
+            }
+            Notice::Cancel(id) => {
+                if let Some(r) = self.running.lock().expect("running lock").get(&id) {
+                    r.ctx.stop(StopReason::Cancelled);
+                }
+            }
+            Notice::Changed(id) => {
+                // Wake this server's long-polls and streams on a job another server moved.
+                if self.events.is_watched_alone(id) {
+                    if let Ok(Some(job)) = self.store.get(id).await {
+                        self.events.publish_to_watchers(&job);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A lane against a shared store: wait for a slot, claim due jobs from the database
+    /// (skipping rows other servers are claiming), run them; when none are due, sleep until
+    /// a notice, the next scheduled job, or a second at most (a missed notice costs a second).
+    async fn shared_lane_loop(self: Arc<Self>, kind: ExecutorKind) {
+        let lane = &self.lanes[&kind];
+        let mut stop = self.stop_lanes.subscribe();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let first = tokio::select! {
+                p = lane.slots.clone().acquire_owned() => p.expect("lane semaphore is never closed"),
+                _ = stop.changed() => return,
+            };
+            let mut permits = vec![first];
+            while permits.len() < CLAIM_BATCH {
+                match lane.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let now = Micros::now();
+            lane.claiming.fetch_add(permits.len(), Ordering::Relaxed);
+            let claimed = self
+                .store
+                .claim_ready(
+                    kind,
+                    permits.len() as u32,
+                    now,
+                    &self.node,
+                    now.plus(self.lease),
+                )
+                .await;
+            lane.running
+                .fetch_add(claimed.as_ref().map_or(0, Vec::len), Ordering::Relaxed);
+            lane.claiming.fetch_sub(permits.len(), Ordering::Relaxed);
+            match claimed {
+                Ok(jobs) if !jobs.is_empty() => {
+                    for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
+                        self.spawn_attempt(kind, job, permit);
+                    }
+                }
+                Ok(_) => {
+                    drop(permits);
+                    let due = self.store.next_due(kind).await.ok().flatten();
+                    let wait = due
+                        .map(|at| at.until())
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(Duration::from_secs(1));
+                    tokio::select! {
+                        _ = lane.wake.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+                Err(e) => {
+                    drop(permits);
+                    tracing::error!(error = %e, lane = kind.as_str(), "claiming jobs failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn spawn_attempt(self: &Arc<Self>, kind: ExecutorKind, job: Job, permit: OwnedSemaphorePermit) {
+        self.events.publish(&job);
+        let this = self.clone();
+        let span = tracing::info_span!("job", id = %job.id, task = %job.task,
+            attempt = job.attempt, executor = kind.as_str());
+        tokio::spawn(async move { this.run_attempt(job, permit).await }.instrument(span));
     }
 
     pub fn is_draining(&self) -> bool {
@@ -347,7 +504,13 @@ impl Dispatcher {
         if self.is_draining() {
             return Err(SubmitError::ShuttingDown);
         }
-        let reservation = self.reserve(&jobs)?;
+        // In shared mode the queue lives in the database, across servers: the per-lane bound
+        // of one server's memory does not apply.
+        let reservation = if self.shared {
+            None
+        } else {
+            Some(self.reserve(&jobs)?)
+        };
         let inserted = self.store.insert(jobs).await?;
         let now = Micros::now();
         for job in inserted.iter().filter_map(|i| match i {
@@ -362,6 +525,10 @@ impl Dispatcher {
     }
 
     fn enqueue(&self, job: &Job, now: Micros) {
+        if self.shared {
+            // The database holds the queue; its notice wakes whichever server has room.
+            return;
+        }
         let Some(lane) = self.lanes.get(&job.executor) else {
             return;
         };
@@ -398,6 +565,20 @@ impl Dispatcher {
             .expect("running lock")
             .get(&id)
             .map(|r| r.ctx.progress())
+    }
+
+    fn spawn_progress_ticker(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(this) => this.publish_progress(),
+                    None => return,
+                }
+            }
+        });
     }
 
     /// Publishes the progress of running jobs that someone watches, if it moved since the
@@ -559,13 +740,7 @@ impl Dispatcher {
             match claimed {
                 Ok(jobs) => {
                     for (job, permit) in jobs.into_iter().zip(permits.drain(..)) {
-                        self.events.publish(&job);
-                        let this = self.clone();
-                        let span = tracing::info_span!("job", id = %job.id, task = %job.task,
-                            attempt = job.attempt, executor = kind.as_str());
-                        tokio::spawn(
-                            async move { this.run_attempt(job, permit).await }.instrument(span),
-                        );
+                        self.spawn_attempt(kind, job, permit);
                     }
                 }
                 Err(e) => {

@@ -60,6 +60,20 @@ impl Events {
             || self.watchers.lock().expect("events lock").contains_key(&id)
     }
 
+    /// Whether this job has watchers of its own (long-polls, per-job streams).
+    pub fn is_watched_alone(&self, id: JobId) -> bool {
+        self.watchers.lock().expect("events lock").contains_key(&id)
+    }
+
+    /// Tells only the job's own watchers (a change made by another server: the stream of every
+    /// change carries this server's changes).
+    pub fn publish_to_watchers(&self, job: &Job) {
+        let watchers = self.watchers.lock().expect("events lock");
+        if let Some(tx) = watchers.get(&job.id) {
+            tx.send_replace(Some(Arc::new(job.clone())));
+        }
+    }
+
     /// Watches one job. Subscribe *before* reading the job's current state, so no change can
     /// fall between the read and the wait.
     pub fn watch(self: &Arc<Self>, id: JobId) -> JobWatch {

@@ -137,8 +137,57 @@ pub struct Recovered {
     pub lost: u64,
 }
 
+/// What a shared store announces to every server (PostgreSQL LISTEN/NOTIFY).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A job became queued in this lane.
+    New(ExecutorKind),
+    /// A running job was cancelled: whoever runs it must stop it.
+    Cancel(JobId),
+    /// A job changed: wake whoever waits on it.
+    Changed(JobId),
+}
+
+fn unsupported(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what} needs a shared store (PostgreSQL)"))
+}
+
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
+    /// Whether several servers may share this store: then queued jobs are claimed from the
+    /// database (not held in one server's memory), running jobs hold leases, and changes are
+    /// announced through [`JobStore::listen`].
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Claims up to `limit` due jobs of a lane, in priority and schedule order, skipping rows
+    /// other servers are claiming; they run under `owner`'s lease until `lease_until`.
+    async fn claim_ready(
+        &self,
+        _executor: ExecutorKind,
+        _limit: u32,
+        _now: Micros,
+        _owner: &str,
+        _lease_until: Micros,
+    ) -> Result<Vec<Job>, StoreError> {
+        Err(unsupported("claim_ready"))
+    }
+    /// Extends the leases of every job `owner` runs.
+    async fn renew_leases(&self, _owner: &str, _until: Micros) -> Result<u64, StoreError> {
+        Err(unsupported("renew_leases"))
+    }
+    /// Requeues (or fails as `lost`) running jobs whose lease ran out; one server at a time.
+    async fn requeue_expired(&self, _now: Micros) -> Result<Recovered, StoreError> {
+        Err(unsupported("requeue_expired"))
+    }
+    /// When the next queued job of a lane is due, if any.
+    async fn next_due(&self, _executor: ExecutorKind) -> Result<Option<Micros>, StoreError> {
+        Err(unsupported("next_due"))
+    }
+    /// The store's announcements, for as long as the receiver lives.
+    async fn listen(&self) -> Result<tokio::sync::mpsc::Receiver<Notice>, StoreError> {
+        Err(unsupported("listen"))
+    }
     /// Stores new jobs, all or nothing, and answers only once they are committed.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError>;
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;

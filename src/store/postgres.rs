@@ -1,5 +1,7 @@
 //! The PostgreSQL store: the same `JobStore` contract as SQLite, passing the same conformance
-//! suite (`tests/api/store.rs`).
+//! suite (`tests/api/store.rs`), and shared by several servers: jobs are claimed with
+//! `FOR UPDATE SKIP LOCKED`, running jobs hold leases, and a trigger announces changes on the
+//! schema's channel (`migrations/postgres/0003_cluster.sql`).
 //!
 //! PostgreSQL takes concurrent writers, so there is no single writer task here: each write is
 //! one statement (or one transaction) on a pooled connection, and PostgreSQL's own group
@@ -18,11 +20,11 @@ use uuid::Uuid;
 
 use super::{
     BlobDeleteOutcome, CancelOutcome, DeleteOutcome, Finish, Inserted, JobStore, ListFilter,
-    QueuedRef, Recovered, StoreError,
+    Notice, QueuedRef, Recovered, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
+use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings};
 
 const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
@@ -41,12 +43,17 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "blob_retention",
         include_str!("../../migrations/postgres/0002_blob_retention.sql"),
     ),
+    (
+        3,
+        "cluster",
+        include_str!("../../migrations/postgres/0003_cluster.sql"),
+    ),
 ];
 
 pub struct PostgresStore {
     pool: PgPool,
-    /// Holds the advisory lock that makes this the only server on the database (see `open`).
-    _owner: Option<sqlx::PgConnection>,
+    /// The schema's notification channel (`offload_<schema>`).
+    channel: String,
 }
 
 impl PostgresStore {
@@ -74,41 +81,14 @@ impl PostgresStore {
             .await?;
         let migrator = Migrator::new(super::Embedded(MIGRATIONS)).await?;
         migrator.run(&pool).await?;
-        // One server per database (per schema) for now: the dispatcher keeps the queue in
-        // memory and recovery at start requeues every running job, which is only right when
-        // no other server runs them. A session advisory lock, held on a connection of its own
-        // for the life of the store, turns a second server into a clear error instead of
-        // jobs run twice. (Several servers sharing the work need leases: not in this build.)
-        let mut owner = options_for_lock(url, schema).await?;
-        let got: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_lock(hashtext('offload:' || current_schema()))",
-        )
-        .fetch_one(&mut owner)
-        .await?;
-        if !got {
-            return Err(StoreError::Corrupt(
-                "another offload server already uses this PostgreSQL database; one server per \
-                 database until multi-server claiming lands"
-                    .into(),
-            ));
-        }
+        let schema: String = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await?;
         Ok(PostgresStore {
             pool,
-            _owner: Some(owner),
+            channel: format!("offload_{schema}"),
         })
     }
-}
-
-async fn options_for_lock(
-    url: &str,
-    schema: Option<&str>,
-) -> Result<sqlx::PgConnection, StoreError> {
-    use sqlx::ConnectOptions;
-    let mut options = PgConnectOptions::from_str(url)?;
-    if let Some(s) = schema {
-        options = options.options([("search_path", s)]);
-    }
-    Ok(options.connect().await?)
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -286,6 +266,132 @@ fn is_unique_violation(e: &StoreError) -> bool {
 
 #[async_trait]
 impl JobStore for PostgresStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn claim_ready(
+        &self,
+        executor: ExecutorKind,
+        limit: u32,
+        now: Micros,
+        owner: &str,
+        lease_until: Micros,
+    ) -> Result<Vec<Job>, StoreError> {
+        // SKIP LOCKED: servers claiming at the same moment take different rows instead of
+        // queueing behind each other's locks.
+        let sql = format!(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
+             progress = 0, owner = $2, lease_until = $3 WHERE id IN (SELECT id FROM jobs \
+             WHERE status = 'queued' AND executor = $4 AND scheduled_at <= $1 \
+             AND attempt < max_attempts ORDER BY priority DESC, scheduled_at, id LIMIT $5 \
+             FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now.0)
+            .bind(owner)
+            .bind(lease_until.0)
+            .bind(executor.as_str())
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn renew_leases(&self, owner: &str, until: Micros) -> Result<u64, StoreError> {
+        let done =
+            sqlx::query("UPDATE jobs SET lease_until = $1 WHERE owner = $2 AND status = 'running'")
+                .bind(until.0)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn requeue_expired(&self, now: Micros) -> Result<Recovered, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // One server does maintenance at a time: the others skip this round.
+        let leader: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtext('offload-maintenance:' || current_schema()))",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if !leader {
+            return Ok(Recovered::default());
+        }
+        let lost = error_json(&ErrorInfo::new(
+            "lost",
+            "the server running the job stopped renewing its lease, and no attempts remain",
+        ));
+        let lost = sqlx::query(
+            "UPDATE jobs SET status = 'failed', error = $1::jsonb, finished_at = $2 \
+             WHERE status = 'running' AND lease_until < $2 AND attempt >= max_attempts",
+        )
+        .bind(lost)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let crashed = error_json(&ErrorInfo::new(
+            "crashed",
+            "the server running the job stopped renewing its lease; it was requeued",
+        ));
+        let requeued = sqlx::query(
+            "UPDATE jobs SET status = 'queued', error = $1::jsonb, scheduled_at = $2, \
+             progress = 0, owner = NULL, lease_until = NULL \
+             WHERE status = 'running' AND lease_until < $2",
+        )
+        .bind(crashed)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Recovered { requeued, lost })
+    }
+
+    async fn next_due(&self, executor: ExecutorKind) -> Result<Option<Micros>, StoreError> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = $1",
+        )
+        .bind(executor.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(at.map(Micros))
+    }
+
+    async fn listen(&self) -> Result<tokio::sync::mpsc::Receiver<Notice>, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(&self.channel).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(async move {
+            loop {
+                // recv reconnects after a lost connection; notices sent meanwhile are lost,
+                // which the lanes' periodic look at the table covers.
+                let n = match listener.recv().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                let notice = match n.payload().split_once(':') {
+                    Some(("new", e)) => e.parse().ok().map(Notice::New),
+                    Some(("cancel", id)) => id.parse().ok().map(Notice::Cancel),
+                    Some(("change", id)) => id.parse().ok().map(Notice::Changed),
+                    _ => None,
+                };
+                if let Some(notice) = notice {
+                    if tx.send(notice).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError> {
         // Two servers inserting the same new key at once: one wins the unique index, the other
         // retries and finds the winner's job (a replay or a conflict, as in one server).

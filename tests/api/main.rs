@@ -2,6 +2,7 @@
 
 mod blobs;
 mod browser;
+mod cluster;
 mod crash;
 mod errors;
 mod helpers;

@@ -1,0 +1,273 @@
+//! Several real servers on one PostgreSQL database sharing the work.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::id_of;
+
+struct Node {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(url: &str, lease_ms: u64) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--retry-base-ms", "50"])
+        .args(["--lease-ms", &lease_ms.to_string(), "--database-url", url])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the server logs its address").unwrap();
+        if let Some(pos) = line.find("127.0.0.1:") {
+            let rest = &line[pos..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+                .unwrap_or(rest.len());
+            break rest[..end].to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Node {
+        child,
+        base: format!("http://{addr}"),
+        _dir: dir,
+    }
+}
+
+async fn schema_url() -> (String, String) {
+    use sqlx::Connection;
+    let base = std::env::var("OFFLOAD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let schema = format!("c_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("PostgreSQL is running");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("{base}?options=-c%20search_path%3D{schema}");
+    (schema, url)
+}
+
+async fn drop_schema(schema: &str) {
+    use sqlx::Connection;
+    let base = std::env::var("OFFLOAD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut conn)
+        .await;
+}
+
+/// Every job of the schema, paging through the list of one server.
+async fn all_jobs(client: &reqwest::Client, base: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{base}/v1/jobs?limit=1000&cursor={c}"),
+            None => format!("{base}/v1/jobs?limit=1000"),
+        };
+        let page: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        out.extend(page["jobs"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+async fn settle(client: &reqwest::Client, base: &str, total: usize, secs: u64) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let jobs = all_jobs(client, base).await;
+        let finals = jobs
+            .iter()
+            .filter(|j| {
+                matches!(
+                    j["status"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                )
+            })
+            .count();
+        if finals == total || tokio::time::Instant::now() > deadline {
+            return jobs;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_ten_thousand_jobs_each_run_once() {
+    let (schema, url) = schema_url().await;
+    let nodes: Vec<Node> = (0..3).map(|_| start(&url, 5_000)).collect();
+    let client = reqwest::Client::new();
+    // Submitted to all three; run by whoever claims them.
+    for (i, _) in (0..10).enumerate() {
+        let node = &nodes[i % 3];
+        let specs = vec![json!({"task": "noop", "kind": "cpu"}); 1000];
+        let r = client
+            .post(format!("{}/v1/jobs/batch", node.base))
+            .json(&json!({ "jobs": specs }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let jobs = settle(&client, &nodes[0].base, 10_000, 120).await;
+    assert_eq!(jobs.len(), 10_000);
+    for j in &jobs {
+        assert_eq!(j["status"], "succeeded", "{j}");
+        assert_eq!(j["attempt"], 1, "claimed exactly once: {j}");
+    }
+    let mut ran = Vec::new();
+    for n in &nodes {
+        let s: Value = client
+            .get(format!("{}/v1/stats", n.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ran.push(s["executors"]["rayon"]["succeeded"].as_u64().unwrap());
+    }
+    assert_eq!(ran.iter().sum::<u64>(), 10_000, "{ran:?}");
+    assert!(
+        ran.iter().filter(|&&n| n > 0).count() >= 2,
+        "the work was shared: {ran:?}"
+    );
+    drop(nodes);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers() {
+    let (schema, url) = schema_url().await;
+    let mut nodes: Vec<Node> = (0..3).map(|_| start(&url, 1_000)).collect();
+    let client = reqwest::Client::new();
+    let specs = vec![json!({"task": "blocking_sleep", "args": {"ms": 300}}); 300];
+    let r = client
+        .post(format!("{}/v1/jobs/batch", nodes[0].base))
+        .json(&json!({ "jobs": specs }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Kill one server mid-load: its running jobs' leases run out, the others requeue them.
+    let mut victim = nodes.remove(1);
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    let jobs = settle(&client, &nodes[0].base, 300, 120).await;
+    for j in &jobs {
+        assert_eq!(j["status"], "succeeded", "{j}");
+    }
+    assert!(
+        jobs.iter().any(|j| j["attempt"] == 2),
+        "some jobs were taken over after the kill"
+    );
+
+    // Any server answers for any job: wait on one server for a job another runs...
+    let job: Value = client
+        .post(format!("{}/v1/jobs", nodes[0].base))
+        .json(&json!({"task": "sleep", "args": {"ms": 300}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let waited: Value = client
+        .get(format!("{}/v1/jobs/{}?wait=20", nodes[1].base, id_of(&job)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        waited["status"], "succeeded",
+        "woken through NOTIFY: {waited}"
+    );
+    // ...and a cancel sent to one server stops the job wherever it runs.
+    let long: Value = client
+        .post(format!("{}/v1/jobs", nodes[1].base))
+        .json(&json!({"task": "blocking_sleep", "args": {"ms": 60_000}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = id_of(&long);
+    for _ in 0..100 {
+        let j: Value = client
+            .get(format!("{}/v1/jobs/{id}", nodes[0].base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c: Value = client
+        .post(format!("{}/v1/jobs/{id}/cancel", nodes[0].base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(c["status"], "cancelled");
+    let mut busy = u64::MAX;
+    for _ in 0..100 {
+        busy = 0;
+        for n in &nodes {
+            let s: Value = client
+                .get(format!("{}/v1/stats", n.base))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            busy += s["executors"]["blocking"]["running"].as_u64().unwrap();
+        }
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        busy, 0,
+        "the cancelled job stopped on the server running it"
+    );
+    drop(nodes);
+    drop_schema(&schema).await;
+}
