@@ -21,6 +21,9 @@ if [[ "${1:-}" == "--smoke" ]]; then
   DURATION=2
 fi
 DURABILITY="${OFFLOAD_DURABILITY:-full}"
+# OFFLOAD_DATABASE_URL=postgres://... runs the server on PostgreSQL instead of SQLite.
+DB=sqlite
+[[ "${OFFLOAD_DATABASE_URL:-}" == postgres* ]] && DB=postgres
 CONNS=64
 
 if ! command -v wrk >/dev/null; then
@@ -100,7 +103,7 @@ settle
 REST=$(cargo bench --quiet --bench load -- --base "$BASE" --pid "$SERVER" $SMOKE)
 
 TABLE=$(cat <<EOT
-$(date -u +%Y-%m-%d), $(nproc) cores, durability=$DURABILITY, ${DURATION} s per load phase, $CONNS connections, $([[ "${PIN:-0}" == 1 ]] && echo "server pinned to CPU 0 and load to CPU 1" || echo "server and load generators not pinned")$([[ -n "$SMOKE" ]] && echo ", SMOKE RUN (not for figures)")
+$(date -u +%Y-%m-%d), $(nproc) cores, database=$DB, durability=$DURABILITY, ${DURATION} s per load phase, $CONNS connections, $([[ "${PIN:-0}" == 1 ]] && echo "server pinned to CPU 0 and load to CPU 1" || echo "server and load generators not pinned")$([[ -n "$SMOKE" ]] && echo ", SMOKE RUN (not for figures)")
 
 | measure | value |
 |---|---|
@@ -115,18 +118,19 @@ echo
 echo "$TABLE"
 
 if [[ -z "$SMOKE" ]]; then
-  python3 - "$TABLE" "$DURABILITY" <<'PY'
+  python3 - "$TABLE" "$DURABILITY" "$DB" <<'PY'
 import sys, re
-table, durability = sys.argv[1], sys.argv[2]
+table, durability, db = sys.argv[1], sys.argv[2], sys.argv[3]
+key = f"durability={durability}" if db == "sqlite" else "database=postgres"
 path = "BENCHMARKS.md"
 text = open(path).read()
-begin = f"<!-- bench/run.sh durability={durability}:begin -->"
-end = f"<!-- bench/run.sh durability={durability}:end -->"
+begin = f"<!-- bench/run.sh {key}:begin -->"
+end = f"<!-- bench/run.sh {key}:end -->"
 block = f"{begin}\n{table}\n{end}"
 if begin in text:
     text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: block, text, flags=re.S)
 else:
-    text += f"\n### durability={durability}\n\n{block}\n"
+    text += f"\n### {key}\n\n{block}\n"
 open(path, "w").write(text)
 PY
   echo "(written to BENCHMARKS.md)"
