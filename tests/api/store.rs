@@ -320,3 +320,44 @@ async fn blobs_are_recorded_and_guarded_by_unfinished_jobs(store: Arc<dyn JobSto
         BlobDeleteOutcome::NotFound
     );
 }
+conformance!(a_used_blob_goes_with_its_last_job_unless_kept);
+async fn a_used_blob_goes_with_its_last_job_unless_kept(store: Arc<dyn JobStore>) {
+    use offload::blob::BlobMeta;
+    let blob = |keep| BlobMeta {
+        id: JobId::new().to_string(),
+        size: 8,
+        sha256: "cd".repeat(32),
+        keep,
+        created_at: Micros::now(),
+    };
+    let (used, kept, unused) = (blob(false), blob(true), blob(false));
+    for b in [&used, &kept, &unused] {
+        store.insert_blob(b.clone()).await.unwrap();
+    }
+    let mut jobs = Vec::new();
+    for b in [&used, &kept] {
+        let mut j = new_job("array_stats", None, None);
+        j.args = json!({ "blob": b.id });
+        jobs.push(j);
+    }
+    store.insert(jobs.clone()).await.unwrap();
+    assert!(
+        store.prune_blobs(10).await.unwrap().is_empty(),
+        "their jobs still exist"
+    );
+    let now = Micros::now();
+    for j in &jobs {
+        store.cancel(j.id, now).await.unwrap();
+    }
+    store
+        .prune(now.plus(Duration::from_secs(1)), 10)
+        .await
+        .unwrap();
+    assert_eq!(store.prune_blobs(10).await.unwrap(), vec![used.id.clone()]);
+    assert!(store.get_blob(&used.id).await.unwrap().is_none());
+    assert!(store.get_blob(&kept.id).await.unwrap().unwrap().keep);
+    assert!(
+        store.get_blob(&unused.id).await.unwrap().is_some(),
+        "never used: stays"
+    );
+}
