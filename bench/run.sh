@@ -52,8 +52,21 @@ BASE="http://127.0.0.1:$PORT"
 NO_COLOR=1 RUST_LOG=warn "${SERVER_PIN[@]}" ./target/release/offload serve --bind "127.0.0.1:$PORT" \
   --data-dir "$DATA" --durability "$DURABILITY" &
 SERVER=$!
+# SERVERS=3 (PostgreSQL only): two more servers on the same database share the jobs; the load
+# goes to the first one's HTTP port, the work to whichever server claims it.
+EXTRA=()
+PEERS=""
+for _ in $(seq 2 "${SERVERS:-1}"); do
+  [[ "$DB" == postgres ]] || { echo "SERVERS>1 needs OFFLOAD_DATABASE_URL=postgres://..." >&2; exit 2; }
+  P=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  NO_COLOR=1 RUST_LOG=warn "${SERVER_PIN[@]}" ./target/release/offload serve --bind "127.0.0.1:$P" \
+    --data-dir "$(mktemp -d)" --durability "$DURABILITY" >/dev/null &
+  EXTRA+=($!)
+  PEERS="$PEERS,http://127.0.0.1:$P"
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$P/healthz" >/dev/null && break; sleep 0.1; done
+done
 LUA=$(mktemp --suffix .lua)
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$DATA" "$LUA"' EXIT
+trap 'kill $SERVER "${EXTRA[@]}" 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$DATA" "$LUA"' EXIT
 for _ in $(seq 100); do curl -sf "$BASE/healthz" >/dev/null && break; sleep 0.1; done
 
 cat > "$LUA" <<'LUA'
@@ -100,10 +113,10 @@ settle
 read -r P50_90 P99_90 BAD_90 RPS_90 <<<"$(fixed_rate $((SUBMIT * 9 / 10)))"
 settle
 
-REST=$(cargo bench --quiet --bench load -- --base "$BASE" --pid "$SERVER" $SMOKE)
+REST=$(cargo bench --quiet --bench load -- --base "$BASE" --pid "$SERVER" --peers "${PEERS#,}" $SMOKE)
 
 TABLE=$(cat <<EOT
-$(date -u +%Y-%m-%d), $(nproc) cores, database=$DB, durability=$DURABILITY, ${DURATION} s per load phase, $CONNS connections, $([[ "${PIN:-0}" == 1 ]] && echo "server pinned to CPU 0 and load to CPU 1" || echo "server and load generators not pinned")$([[ -n "$SMOKE" ]] && echo ", SMOKE RUN (not for figures)")
+$(date -u +%Y-%m-%d), $(nproc) cores, database=$DB, servers=${SERVERS:-1}, durability=$DURABILITY, ${DURATION} s per load phase, $CONNS connections, $([[ "${PIN:-0}" == 1 ]] && echo "server pinned to CPU 0 and load to CPU 1" || echo "server and load generators not pinned")$([[ -n "$SMOKE" ]] && echo ", SMOKE RUN (not for figures)")
 
 | measure | value |
 |---|---|
@@ -118,10 +131,11 @@ echo
 echo "$TABLE"
 
 if [[ -z "$SMOKE" ]]; then
-  python3 - "$TABLE" "$DURABILITY" "$DB" <<'PY'
+  python3 - "$TABLE" "$DURABILITY" "$DB" "${SERVERS:-1}" <<'PY'
 import sys, re
 table, durability, db = sys.argv[1], sys.argv[2], sys.argv[3]
-key = f"durability={durability}" if db == "sqlite" else "database=postgres"
+servers = sys.argv[4]
+key = f"durability={durability}" if db == "sqlite" else f"database=postgres servers={servers}"
 path = "BENCHMARKS.md"
 text = open(path).read()
 begin = f"<!-- bench/run.sh {key}:begin -->"

@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 struct Env {
     base: String,
+    /// Other servers sharing the database (their stats count too).
+    peers: Vec<String>,
     pid: u32,
     client: reqwest::Client,
     smoke: bool,
@@ -83,32 +85,75 @@ impl Env {
         }
     }
 
-    /// Jobs succeeded so far, all lanes.
+    /// The stats of every server (this one and its peers).
+    async fn all_stats(&self) -> Vec<Value> {
+        let mut out = vec![self.get("/v1/stats").await];
+        for peer in &self.peers {
+            let s = self
+                .client
+                .get(format!("{peer}/v1/stats"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            out.push(s);
+        }
+        out
+    }
+
+    /// Jobs succeeded so far, all lanes, all servers.
     async fn settle_count(&self) -> u64 {
-        let s = self.get("/v1/stats").await;
-        s["executors"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|l| l["succeeded"].as_u64().unwrap())
+        self.all_stats()
+            .await
+            .iter()
+            .flat_map(|s| {
+                s["executors"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|l| l["succeeded"].as_u64().unwrap())
+                    .collect::<Vec<_>>()
+            })
             .sum()
     }
 
-    /// Waits until no lane has queued or running jobs; returns the succeeded total.
+    /// Waits until no lane of any server has queued or running jobs; returns the succeeded
+    /// total. (On a shared store a server's `queued` is only what it is claiming, so this also
+    /// waits for the succeeded total to stop moving.)
     async fn settle(&self) -> u64 {
+        let mut last = u64::MAX;
         loop {
-            let s = self.get("/v1/stats").await;
-            let lanes = s["executors"].as_object().unwrap();
-            if lanes
-                .values()
-                .all(|l| l["queued"] == 0 && l["running"] == 0)
-            {
-                return lanes
+            let stats = self.all_stats().await;
+            let idle = stats.iter().all(|s| {
+                s["executors"]
+                    .as_object()
+                    .unwrap()
                     .values()
-                    .map(|l| l["succeeded"].as_u64().unwrap())
-                    .sum();
+                    .all(|l| l["queued"] == 0 && l["running"] == 0)
+            });
+            let done: u64 = stats
+                .iter()
+                .flat_map(|s| {
+                    s["executors"]
+                        .as_object()
+                        .unwrap()
+                        .values()
+                        .map(|l| l["succeeded"].as_u64().unwrap())
+                        .collect::<Vec<_>>()
+                })
+                .sum();
+            if idle && (self.peers.is_empty() || done == last) {
+                return done;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            last = done;
+            tokio::time::sleep(Duration::from_millis(if self.peers.is_empty() {
+                5
+            } else {
+                100
+            }))
+            .await;
         }
     }
 
@@ -142,6 +187,14 @@ impl Env {
 async fn main() {
     let env = Env {
         base: arg("--base").expect("--base http://host:port"),
+        peers: arg("--peers")
+            .map(|p| {
+                p.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
         pid: arg("--pid")
             .and_then(|p| p.parse().ok())
             .expect("--pid of the server"),

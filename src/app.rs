@@ -102,6 +102,7 @@ impl App {
                 max_queued: settings.max_queued_per_lane,
                 blobs: Some(blobs.clone()),
                 lease: Duration::from_millis(settings.lease_ms),
+                api_token: settings.api_token.clone(),
             },
         );
         dispatcher.start().await?;
@@ -111,9 +112,15 @@ impl App {
                 addr: settings.bind,
                 source,
             })?;
+        // How other servers reach this one for blobs uploaded here.
+        let origin = settings.advertise_url.clone().or_else(|| {
+            let addr = listener.local_addr().ok()?;
+            (!addr.ip().is_unspecified()).then(|| format!("http://{addr}"))
+        });
         Ok(App {
             listener,
             state: AppState {
+                origin,
                 dispatcher,
                 health: Arc::default(),
                 blobs,

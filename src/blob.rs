@@ -34,6 +34,9 @@ pub struct BlobMeta {
     pub sha256: String,
     /// Kept after the last job that used it is pruned (uploaded with `?keep=true`).
     pub keep: bool,
+    /// The server that holds the bytes (its advertised URL), for servers that do not.
+    #[serde(skip)]
+    pub origin: Option<String>,
     #[serde(skip)]
     pub created_at: Micros,
 }
@@ -120,6 +123,7 @@ impl BlobDir {
             size,
             sha256: crate::task::hex(&hasher.finalize()),
             keep: false,
+            origin: None,
             created_at: Micros::now(),
         })
     }
@@ -144,8 +148,56 @@ impl BlobDir {
             size,
             sha256,
             keep: true,
+            origin: None,
             created_at: Micros::now(),
         })
+    }
+
+    /// Fetches blob `meta` from the server that holds it (`meta.origin`) into this folder,
+    /// checking its sha256, unless it is here already. The copy stays: later jobs on this
+    /// server read it locally (a cache of the origin's bytes).
+    pub async fn fetch(
+        &self,
+        meta: &BlobMeta,
+        client: &reqwest::Client,
+        token: Option<&str>,
+    ) -> Result<(), String> {
+        let path = self.path(&meta.id).ok_or("not a blob id")?;
+        if tokio::fs::metadata(&path).await.is_ok() {
+            return Ok(());
+        }
+        let origin = meta
+            .origin
+            .as_deref()
+            .ok_or_else(|| format!("blob {} is not on this server and has no origin", meta.id))?;
+        let mut req = client.get(format!(
+            "{}/v1/blobs/{}",
+            origin.trim_end_matches('/'),
+            meta.id
+        ));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("fetching blob {} from {origin}: {e}", meta.id))?;
+        let fetched = self
+            .write(resp.bytes_stream(), meta.size)
+            .await
+            .map_err(|e| format!("fetching blob {} from {origin}: {e}", meta.id))?;
+        let temp = self.dir.join(&fetched.id);
+        if fetched.sha256 != meta.sha256 || fetched.size != meta.size {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(format!(
+                "blob {} from {origin} does not match its sha256",
+                meta.id
+            ));
+        }
+        tokio::fs::rename(&temp, &path)
+            .await
+            .map_err(|e| format!("storing blob {}: {e}", meta.id))
     }
 
     /// Removes an attempt's output file, if it left one.

@@ -32,6 +32,9 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
     pub bind: SocketAddr,
+    /// The URL other servers reach this one at (for blobs uploaded here); default
+    /// `http://<bound address>` unless bound to all interfaces.
+    pub advertise_url: Option<String>,
     pub data_dir: PathBuf,
     /// `sqlite://...`; defaults to `<data_dir>/offload.db`.
     pub database_url: String,
@@ -98,6 +101,7 @@ impl Settings {
         let data_dir = data_dir.as_ref().to_path_buf();
         Settings {
             bind: "127.0.0.1:8080".parse().expect("valid default address"),
+            advertise_url: None,
             database_url: sqlite_url(&data_dir),
             data_dir,
             api_token: None,
@@ -190,6 +194,9 @@ impl Settings {
                 ))
             })?;
         }
+        if let Some(url) = args.advertise_url.clone().or(file.advertise_url) {
+            s.advertise_url = Some(url);
+        }
         if let Some(url) = args.database_url.clone().or(file.database_url) {
             s.database_url = url;
         }
@@ -261,6 +268,7 @@ pub struct ConfigError(pub String);
 #[serde(deny_unknown_fields)]
 struct FileSettings {
     bind: Option<String>,
+    advertise_url: Option<String>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     api_token: Option<String>,
@@ -323,6 +331,9 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "OFFLOAD_BIND")]
     pub bind: Option<String>,
+    /// The URL other servers reach this one at, for blobs uploaded here [default: http://<bind>].
+    #[arg(long, env = "OFFLOAD_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Folder for the SQLite database and files [default: ./offload-data].
     #[arg(long, env = "OFFLOAD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

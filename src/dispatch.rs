@@ -204,6 +204,9 @@ pub struct Dispatcher {
     /// This server's name on the leases it holds.
     node: String,
     lease: Duration,
+    api_token: Option<String>,
+    /// For fetching blobs from other servers.
+    http: reqwest::Client,
 }
 
 /// How the dispatcher behaves, from the settings.
@@ -216,6 +219,8 @@ pub struct DispatchOptions {
     pub blobs: Option<BlobDir>,
     /// A running job's lease on a shared store.
     pub lease: Duration,
+    /// The API token, for fetching a blob from the server that holds it.
+    pub api_token: Option<String>,
 }
 
 /// Admission slots taken for a submit; given back when dropped.
@@ -247,6 +252,7 @@ impl Dispatcher {
             max_queued,
             blobs,
             lease,
+            api_token,
         } = options;
         let shared = store.shared();
         let lanes = executors
@@ -280,6 +286,8 @@ impl Dispatcher {
             shared,
             node: uuid::Uuid::now_v7().simple().to_string(),
             lease,
+            api_token,
+            http: reqwest::Client::new(),
         })
     }
 
@@ -788,25 +796,28 @@ impl Dispatcher {
                 "task `{}` is not registered in this server",
                 job.task
             ))),
-            Some(task) => {
-                let work = lane
-                    .executor
-                    .run(task.clone(), ctx.clone(), job.args.clone(), permit);
-                let timeout = async {
-                    match job.timeout_ms {
-                        Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-                        None => std::future::pending().await,
+            Some(task) => match self.local_blobs(task.as_ref(), &job).await {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let work =
+                        lane.executor
+                            .run(task.clone(), ctx.clone(), job.args.clone(), permit);
+                    let timeout = async {
+                        match job.timeout_ms {
+                            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        r = work => r,
+                        _ = timeout => {
+                            ctx.stop(StopReason::TimedOut);
+                            Err(TaskError::Stopped)
+                        }
+                        _ = ctx.stopped() => Err(TaskError::Stopped),
                     }
-                };
-                tokio::select! {
-                    r = work => r,
-                    _ = timeout => {
-                        ctx.stop(StopReason::TimedOut);
-                        Err(TaskError::Stopped)
-                    }
-                    _ = ctx.stopped() => Err(TaskError::Stopped),
                 }
-            }
+            },
         };
 
         metrics::histogram!("offload_job_run_seconds", "executor" => job.executor.as_str())
@@ -833,6 +844,35 @@ impl Dispatcher {
         if running.is_empty() {
             self.idle.notify_waiters();
         }
+    }
+
+    /// Makes sure the blobs a job names are on this server's disk, fetching any that another
+    /// server took the upload of (a shared store). A blob that cannot be fetched now fails the
+    /// attempt as transient: it is retried.
+    async fn local_blobs(&self, task: &dyn Task, job: &Job) -> Result<(), TaskError> {
+        let Some(blobs) = &self.blobs else {
+            return Ok(());
+        };
+        for arg in task.blob_args() {
+            let Some(id) = job.args.get(*arg).and_then(serde_json::Value::as_str) else {
+                continue;
+            };
+            if blobs.path(id).is_some_and(|p| p.exists()) {
+                continue;
+            }
+            let meta = self
+                .store
+                .get_blob(id)
+                .await
+                .map_err(|e| TaskError::Transient(format!("looking up blob {id}: {e}")))?
+                .ok_or_else(|| TaskError::Permanent(format!("blob {id} no longer exists")))?;
+            blobs
+                .fetch(&meta, &self.http, self.api_token.as_deref())
+                .await
+                .map_err(TaskError::Transient)?;
+            tracing::info!(blob = %id, origin = ?meta.origin, "fetched a blob from the server that holds it");
+        }
+        Ok(())
     }
 
     /// Makes an attempt's output file a stored blob and names it in the result.

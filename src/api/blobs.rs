@@ -51,7 +51,11 @@ pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Respo
     }
     let body = req.into_body().into_data_stream();
     let meta = match state.blobs.write(body, limit).await {
-        Ok(m) => BlobMeta { keep, ..m },
+        Ok(m) => BlobMeta {
+            keep,
+            origin: state.origin.clone(),
+            ..m
+        },
         Err(e @ UploadError::TooLarge { .. }) => return Err(ApiError::too_large(e.to_string())),
         Err(e @ UploadError::Interrupted(_)) => return Err(ApiError::bad_request(e.to_string())),
         Err(e) => return Err(ApiError::internal(e)),

@@ -28,6 +28,8 @@ use crate::spec::SpecDefaults;
 #[derive(Clone)]
 pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
+    /// This server's advertised URL, recorded with the blobs uploaded here.
+    pub origin: Option<String>,
     pub health: Arc<crate::observe::RuntimeHealth>,
     pub blobs: BlobDir,
     pub settings: Arc<Settings>,

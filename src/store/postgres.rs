@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "cluster",
         include_str!("../../migrations/postgres/0003_cluster.sql"),
     ),
+    (
+        4,
+        "blob_origin",
+        include_str!("../../migrations/postgres/0004_blob_origin.sql"),
+    ),
 ];
 
 pub struct PostgresStore {
@@ -622,13 +627,15 @@ impl JobStore for PostgresStore {
     async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError> {
         let id = Uuid::parse_str(&meta.id).map_err(|e| corrupt("blob id", e))?;
         sqlx::query(
-            "INSERT INTO blobs (id, size, sha256, created_at, keep) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO blobs (id, size, sha256, created_at, keep, origin) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(id)
         .bind(meta.size as i64)
         .bind(meta.sha256)
         .bind(meta.created_at.0)
         .bind(meta.keep)
+        .bind(meta.origin)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -638,16 +645,19 @@ impl JobStore for PostgresStore {
         let Ok(uuid) = Uuid::parse_str(id) else {
             return Ok(None);
         };
-        let row = sqlx::query("SELECT id, size, sha256, created_at, keep FROM blobs WHERE id = $1")
-            .bind(uuid)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, size, sha256, created_at, keep, origin FROM blobs WHERE id = $1",
+        )
+        .bind(uuid)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             Ok(BlobMeta {
                 id: r.try_get::<Uuid, _>("id")?.hyphenated().to_string(),
                 size: r.try_get::<i64, _>("size")? as u64,
                 sha256: r.try_get("sha256")?,
                 keep: r.try_get("keep")?,
+                origin: r.try_get("origin")?,
                 created_at: Micros(r.try_get("created_at")?),
             })
         })

@@ -58,6 +58,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "blob_retention",
         include_str!("../../migrations/sqlite/0003_blob_retention.sql"),
     ),
+    (
+        4,
+        "blob_origin",
+        include_str!("../../migrations/sqlite/0004_blob_origin.sql"),
+    ),
 ];
 
 enum Op {
@@ -666,13 +671,15 @@ fn apply(conn: &mut SqliteConnection, op: Op) -> BoxFuture<'_, Result<Reply, Sto
             }
             Op::InsertBlob(meta) => {
                 sqlx::query(
-                    "INSERT INTO blobs (id, size, sha256, created_at, keep) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO blobs (id, size, sha256, created_at, keep, origin) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
                 )
                 .bind(meta.id)
                 .bind(meta.size as i64)
                 .bind(meta.sha256)
                 .bind(meta.created_at.0)
                 .bind(meta.keep as i64)
+                .bind(meta.origin)
                 .execute(&mut *conn)
                 .await?;
                 Ok(Reply::Done)
@@ -998,16 +1005,19 @@ impl JobStore for SqliteStore {
     }
 
     async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError> {
-        let row = sqlx::query("SELECT id, size, sha256, created_at, keep FROM blobs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reads)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, size, sha256, created_at, keep, origin FROM blobs WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reads)
+        .await?;
         row.map(|r| {
             Ok(BlobMeta {
                 id: r.try_get("id")?,
                 size: r.try_get::<i64, _>("size")? as u64,
                 sha256: r.try_get("sha256")?,
                 keep: r.try_get::<i64, _>("keep")? != 0,
+                origin: r.try_get("origin")?,
                 created_at: Micros(r.try_get("created_at")?),
             })
         })

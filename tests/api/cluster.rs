@@ -12,7 +12,7 @@ use crate::helpers::id_of;
 struct Node {
     child: Child,
     base: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Node {
@@ -23,10 +23,15 @@ impl Drop for Node {
 }
 
 fn start(url: &str, lease_ms: u64) -> Node {
+    start_with(url, lease_ms, &[])
+}
+
+fn start_with(url: &str, lease_ms: u64, extra: &[&str]) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
         .args(["serve", "--bind", "127.0.0.1:0", "--retry-base-ms", "50"])
         .args(["--lease-ms", &lease_ms.to_string(), "--database-url", url])
+        .args(extra)
         .arg("--data-dir")
         .arg(dir.path())
         .env("NO_COLOR", "1")
@@ -50,7 +55,7 @@ fn start(url: &str, lease_ms: u64) -> Node {
     Node {
         child,
         base: format!("http://{addr}"),
-        _dir: dir,
+        dir,
     }
 }
 
@@ -269,5 +274,80 @@ async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers
         "the cancelled job stopped on the server running it"
     );
     drop(nodes);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_on_a_server_that_fetches_its_blob_from_the_uploader() {
+    let (schema, url) = schema_url().await;
+    // A: one rayon thread, which a long job will keep busy.
+    let a = start_with(&url, 5_000, &["--cpu-threads", "1"]);
+    let client = reqwest::Client::new();
+    let bytes: Vec<u8> = (1..=1000).flat_map(|i| (i as f64).to_le_bytes()).collect();
+    let blob: Value = client
+        .post(format!("{}/v1/blobs", a.base))
+        .header("content-type", "application/octet-stream")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let blob = blob["id"].as_str().unwrap().to_string();
+    let hog: Value = client
+        .post(format!("{}/v1/jobs", a.base))
+        .json(&json!({"task": "sum_squares", "args": {"n": 1_000_000_000_000u64}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let j: Value = client
+            .get(format!("{}/v1/jobs/{}", a.base, id_of(&hog)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B joins; A has no room for cpu work, so B runs the array job and needs A's blob.
+    let b = start(&url, 5_000);
+    let job: Value = client
+        .post(format!("{}/v1/jobs", b.base))
+        .json(&json!({"task": "array_stats", "args": {"blob": blob}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let done: Value = client
+        .get(format!("{}/v1/jobs/{}?wait=30", b.base, id_of(&job)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["sum"], 500500.0);
+    assert!(
+        b.dir.path().join("blobs").join(&blob).exists(),
+        "B keeps a copy of the blob"
+    );
+    client
+        .post(format!("{}/v1/jobs/{}/cancel", b.base, id_of(&hog)))
+        .send()
+        .await
+        .unwrap();
+    drop((a, b));
     drop_schema(&schema).await;
 }

@@ -298,6 +298,7 @@ async fn blobs_are_recorded_and_guarded_by_unfinished_jobs(store: Arc<dyn JobSto
         size: 24,
         sha256: "ab".repeat(32),
         keep: false,
+        origin: None,
         created_at: Micros::now(),
     };
     store.insert_blob(meta.clone()).await.unwrap();
@@ -328,6 +329,7 @@ async fn a_used_blob_goes_with_its_last_job_unless_kept(store: Arc<dyn JobStore>
         size: 8,
         sha256: "cd".repeat(32),
         keep,
+        origin: None,
         created_at: Micros::now(),
     };
     let (used, kept, unused) = (blob(false), blob(true), blob(false));
