@@ -613,14 +613,25 @@ impl JobStore for PostgresStore {
     }
 
     async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Maintenance is one server's at a time: the others skip this batch.
+        let leader: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtext('offload-maintenance:' || current_schema()))",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if !leader {
+            return Ok(0);
+        }
         let done = sqlx::query(
             "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL \
              AND finished_at < $1 ORDER BY finished_at LIMIT $2)",
         )
         .bind(before.0)
         .bind(limit as i64)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
