@@ -12,7 +12,8 @@
 //!   timeouts, cancel and drain.
 //! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`, and
 //!   `process` (worker processes re-executed from this binary).
-//! - [`store`]: the `JobStore` trait and its SQLite implementation (one writer, group commit).
+//! - [`store`]: the `JobStore` trait; SQLite (one writer, group commit) and PostgreSQL (shared
+//!   by several servers: SKIP LOCKED claims, leases, LISTEN/NOTIFY).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.

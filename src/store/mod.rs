@@ -1,12 +1,12 @@
-//! Where jobs live: the `JobStore` trait, and its SQLite implementation.
+//! Where jobs live: the `JobStore` trait, and its SQLite and PostgreSQL implementations.
 //!
 //! Every write is one move of the job state machine (`crate::job::JobStatus::can_become`),
 //! guarded in SQL by the status it moves from and, for a running job, by its attempt number:
 //! a late finisher can never overwrite a newer attempt or a cancel. A write that loses that
 //! race returns `None` (or the matching outcome) instead of changing anything.
 //!
-//! A PostgreSQL store will implement the same trait and pass the same conformance tests
-//! (`tests/store_conformance.rs`).
+//! Both stores pass the same conformance suite (`tests/api/store.rs`). PostgreSQL is also a
+//! *shared* store: several servers claim from it, hold leases, and hear its notices.
 
 mod postgres;
 mod sqlite;
