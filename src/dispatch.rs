@@ -787,11 +787,9 @@ impl Dispatcher {
         }
         let run_started = std::time::Instant::now();
 
-        let writes_blob = self
-            .registry
-            .get(&job.task)
-            .is_some_and(|t| t.writes_blob());
-        let result: TaskResult = match self.registry.get(&job.task) {
+        let task = self.registry.get(&job.task).cloned();
+        let writes_blob = task.as_ref().is_some_and(|t| t.writes_blob());
+        let result: TaskResult = match task {
             None => Err(TaskError::Permanent(format!(
                 "task `{}` is not registered in this server",
                 job.task

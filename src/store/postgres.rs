@@ -96,6 +96,17 @@ impl PostgresStore {
     }
 }
 
+/// Whether this transaction holds the schema's maintenance lock: maintenance (requeueing
+/// expired leases, pruning) is one server's at a time, and the others skip their turn. The
+/// lock is released when the transaction ends.
+async fn maintenance_leader(tx: &mut Transaction<'_, Postgres>) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(hashtext('offload-maintenance:' || current_schema()))",
+    )
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
@@ -315,13 +326,7 @@ impl JobStore for PostgresStore {
 
     async fn requeue_expired(&self, now: Micros) -> Result<Recovered, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // One server does maintenance at a time: the others skip this round.
-        let leader: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_xact_lock(hashtext('offload-maintenance:' || current_schema()))",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        if !leader {
+        if !maintenance_leader(&mut tx).await? {
             return Ok(Recovered::default());
         }
         let lost = error_json(&ErrorInfo::new(
@@ -614,13 +619,7 @@ impl JobStore for PostgresStore {
 
     async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // Maintenance is one server's at a time: the others skip this batch.
-        let leader: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_xact_lock(hashtext('offload-maintenance:' || current_schema()))",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        if !leader {
+        if !maintenance_leader(&mut tx).await? {
             return Ok(0);
         }
         let done = sqlx::query(

@@ -1,25 +1,16 @@
 //! Several real servers on one PostgreSQL database sharing the work.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::id_of;
+use crate::helpers::{drop_pg_schema, id_of, pg_schema, Binary};
 
+/// A server on the shared database, with a data dir of its own.
 struct Node {
-    child: Child,
-    base: String,
+    bin: Binary,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start(url: &str, lease_ms: u64) -> Node {
@@ -28,61 +19,31 @@ fn start(url: &str, lease_ms: u64) -> Node {
 
 fn start_with(url: &str, lease_ms: u64, extra: &[&str]) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--retry-base-ms", "50"])
-        .args(["--lease-ms", &lease_ms.to_string(), "--database-url", url])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the server logs its address").unwrap();
-        if let Some(pos) = line.find("127.0.0.1:") {
-            let rest = &line[pos..];
-            let end = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-                .unwrap_or(rest.len());
-            break rest[..end].to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Node {
-        child,
-        base: format!("http://{addr}"),
-        dir,
-    }
+    let lease = lease_ms.to_string();
+    let mut args = vec!["--lease-ms", &lease, "--database-url", url];
+    args.extend_from_slice(extra);
+    let data = dir.path().to_str().unwrap().to_string();
+    args.extend_from_slice(&["--data-dir", &data]);
+    let bin = Binary::start(&args);
+    Node { bin, dir }
 }
 
-async fn schema_url() -> (String, String) {
-    use sqlx::Connection;
-    let base = std::env::var("OFFLOAD_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-    let schema = format!("c_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = sqlx::PgConnection::connect(&base)
-        .await
-        .expect("PostgreSQL is running");
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let url = format!("{base}?options=-c%20search_path%3D{schema}");
-    (schema, url)
+/// GETs a JSON answer.
+async fn get_json(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-async fn drop_schema(schema: &str) {
-    use sqlx::Connection;
-    let base = std::env::var("OFFLOAD_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut conn)
-        .await;
+/// POSTs a JSON body and reads the JSON answer.
+async fn post_json(client: &reqwest::Client, url: String, body: Value) -> Value {
+    client
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Every job of the schema, paging through the list of one server.
@@ -125,7 +86,7 @@ async fn settle(client: &reqwest::Client, base: &str, total: usize, secs: u64) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_share_ten_thousand_jobs_each_run_once() {
-    let (schema, url) = schema_url().await;
+    let (schema, url) = pg_schema("c").await;
     let nodes: Vec<Node> = (0..3).map(|_| start(&url, 5_000)).collect();
     let client = reqwest::Client::new();
     // Submitted to all three; run by whoever claims them.
@@ -133,14 +94,14 @@ async fn three_servers_share_ten_thousand_jobs_each_run_once() {
         let node = &nodes[i % 3];
         let specs = vec![json!({"task": "noop", "kind": "cpu"}); 1000];
         let r = client
-            .post(format!("{}/v1/jobs/batch", node.base))
+            .post(format!("{}/v1/jobs/batch", node.bin.base))
             .json(&json!({ "jobs": specs }))
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
-    let jobs = settle(&client, &nodes[0].base, 10_000, 120).await;
+    let jobs = settle(&client, &nodes[0].bin.base, 10_000, 120).await;
     assert_eq!(jobs.len(), 10_000);
     for j in &jobs {
         assert_eq!(j["status"], "succeeded", "{j}");
@@ -148,14 +109,7 @@ async fn three_servers_share_ten_thousand_jobs_each_run_once() {
     }
     let mut ran = Vec::new();
     for n in &nodes {
-        let s: Value = client
-            .get(format!("{}/v1/stats", n.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s: Value = get_json(&client, format!("{}/v1/stats", n.bin.base)).await;
         ran.push(s["executors"]["rayon"]["succeeded"].as_u64().unwrap());
     }
     assert_eq!(ran.iter().sum::<u64>(), 10_000, "{ran:?}");
@@ -164,17 +118,17 @@ async fn three_servers_share_ten_thousand_jobs_each_run_once() {
         "the work was shared: {ran:?}"
     );
     drop(nodes);
-    drop_schema(&schema).await;
+    drop_pg_schema(&schema).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers() {
-    let (schema, url) = schema_url().await;
+    let (schema, url) = pg_schema("c").await;
     let mut nodes: Vec<Node> = (0..3).map(|_| start(&url, 1_000)).collect();
     let client = reqwest::Client::new();
     let specs = vec![json!({"task": "blocking_sleep", "args": {"ms": 300}}); 300];
     let r = client
-        .post(format!("{}/v1/jobs/batch", nodes[0].base))
+        .post(format!("{}/v1/jobs/batch", nodes[0].bin.base))
         .json(&json!({ "jobs": specs }))
         .send()
         .await
@@ -183,9 +137,8 @@ async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers
     tokio::time::sleep(Duration::from_millis(400)).await;
     // Kill one server mid-load: its running jobs' leases run out, the others requeue them.
     let mut victim = nodes.remove(1);
-    victim.child.kill().unwrap();
-    victim.child.wait().unwrap();
-    let jobs = settle(&client, &nodes[0].base, 300, 120).await;
+    victim.bin.kill9();
+    let jobs = settle(&client, &nodes[0].bin.base, 300, 120).await;
     for j in &jobs {
         assert_eq!(j["status"], "succeeded", "{j}");
     }
@@ -195,54 +148,38 @@ async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers
     );
 
     // Any server answers for any job: wait on one server for a job another runs...
-    let job: Value = client
-        .post(format!("{}/v1/jobs", nodes[0].base))
-        .json(&json!({"task": "sleep", "args": {"ms": 300}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let waited: Value = client
-        .get(format!("{}/v1/jobs/{}?wait=20", nodes[1].base, id_of(&job)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = post_json(
+        &client,
+        format!("{}/v1/jobs", nodes[0].bin.base),
+        json!({"task": "sleep", "args": {"ms": 300}}),
+    )
+    .await;
+    let waited: Value = get_json(
+        &client,
+        format!("{}/v1/jobs/{}?wait=20", nodes[1].bin.base, id_of(&job)),
+    )
+    .await;
     assert_eq!(
         waited["status"], "succeeded",
         "woken through NOTIFY: {waited}"
     );
     // ...and a cancel sent to one server stops the job wherever it runs.
-    let long: Value = client
-        .post(format!("{}/v1/jobs", nodes[1].base))
-        .json(&json!({"task": "blocking_sleep", "args": {"ms": 60_000}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let long: Value = post_json(
+        &client,
+        format!("{}/v1/jobs", nodes[1].bin.base),
+        json!({"task": "blocking_sleep", "args": {"ms": 60_000}}),
+    )
+    .await;
     let id = id_of(&long);
     for _ in 0..100 {
-        let j: Value = client
-            .get(format!("{}/v1/jobs/{id}", nodes[0].base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let j: Value = get_json(&client, format!("{}/v1/jobs/{id}", nodes[0].bin.base)).await;
         if j["status"] == "running" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let c: Value = client
-        .post(format!("{}/v1/jobs/{id}/cancel", nodes[0].base))
+        .post(format!("{}/v1/jobs/{id}/cancel", nodes[0].bin.base))
         .send()
         .await
         .unwrap()
@@ -254,14 +191,7 @@ async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers
     for _ in 0..100 {
         busy = 0;
         for n in &nodes {
-            let s: Value = client
-                .get(format!("{}/v1/stats", n.base))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let s: Value = get_json(&client, format!("{}/v1/stats", n.bin.base)).await;
             busy += s["executors"]["blocking"]["running"].as_u64().unwrap();
         }
         if busy == 0 {
@@ -274,18 +204,18 @@ async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers
         "the cancelled job stopped on the server running it"
     );
     drop(nodes);
-    drop_schema(&schema).await;
+    drop_pg_schema(&schema).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_on_a_server_that_fetches_its_blob_from_the_uploader() {
-    let (schema, url) = schema_url().await;
+    let (schema, url) = pg_schema("c").await;
     // A: one rayon thread, which a long job will keep busy.
     let a = start_with(&url, 5_000, &["--cpu-threads", "1"]);
     let client = reqwest::Client::new();
     let bytes: Vec<u8> = (1..=1000).flat_map(|i| (i as f64).to_le_bytes()).collect();
     let blob: Value = client
-        .post(format!("{}/v1/blobs", a.base))
+        .post(format!("{}/v1/blobs", a.bin.base))
         .header("content-type", "application/octet-stream")
         .body(bytes)
         .send()
@@ -295,24 +225,14 @@ async fn a_job_runs_on_a_server_that_fetches_its_blob_from_the_uploader() {
         .await
         .unwrap();
     let blob = blob["id"].as_str().unwrap().to_string();
-    let hog: Value = client
-        .post(format!("{}/v1/jobs", a.base))
-        .json(&json!({"task": "sum_squares", "args": {"n": 1_000_000_000_000u64}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let hog: Value = post_json(
+        &client,
+        format!("{}/v1/jobs", a.bin.base),
+        json!({"task": "sum_squares", "args": {"n": 1_000_000_000_000u64}}),
+    )
+    .await;
     for _ in 0..100 {
-        let j: Value = client
-            .get(format!("{}/v1/jobs/{}", a.base, id_of(&hog)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let j: Value = get_json(&client, format!("{}/v1/jobs/{}", a.bin.base, id_of(&hog))).await;
         if j["status"] == "running" {
             break;
         }
@@ -320,23 +240,17 @@ async fn a_job_runs_on_a_server_that_fetches_its_blob_from_the_uploader() {
     }
     // B joins; A has no room for cpu work, so B runs the array job and needs A's blob.
     let b = start(&url, 5_000);
-    let job: Value = client
-        .post(format!("{}/v1/jobs", b.base))
-        .json(&json!({"task": "array_stats", "args": {"blob": blob}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let done: Value = client
-        .get(format!("{}/v1/jobs/{}?wait=30", b.base, id_of(&job)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = post_json(
+        &client,
+        format!("{}/v1/jobs", b.bin.base),
+        json!({"task": "array_stats", "args": {"blob": blob}}),
+    )
+    .await;
+    let done: Value = get_json(
+        &client,
+        format!("{}/v1/jobs/{}?wait=30", b.bin.base, id_of(&job)),
+    )
+    .await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["result"]["sum"], 500500.0);
     assert!(
@@ -344,10 +258,10 @@ async fn a_job_runs_on_a_server_that_fetches_its_blob_from_the_uploader() {
         "B keeps a copy of the blob"
     );
     client
-        .post(format!("{}/v1/jobs/{}/cancel", b.base, id_of(&hog)))
+        .post(format!("{}/v1/jobs/{}/cancel", b.bin.base, id_of(&hog)))
         .send()
         .await
         .unwrap();
     drop((a, b));
-    drop_schema(&schema).await;
+    drop_pg_schema(&schema).await;
 }

@@ -1,68 +1,17 @@
 //! The real binary, killed with SIGKILL and started again on the same data dir.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{id_of, is_final};
+use crate::helpers::{id_of, is_final, Binary};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    /// Starts `offload serve` on a free port and waits until it answers.
-    fn start(data_dir: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
-            .args(["serve", "--bind", "127.0.0.1:0", "--retry-base-ms", "50"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server logs its address before exiting")
-                .unwrap();
-            if let Some(pos) = line.find("127.0.0.1:") {
-                let rest = &line[pos..];
-                let end = rest
-                    .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-                    .unwrap_or(rest.len());
-                break rest[..end].to_string();
-            }
-        };
-        // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            base: format!("http://{addr}"),
-        }
-    }
-
-    fn kill9(&mut self) {
-        // Child::kill sends SIGKILL.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `offload serve` on `data_dir`.
+fn start(data_dir: &std::path::Path) -> Binary {
+    Binary::start(&[std::ffi::OsStr::new("--data-dir"), data_dir.as_os_str()])
 }
 
 async fn wait_final(client: &reqwest::Client, base: &str, id: &str) -> Value {
@@ -88,7 +37,7 @@ async fn wait_final(client: &reqwest::Client, base: &str, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_clients_submit_loses_no_acknowledged_job() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path());
+    let mut server = start(dir.path());
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -135,7 +84,7 @@ async fn sigkill_while_clients_submit_loses_no_acknowledged_job() {
         acked.len()
     );
 
-    let server = Server::start(dir.path());
+    let server = start(dir.path());
     for id in &acked {
         let job = wait_final(&client, &server.base, id).await;
         assert_eq!(job["status"], "succeeded", "{job}");
@@ -145,7 +94,7 @@ async fn sigkill_while_clients_submit_loses_no_acknowledged_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_running_at_a_crash_are_requeued_or_failed_as_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path());
+    let mut server = start(dir.path());
     let client = reqwest::Client::new();
     let submit = |spec: Value| {
         let (client, base) = (client.clone(), server.base.clone());
@@ -182,7 +131,7 @@ async fn jobs_running_at_a_crash_are_requeued_or_failed_as_lost() {
     }
     server.kill9();
 
-    let server = Server::start(dir.path());
+    let server = start(dir.path());
     let requeued = wait_final(&client, &server.base, &again).await;
     assert_eq!(requeued["status"], "succeeded", "{requeued}");
     assert_eq!(requeued["attempt"], 2);
@@ -194,7 +143,7 @@ async fn jobs_running_at_a_crash_are_requeued_or_failed_as_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_running_work_then_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path());
+    let mut server = start(dir.path());
     let client = reqwest::Client::new();
     let r = client
         .post(format!("{}/v1/jobs", server.base))
@@ -245,7 +194,7 @@ async fn sigterm_drains_running_work_then_exits() {
         .expect("the event stream ended")
     {}
 
-    let server = Server::start(dir.path());
+    let server = start(dir.path());
     let job = wait_final(&client, &server.base, &id).await;
     assert_eq!(job["status"], "succeeded");
     assert_eq!(
@@ -257,7 +206,7 @@ async fn sigterm_drains_running_work_then_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_processes_die_with_a_killed_server() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path());
+    let mut server = start(dir.path());
     let stats: Value = reqwest::get(format!("{}/v1/stats", server.base))
         .await
         .unwrap()

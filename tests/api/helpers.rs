@@ -328,3 +328,90 @@ pub fn check_against_spec(method: &Method, path: &str, answer: &Answer) {
 pub fn sleep_spec(ms: u64) -> Value {
     json!({"task": "sleep", "args": {"ms": ms}})
 }
+
+/// The real `offload` binary, started with `serve` and extra args on a free loopback port;
+/// killed with SIGKILL when dropped.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl Binary {
+    /// Starts `offload serve --bind 127.0.0.1:0 --retry-base-ms 50 <args>` and waits for the
+    /// address it logs.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Binary {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_offload"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--retry-base-ms", "50"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server logs its address before exiting")
+                .unwrap();
+            if let Some(pos) = line.find("127.0.0.1:") {
+                let rest = &line[pos..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+                    .unwrap_or(rest.len());
+                break rest[..end].to_string();
+            }
+        };
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Binary {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// SIGKILL (Child::kill), and reap it.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The PostgreSQL the machine runs (trust auth, database `test`); `OFFLOAD_TEST_PG` overrides.
+pub fn pg_url() -> String {
+    std::env::var("OFFLOAD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A fresh schema in that database, and a URL whose connections use it (search_path).
+pub async fn pg_schema(prefix: &str) -> (String, String) {
+    use sqlx::Connection;
+    let schema = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(&pg_url())
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432, database `test` (.ci/run starts it)");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("{}?options=-c%20search_path%3D{schema}", pg_url());
+    (schema, url)
+}
+
+pub async fn drop_pg_schema(schema: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}

@@ -5,26 +5,9 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-/// A schema of its own in the machine's `test` database, named in the URL's search_path.
-async fn pg_schema_url() -> (String, String) {
-    use sqlx::Connection;
-    let base = std::env::var("OFFLOAD_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-    let schema = format!("e_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = sqlx::PgConnection::connect(&base)
-        .await
-        .expect("PostgreSQL is running");
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let url = format!("{base}?options=-c%20search_path%3D{schema}");
-    (schema, url)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_runs_on_postgresql_across_a_restart() {
-    let (schema, url) = pg_schema_url().await;
+    let (schema, url) = pg_schema("e").await;
     let u = url.clone();
     let mut app = spawn_with(move |s| s.database_url = u).await;
     let job = app
@@ -57,11 +40,5 @@ async fn the_service_runs_on_postgresql_across_a_restart() {
         .await;
     assert_eq!(cancelled.body["status"], "cancelled");
     drop(app);
-    use sqlx::Connection;
-    let base = std::env::var("OFFLOAD_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut conn)
-        .await;
+    drop_pg_schema(&schema).await;
 }

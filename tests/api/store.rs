@@ -38,28 +38,13 @@ async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
     (dir, Arc::new(store))
 }
 
-/// The PostgreSQL the machine runs (trust auth, database `test`); `OFFLOAD_TEST_PG` overrides.
-fn pg_url() -> String {
-    std::env::var("OFFLOAD_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-/// A PostgreSQL store in a schema of its own, dropped by `drop_schema`.
+/// A PostgreSQL store in a schema of its own (it creates it), dropped by `drop_pg_schema`.
 async fn postgres() -> (String, Arc<dyn JobStore>) {
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let store = PostgresStore::open(&pg_url(), Some(&schema))
+    let store = PostgresStore::open(&crate::helpers::pg_url(), Some(&schema))
         .await
         .expect("PostgreSQL on 127.0.0.1:5432, database `test` (.ci/run starts it)");
     (schema, Arc::new(store))
-}
-
-async fn drop_schema(schema: &str) {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&pg_url()).await.unwrap();
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
 }
 
 /// Runs one conformance check against every backend: SQLite and PostgreSQL.
@@ -76,7 +61,7 @@ macro_rules! conformance {
             async fn postgres() {
                 let (schema, store) = super::postgres().await;
                 super::$name(store).await;
-                super::drop_schema(&schema).await;
+                crate::helpers::drop_pg_schema(&schema).await;
             }
         }
     };
