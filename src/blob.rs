@@ -51,6 +51,14 @@ pub enum UploadError {
     Io(#[from] std::io::Error),
 }
 
+/// A blob id in its one canonical form (a lowercase, hyphenated UUID), or `None` if `raw` is
+/// not a blob id. Ids are normalised at the edge, so every later comparison is plain equality.
+pub fn canonical_id(raw: &str) -> Option<String> {
+    Uuid::parse_str(raw)
+        .ok()
+        .map(|u| u.hyphenated().to_string())
+}
+
 /// The folder of blob files.
 #[derive(Clone, Debug)]
 pub struct BlobDir {

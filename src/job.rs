@@ -17,6 +17,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -198,21 +199,144 @@ impl FromStr for ExecutorKind {
     }
 }
 
+/// What kind of failure ended an attempt (the `type` of the job's `error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The task said it failed (permanent or transient).
+    TaskError,
+    /// The attempt ran past the job's `timeout_ms`.
+    Timeout,
+    /// The task panicked, or its worker process died.
+    Crashed,
+    /// The server running it died (or stopped renewing its lease) and no attempts remain.
+    Lost,
+    /// Cancelled by request.
+    Cancelled,
+}
+
 /// Why a job failed (or why its last attempt did).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorInfo {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
 impl ErrorInfo {
-    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         ErrorInfo {
-            kind: kind.to_string(),
+            kind,
             message: message.into(),
         }
     }
+}
+
+/// How one attempt ended, as the dispatcher saw it. [`next_state`] turns it into the move the
+/// store writes.
+#[derive(Debug)]
+pub enum AttemptEnd {
+    Succeeded(Value),
+    /// The task failed and says retrying cannot help.
+    Permanent(String),
+    /// The task failed; another attempt may succeed.
+    Transient(String),
+    /// The task panicked or its worker process died.
+    Crashed(String),
+    TimedOut,
+    /// Cancelled by request: the cancel has already written the job's state.
+    Cancelled,
+    /// A graceful shutdown ran out of time: the job goes back without using up its attempt.
+    Drained,
+    /// The server running the attempt died or stopped renewing its lease.
+    Lost,
+}
+
+/// The state a running job moves to: what the store is told to write, guarded by the job's
+/// status (`running`) and attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next {
+    Succeeded(Value),
+    Failed(ErrorInfo),
+    /// Queued again for a new attempt at `at`.
+    Retry {
+        error: ErrorInfo,
+        at: Micros,
+    },
+    /// Queued again now, the attempt given back (a drain that ran out of time).
+    Release,
+}
+
+impl Next {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            Next::Succeeded(_) => JobStatus::Succeeded,
+            Next::Failed(_) => JobStatus::Failed,
+            Next::Retry { .. } | Next::Release => JobStatus::Queued,
+        }
+    }
+}
+
+/// The one place policy lives: which state a running job goes to after an attempt ends.
+/// `backoff` is the wait before a retry (the dispatcher's [`crate::dispatch::RetryPolicy`]);
+/// `None` means there is nothing to write (a cancel already wrote the final state).
+///
+/// - a result → `succeeded`;
+/// - a permanent error → `failed` at once;
+/// - a transient error, a crash, a timeout → `queued` after the backoff while attempts remain,
+///   else `failed`;
+/// - a lost server → `queued` at once while attempts remain (the attempt counts), else
+///   `failed` with `lost`;
+/// - a drain that ran out of time → `queued`, the attempt given back.
+pub fn next_state(job: &Job, end: AttemptEnd, backoff: Duration, now: Micros) -> Option<Next> {
+    let retry_or_fail = |error: ErrorInfo, at: Micros| {
+        if job.attempt < job.max_attempts {
+            Next::Retry { error, at }
+        } else {
+            Next::Failed(error)
+        }
+    };
+    let next = match end {
+        AttemptEnd::Succeeded(value) => Next::Succeeded(value),
+        AttemptEnd::Permanent(msg) => Next::Failed(ErrorInfo::new(ErrorKind::TaskError, msg)),
+        AttemptEnd::Transient(msg) => {
+            retry_or_fail(ErrorInfo::new(ErrorKind::TaskError, msg), now.plus(backoff))
+        }
+        AttemptEnd::Crashed(msg) => {
+            retry_or_fail(ErrorInfo::new(ErrorKind::Crashed, msg), now.plus(backoff))
+        }
+        AttemptEnd::TimedOut => retry_or_fail(
+            ErrorInfo::new(
+                ErrorKind::Timeout,
+                format!(
+                    "attempt {} ran past its timeout of {} ms",
+                    job.attempt,
+                    job.timeout_ms.unwrap_or(0)
+                ),
+            ),
+            now.plus(backoff),
+        ),
+        AttemptEnd::Cancelled => return None,
+        AttemptEnd::Drained => Next::Release,
+        AttemptEnd::Lost => {
+            if job.attempt < job.max_attempts {
+                Next::Retry {
+                    error: ErrorInfo::new(
+                        ErrorKind::Crashed,
+                        "the server running the job stopped; it was requeued",
+                    ),
+                    at: now,
+                }
+            } else {
+                Next::Failed(ErrorInfo::new(
+                    ErrorKind::Lost,
+                    "the server running the job stopped, and no attempts remain",
+                ))
+            }
+        }
+    };
+    debug_assert!(JobStatus::Running.can_become(next.status()));
+    Some(next)
 }
 
 /// Time spent waiting and running, in milliseconds, for the latest attempt.
@@ -249,6 +373,37 @@ pub struct Job {
 }
 
 impl Job {
+    /// The job as a move out of `running` leaves it: what the store writes (its guard is the
+    /// status and attempt this job has now). `progress` is the attempt's last progress.
+    pub fn after(&self, next: &Next, progress: f64, now: Micros) -> Job {
+        let mut job = self.clone();
+        job.status = next.status();
+        match next {
+            Next::Succeeded(value) => {
+                job.result = Some(value.clone());
+                job.error = None;
+                job.progress = 1.0;
+                job.finished_at = Some(now);
+            }
+            Next::Failed(error) => {
+                job.error = Some(error.clone());
+                job.progress = progress.clamp(0.0, 1.0);
+                job.finished_at = Some(now);
+            }
+            Next::Retry { error, at } => {
+                job.error = Some(error.clone());
+                job.progress = 0.0;
+                job.scheduled_at = *at;
+            }
+            Next::Release => {
+                job.attempt = job.attempt.saturating_sub(1);
+                job.progress = 0.0;
+            }
+        }
+        job.compute_timings();
+        job
+    }
+
     /// Fills `timings` from the timestamps.
     pub fn compute_timings(&mut self) {
         self.timings = Timings {
@@ -279,6 +434,9 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// A hash of the spec, so a reused idempotency key can be told apart from a replay.
     pub spec_hash: Option<String>,
+    /// The blobs the job names: the values of its task's blob arguments
+    /// (`Task::blob_args`), in canonical form.
+    pub blobs: Vec<String>,
 }
 
 impl NewJob {

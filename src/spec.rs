@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Micros;
-use crate::dispatch::route;
+use crate::dispatch::{route, RouteHints};
 use crate::job::{JobId, Kind, NewJob};
 use crate::schema;
 use crate::task::Registry;
@@ -71,7 +71,13 @@ fn whole(path: &str) -> &str {
 #[derive(Clone, Copy, Debug)]
 pub struct SpecDefaults {
     pub max_attempts: u32,
+    /// Cpu jobs naming a blob at least this large run in worker processes.
+    pub process_threshold: u64,
 }
+
+/// The sizes of the blobs a submit names, by canonical id, looked up before parsing (a blob
+/// that is missing here does not exist).
+pub type BlobSizes = std::collections::HashMap<String, u64>;
 
 /// Parses one spec. `path` prefixes error messages (`jobs[3]` in a batch, empty for one spec); `header_key` is the
 /// `Idempotency-Key` header, if any.
@@ -81,6 +87,7 @@ pub fn parse(
     header_key: Option<&str>,
     registry: &Registry,
     defaults: SpecDefaults,
+    blob_sizes: &BlobSizes,
     now: Micros,
 ) -> Result<NewJob, String> {
     let Some(obj) = value.as_object() else {
@@ -130,14 +137,52 @@ pub fn parse(
         ));
     }
     let isolate = obj.get("isolate").and_then(Value::as_bool).unwrap_or(false);
-    let executor =
-        route(task.as_ref(), kind, isolate).map_err(|e| format!("{}: {e}", whole(path)))?;
 
-    let args = obj.get("args").cloned().unwrap_or_else(|| json!({}));
+    let mut args = obj.get("args").cloned().unwrap_or_else(|| json!({}));
     let args_schema = registry.schema(name).expect("registered with its task");
     schema::validate(&args, args_schema, args_schema, &field(path, "args"))?;
     task.check_args(&args)
         .map_err(|e| format!("{}: {e}", whole(path)))?;
+    // Blob ids in their one canonical form (lowercase, hyphenated), so that the same blob is
+    // the same string in the job's args, in the store, and on disk.
+    let mut named: Vec<(&str, String)> = Vec::new();
+    for arg in task.blob_args() {
+        let Some(slot) = args.get_mut(*arg) else {
+            continue;
+        };
+        let Some(raw) = slot.as_str() else {
+            continue;
+        };
+        let id = crate::blob::canonical_id(raw).ok_or_else(|| {
+            format!(
+                "{}: `{raw}` is not a blob id (a UUID from POST /v1/blobs)",
+                field(path, &format!("args.{arg}"))
+            )
+        })?;
+        *slot = Value::String(id.clone());
+        named.push((arg, id));
+    }
+    let mut largest_blob = None;
+    for (arg, id) in &named {
+        let size = *blob_sizes.get(id).ok_or_else(|| {
+            format!(
+                "{}: no blob has the id `{id}`; upload it to POST /v1/blobs first",
+                field(path, &format!("args.{arg}"))
+            )
+        })?;
+        task.check_blob(&args, size)
+            .map_err(|e| format!("{}: {e}", whole(path)))?;
+        largest_blob = largest_blob.max(Some(size));
+    }
+    let blobs: Vec<String> = named.into_iter().map(|(_, id)| id).collect();
+    // Routed once, here, with everything that decides the lane.
+    let hints = RouteHints {
+        isolate,
+        largest_blob,
+        process_threshold: defaults.process_threshold,
+    };
+    let executor =
+        route(task.as_ref(), kind, hints).map_err(|e| format!("{}: {e}", whole(path)))?;
 
     let delay = obj.get("delay_ms").and_then(Value::as_u64);
     let scheduled_at = match (obj.get("run_at").and_then(Value::as_str), delay) {
@@ -202,5 +247,6 @@ pub fn parse(
         scheduled_at,
         idempotency_key,
         spec_hash,
+        blobs,
     })
 }

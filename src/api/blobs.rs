@@ -80,8 +80,9 @@ fn unknown(id: &str) -> ApiError {
 
 pub async fn download(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
+    let id = crate::blob::canonical_id(&raw).ok_or_else(|| unknown(&raw))?;
     let meta = state
         .dispatcher
         .store()
@@ -119,8 +120,9 @@ pub async fn download(
 
 pub async fn remove(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let id = crate::blob::canonical_id(&raw).ok_or_else(|| unknown(&raw))?;
     match state.dispatcher.store().delete_blob(&id).await? {
         BlobDeleteOutcome::Deleted => {
             if let Err(e) = state.blobs.remove(&id).await {

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::{ApiError, AppState, JsonObject};
 use crate::clock::Micros;
-use crate::job::{Job, JobId, JobStatus, Kind, NewJob};
+use crate::job::{Job, JobId, JobStatus, Kind};
 use crate::spec;
 use crate::store::{CancelOutcome, DeleteOutcome, Inserted, ListFilter};
 
@@ -56,50 +56,38 @@ fn present(state: &AppState, mut job: Job) -> Job {
     job
 }
 
-/// Checks at submit that every blob a job names exists and fits the job (a 422 if not).
-/// A cpu job whose blob is at or over the threshold moves to the process lane.
-async fn check_blobs(
-    state: &AppState,
-    jobs: &mut [NewJob],
-    paths: &[String],
-) -> Result<(), ApiError> {
+/// Looks up the blobs the specs name (their tasks' blob arguments), so that parsing can check
+/// that each exists and fits its job, and route the job by its size. Unknown tasks and
+/// malformed ids are left for parsing to name.
+async fn blob_sizes(state: &AppState, specs: &[&Value]) -> Result<spec::BlobSizes, ApiError> {
     let registry = state.dispatcher.registry();
-    for (job, path) in jobs.iter_mut().zip(paths) {
-        let Some(task) = registry.get(&job.task) else {
+    let mut sizes = spec::BlobSizes::new();
+    for spec in specs {
+        let Some(task) = spec
+            .get("task")
+            .and_then(Value::as_str)
+            .and_then(|t| registry.get(t))
+        else {
             continue;
         };
         for arg in task.blob_args() {
-            let Some(id) = job.args.get(*arg).and_then(Value::as_str) else {
+            let Some(id) = spec
+                .get("args")
+                .and_then(|a| a.get(*arg))
+                .and_then(Value::as_str)
+                .and_then(crate::blob::canonical_id)
+            else {
                 continue;
             };
-            let field = if path.is_empty() {
-                format!("args.{arg}")
-            } else {
-                format!("{path}.args.{arg}")
-            };
-            let meta = state
-                .dispatcher
-                .store()
-                .get_blob(id)
-                .await?
-                .ok_or_else(|| {
-                    ApiError::invalid(format!(
-                        "{field}: no blob has the id `{id}`; upload it to POST /v1/blobs first"
-                    ))
-                })?;
-            task.check_blob(&job.args, meta.size).map_err(|e| {
-                ApiError::invalid(if path.is_empty() {
-                    e
-                } else {
-                    format!("{path}: {e}")
-                })
-            })?;
-            if job.kind == Kind::Cpu && meta.size >= state.settings.process_threshold_bytes {
-                job.executor = crate::job::ExecutorKind::Process;
+            if sizes.contains_key(&id) {
+                continue;
+            }
+            if let Some(meta) = state.dispatcher.store().get_blob(&id).await? {
+                sizes.insert(id, meta.size);
             }
         }
     }
-    Ok(())
+    Ok(sizes)
 }
 
 fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
@@ -118,18 +106,19 @@ pub async fn submit(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let key = idempotency_header(&headers)?;
+    let body = Value::Object(body);
+    let sizes = blob_sizes(&state, &[&body]).await?;
     let job = spec::parse(
-        &Value::Object(body),
+        &body,
         "",
         key,
         state.dispatcher.registry(),
         state.spec_defaults(),
+        &sizes,
         Micros::now(),
     )
     .map_err(ApiError::invalid)?;
-    let mut job = [job];
-    check_blobs(&state, &mut job, &[String::new()]).await?;
-    let mut inserted = state.dispatcher.submit(job.into()).await?;
+    let mut inserted = state.dispatcher.submit(vec![job]).await?;
     let (status, job) = match inserted.pop().expect("one job in, one out") {
         Inserted::Created(j) => (StatusCode::ACCEPTED, j),
         Inserted::Existing(j) => (StatusCode::OK, j),
@@ -168,14 +157,23 @@ pub async fn submit_batch(
     let now = Micros::now();
     let registry = state.dispatcher.registry();
     let defaults = state.spec_defaults();
-    let mut jobs = specs
+    let sizes = blob_sizes(&state, &specs.iter().collect::<Vec<_>>()).await?;
+    let jobs = specs
         .iter()
         .enumerate()
-        .map(|(i, s)| spec::parse(s, &format!("jobs[{i}]"), None, registry, defaults, now))
+        .map(|(i, s)| {
+            spec::parse(
+                s,
+                &format!("jobs[{i}]"),
+                None,
+                registry,
+                defaults,
+                &sizes,
+                now,
+            )
+        })
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| ApiError::invalid(format!("{e}; nothing was stored")))?;
-    let paths: Vec<String> = (0..jobs.len()).map(|i| format!("jobs[{i}]")).collect();
-    check_blobs(&state, &mut jobs, &paths).await?;
     let inserted = state.dispatcher.submit(jobs).await?;
     let jobs: Vec<Job> = inserted
         .into_iter()
@@ -290,7 +288,7 @@ pub async fn cancel(
 ) -> Result<Json<Job>, ApiError> {
     let id = parse_id(&raw)?;
     match state.dispatcher.cancel(id).await? {
-        CancelOutcome::Cancelled(job) => Ok(Json(job)),
+        CancelOutcome::Cancelled { job, .. } => Ok(Json(job)),
         CancelOutcome::AlreadyFinal(job) => Err(ApiError::conflict(format!(
             "job {id} is already {}; only queued or running jobs can be cancelled",
             job.status.as_str()

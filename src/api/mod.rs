@@ -40,6 +40,7 @@ impl AppState {
     pub fn spec_defaults(&self) -> SpecDefaults {
         SpecDefaults {
             max_attempts: self.settings.default_max_attempts,
+            process_threshold: self.settings.process_threshold_bytes,
         }
     }
 }

@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::{ApiError, AppState};
-use crate::dispatch::{route, LaneStats};
+use crate::dispatch::{route, LaneStats, RouteHints};
 
 pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
     let tasks: Vec<Value> = state
@@ -21,7 +21,7 @@ pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
                 .kinds()
                 .iter()
                 .filter_map(|&k| {
-                    route(t.as_ref(), k, false)
+                    route(t.as_ref(), k, RouteHints::default())
                         .ok()
                         .map(|e| (k.as_str().to_string(), json!(e.as_str())))
                 })

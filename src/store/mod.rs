@@ -1,22 +1,28 @@
 //! Where jobs live: the `JobStore` trait, and its SQLite and PostgreSQL implementations.
 //!
-//! Every write is one move of the job state machine (`crate::job::JobStatus::can_become`),
-//! guarded in SQL by the status it moves from and, for a running job, by its attempt number:
-//! a late finisher can never overwrite a newer attempt or a cancel. A write that loses that
-//! race returns `None` (or the matching outcome) instead of changing anything.
+//! **The store is the queue.** A lane with room claims due jobs from the store ([`JobStore::claim`],
+//! one statement, priority then schedule order); nothing holds a queued job in memory, so a
+//! committed job is claimable whatever happens to the request that submitted it. Notices
+//! ([`JobStore::listen`]) only tell lanes to look sooner: the SQLite writer sends them after
+//! each commit, PostgreSQL through LISTEN/NOTIFY, so the same dispatcher runs on both.
 //!
-//! Both stores pass the same conformance suite (`tests/api/store.rs`). PostgreSQL is also a
-//! *shared* store: several servers claim from it, hold leases, and hear its notices.
+//! Every write is one move of the job state machine (`crate::job::JobStatus::can_become`).
+//! What a running job moves to is decided in Rust (`crate::job::next_state`) and handed to
+//! [`JobStore::settle`]; the SQL only guards (status, and for a running job its attempt) and
+//! writes: a late finisher can never overwrite a newer attempt or a cancel. A write that loses
+//! that race returns `None` (or the matching outcome) instead of changing anything.
+//!
+//! Running jobs hold a lease (an owner and an expiry) on both stores; one protocol, one
+//! conformance suite (`tests/api/store.rs`) that every store passes.
 
 mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
-use serde_json::Value;
 
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob};
+use crate::job::{ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
 
 pub use postgres::PostgresStore;
 
@@ -56,12 +62,22 @@ pub enum StoreError {
     /// An idempotency key already names a job that was submitted with a different body.
     #[error("idempotency key `{key}` was already used with a different request")]
     IdempotencyConflict { index: usize, key: String },
+    /// A write could not be committed (disk full, I/O error, database unreachable): nothing of
+    /// it was stored, and trying again later may work.
+    #[error("the store could not commit: {0}")]
+    Unavailable(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("a stored row is malformed: {0}")]
     Corrupt(String),
+    /// A move the state machine does not allow was asked for (a bug, not a race).
+    #[error("a job cannot move from {from} to {to}")]
+    Transition {
+        from: &'static str,
+        to: &'static str,
+    },
     #[error("the store is shut down")]
     Closed,
 }
@@ -82,16 +98,13 @@ impl Inserted {
     }
 }
 
-/// How an attempt ended, for a job that is not coming back.
-#[derive(Debug, Clone)]
-pub enum Finish {
-    Succeeded(Value),
-    Failed(ErrorInfo),
-}
-
 #[derive(Debug)]
 pub enum CancelOutcome {
-    Cancelled(Job),
+    /// Cancelled now; `was` is the status it was cancelled from.
+    Cancelled {
+        job: Job,
+        was: JobStatus,
+    },
     AlreadyFinal(Job),
     NotFound,
 }
@@ -111,15 +124,6 @@ pub enum BlobDeleteOutcome {
     NotFound,
 }
 
-/// What the dispatcher needs in memory for a queued job: not its args.
-#[derive(Debug, Clone)]
-pub struct QueuedRef {
-    pub id: JobId,
-    pub executor: ExecutorKind,
-    pub priority: i32,
-    pub scheduled_at: Micros,
-}
-
 #[derive(Debug, Default, Clone)]
 pub struct ListFilter {
     pub status: Option<JobStatus>,
@@ -130,106 +134,122 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-/// What start-up recovery did with jobs a previous process left running.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Recovered {
-    pub requeued: u64,
-    pub lost: u64,
+/// Who runs a claimed job, and until when: a server renews its leases while it runs the jobs;
+/// a job whose lease ran out is rescued by whichever server does maintenance.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub owner: String,
+    pub until: Micros,
 }
 
-/// What a shared store announces to every server (PostgreSQL LISTEN/NOTIFY).
+/// What a claim took.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// Now `running`, with a new attempt, under the claimer's lease.
+    pub jobs: Vec<Job>,
+    /// When fewer jobs than asked for were due: when the lane's next queued job is due, if it
+    /// has one (a delayed job or a retry's backoff), so the lane knows when to look again.
+    pub next_due: Option<Micros>,
+}
+
+/// One running job's move out of `running`, as [`crate::job::next_state`] decided it.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    /// The job as its claim returned it: the guard is its id, `running` and its attempt.
+    pub job: Job,
+    pub next: Next,
+    /// The attempt's last progress, kept on a failure.
+    pub progress: f64,
+    pub now: Micros,
+}
+
+impl Settle {
+    /// The job as the move leaves it.
+    pub fn moved(&self) -> Job {
+        self.job.after(&self.next, self.progress, self.now)
+    }
+
+    /// Refuses a move the state machine does not allow; the store checks before it writes.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let (from, to) = (self.job.status, self.next.status());
+        if from.can_become(to) {
+            Ok(())
+        } else {
+            Err(StoreError::Transition {
+                from: from.as_str(),
+                to: to.as_str(),
+            })
+        }
+    }
+}
+
+/// What a store announces after it commits: hints that make lanes, cancels and watchers act
+/// sooner. Nothing depends on a notice arriving: lanes also look on a timer, and a missed
+/// cancel is found by the next lease renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// A job became queued in this lane.
+    /// Jobs became queued in this lane.
     New(ExecutorKind),
     /// A running job was cancelled: whoever runs it must stop it.
     Cancel(JobId),
-    /// A job changed: wake whoever waits on it.
+    /// A job changed on another server: wake whoever waits on it here.
     Changed(JobId),
-}
-
-fn unsupported(what: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what} needs a shared store (PostgreSQL)"))
 }
 
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
-    /// Whether several servers may share this store: then queued jobs are claimed from the
-    /// database (not held in one server's memory), running jobs hold leases, and changes are
-    /// announced through [`JobStore::listen`].
-    fn shared(&self) -> bool {
+    /// Whether this process is the store's only user (SQLite, under the data-dir lock). Then
+    /// every job found `running` at start belongs to a dead process and is rescued at once;
+    /// a shared store waits for the leases to run out. (A capability, not a second protocol.)
+    fn exclusive(&self) -> bool {
         false
     }
-    /// Claims up to `limit` due jobs of a lane, in priority and schedule order, skipping rows
-    /// other servers are claiming; they run under `owner`'s lease until `lease_until`.
-    async fn claim_ready(
-        &self,
-        _executor: ExecutorKind,
-        _limit: u32,
-        _now: Micros,
-        _owner: &str,
-        _lease_until: Micros,
-    ) -> Result<Vec<Job>, StoreError> {
-        Err(unsupported("claim_ready"))
-    }
-    /// Extends the leases of every job `owner` runs.
-    async fn renew_leases(&self, _owner: &str, _until: Micros) -> Result<u64, StoreError> {
-        Err(unsupported("renew_leases"))
-    }
-    /// Requeues (or fails as `lost`) running jobs whose lease ran out; one server at a time.
-    async fn requeue_expired(&self, _now: Micros) -> Result<Recovered, StoreError> {
-        Err(unsupported("requeue_expired"))
-    }
-    /// When the next queued job of a lane is due, if any.
-    async fn next_due(&self, _executor: ExecutorKind) -> Result<Option<Micros>, StoreError> {
-        Err(unsupported("next_due"))
-    }
-    /// The store's announcements, for as long as the receiver lives.
-    async fn listen(&self) -> Result<tokio::sync::mpsc::Receiver<Notice>, StoreError> {
-        Err(unsupported("listen"))
-    }
+    /// The store's announcements, for as long as the receiver lives. Call once.
+    async fn listen(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Notice>, StoreError>;
     /// Stores new jobs, all or nothing, and answers only once they are committed.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError>;
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError>;
-    /// queued → running, starting a new attempt. Returns the jobs it moved (a job cancelled
-    /// meanwhile is left out).
-    async fn claim(&self, ids: Vec<JobId>, now: Micros) -> Result<Vec<Job>, StoreError>;
-    /// running → succeeded | failed, if `job.attempt` is still the current one. `job` is the
-    /// job as its claim returned it; the answer is the job as the move left it.
-    async fn finish(
+    /// Claims up to `limit` due queued jobs of a lane, in priority then schedule order:
+    /// queued → running, a new attempt, under `lease`. Rows another server is claiming at the
+    /// same moment are skipped, not waited for.
+    async fn claim(
         &self,
-        job: &Job,
-        outcome: Finish,
-        progress: f64,
+        lane: ExecutorKind,
+        limit: u32,
         now: Micros,
-    ) -> Result<Option<Job>, StoreError>;
-    /// running → queued for another attempt at `at`.
-    async fn retry(
-        &self,
-        id: JobId,
-        attempt: u32,
-        error: ErrorInfo,
-        at: Micros,
-    ) -> Result<Option<Job>, StoreError>;
-    /// running → queued without using up the attempt (a graceful shutdown ran out of time).
-    async fn release(&self, id: JobId, attempt: u32) -> Result<Option<Job>, StoreError>;
+        lease: &Lease,
+    ) -> Result<Claimed, StoreError>;
+    /// Moves running jobs out of `running` as decided ([`Settle`]), each only if it is still
+    /// running the same attempt. Answers, in order, the job as moved or `None` where the guard
+    /// refused (a cancel or a rescue got there first).
+    async fn settle(&self, moves: Vec<Settle>) -> Result<Vec<Option<Job>>, StoreError>;
     /// queued | running → cancelled.
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError>;
     /// Removes a finished job.
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError>;
-    /// At start: jobs left running by a dead process become queued (a new attempt) or, with no
-    /// attempts left, failed with `lost`.
-    async fn recover(&self, now: Micros) -> Result<Recovered, StoreError>;
-    /// Every queued job, for the dispatcher's in-memory queues.
-    async fn queued(&self) -> Result<Vec<QueuedRef>, StoreError>;
+    /// Extends the lease of `owner`'s running jobs to `until`. Answers which of `running` (the
+    /// attempts the owner believes it runs) no longer run under its lease: cancelled, rescued
+    /// or finished elsewhere; the owner stops them.
+    async fn renew(
+        &self,
+        owner: &str,
+        running: &[(JobId, u32)],
+        until: Micros,
+    ) -> Result<Vec<(JobId, u32)>, StoreError>;
+    /// Up to `limit` running jobs whose lease ended before `before`: the jobs of a server that
+    /// died or stopped renewing. One server at a time gets an answer on a shared store; the
+    /// others get none that round.
+    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError>;
+    /// How many jobs are queued in each lane (for admission and `/v1/stats`).
+    async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError>;
     /// Deletes up to `limit` jobs that finished before `before`; returns how many.
     async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError>;
     /// Records a blob whose file is complete and in place.
     async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError>;
     async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError>;
-    /// Forgets a blob unless a queued or running job names it in its args.
+    /// Forgets a blob unless a queued or running job names it.
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError>;
     /// Forgets up to `limit` blobs that jobs used, that no job names any more, and that were
     /// not uploaded to be kept; returns their ids so their files can go too.

@@ -19,12 +19,12 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    BlobDeleteOutcome, CancelOutcome, DeleteOutcome, Finish, Inserted, JobStore, ListFilter,
-    Notice, QueuedRef, Recovered, StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
+    ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings};
+use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, NewJob, Timings};
 
 const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
@@ -52,6 +52,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "blob_origin",
         include_str!("../../migrations/postgres/0004_blob_origin.sql"),
+    ),
+    (
+        5,
+        "store_is_queue",
+        include_str!("../../migrations/postgres/0005_store_is_queue.sql"),
     ),
 ];
 
@@ -203,13 +208,22 @@ async fn insert_rows(
     .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
-    // Blobs named by these jobs are now in use: they go with the last job that names them.
-    let blobs: Vec<Uuid> = rows
+    // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
+    // the last job that names them.
+    let (blobs, jobs): (Vec<Uuid>, Vec<Uuid>) = rows
         .iter()
-        .filter_map(|j| j.args.get("blob").and_then(Value::as_str))
-        .filter_map(|b| Uuid::parse_str(b).ok())
-        .collect();
+        .flat_map(|j| j.blobs.iter().map(move |b| (b, j.id.0)))
+        .filter_map(|(b, j)| Uuid::parse_str(b).ok().map(|b| (b, j)))
+        .unzip();
     if !blobs.is_empty() {
+        sqlx::query(
+            "INSERT INTO job_blobs (blob_id, job_id) SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&blobs)
+        .bind(&jobs)
+        .execute(&mut **tx)
+        .await?;
         sqlx::query("UPDATE blobs SET used = TRUE WHERE id = ANY($1) AND NOT used")
             .bind(blobs)
             .execute(&mut **tx)
@@ -282,18 +296,13 @@ fn is_unique_violation(e: &StoreError) -> bool {
 
 #[async_trait]
 impl JobStore for PostgresStore {
-    fn shared(&self) -> bool {
-        true
-    }
-
-    async fn claim_ready(
+    async fn claim(
         &self,
-        executor: ExecutorKind,
+        lane: ExecutorKind,
         limit: u32,
         now: Micros,
-        owner: &str,
-        lease_until: Micros,
-    ) -> Result<Vec<Job>, StoreError> {
+        lease: &Lease,
+    ) -> Result<Claimed, StoreError> {
         // SKIP LOCKED: servers claiming at the same moment take different rows instead of
         // queueing behind each other's locks.
         let sql = format!(
@@ -305,75 +314,148 @@ impl JobStore for PostgresStore {
         );
         let rows = sqlx::query(&sql)
             .bind(now.0)
-            .bind(owner)
-            .bind(lease_until.0)
-            .bind(executor.as_str())
+            .bind(&lease.owner)
+            .bind(lease.until.0)
+            .bind(lane.as_str())
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
+        let jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_due = if jobs.len() < limit as usize {
+            let at: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = $1",
+            )
+            .bind(lane.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+            at.map(Micros)
+        } else {
+            None
+        };
+        Ok(Claimed { jobs, next_due })
+    }
+
+    async fn settle(&self, moves: Vec<Settle>) -> Result<Vec<Option<Job>>, StoreError> {
+        for m in &moves {
+            m.check()?;
+        }
+        if moves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let to: Vec<Job> = moves.iter().map(Settle::moved).collect();
+        let done: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE jobs SET status = v.status, attempt = v.attempt, result = v.result::jsonb, \
+             error = v.error::jsonb, progress = v.progress, scheduled_at = v.scheduled_at, \
+             finished_at = v.finished_at, owner = NULL, lease_until = NULL \
+             FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], \
+             $6::float8[], $7::bigint[], $8::bigint[], $9::int[]) \
+             AS v(id, status, attempt, result, error, progress, scheduled_at, finished_at, was) \
+             WHERE jobs.id = v.id AND jobs.status = 'running' AND jobs.attempt = v.was \
+             RETURNING jobs.id",
+        )
+        .bind(to.iter().map(|j| j.id.0).collect::<Vec<_>>())
+        .bind(to.iter().map(|j| j.status.as_str()).collect::<Vec<_>>())
+        .bind(to.iter().map(|j| j.attempt as i32).collect::<Vec<_>>())
+        .bind(
+            to.iter()
+                .map(|j| j.result.as_ref().map(Value::to_string))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            to.iter()
+                .map(|j| j.error.as_ref().map(error_json))
+                .collect::<Vec<_>>(),
+        )
+        .bind(to.iter().map(|j| j.progress).collect::<Vec<_>>())
+        .bind(to.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
+        .bind(
+            to.iter()
+                .map(|j| j.finished_at.map(|t| t.0))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            moves
+                .iter()
+                .map(|m| m.job.attempt as i32)
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
+        Ok(to
+            .into_iter()
+            .map(|j| done.contains(&j.id.0).then_some(j))
+            .collect())
+    }
+
+    async fn renew(
+        &self,
+        owner: &str,
+        running: &[(JobId, u32)],
+        until: Micros,
+    ) -> Result<Vec<(JobId, u32)>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE jobs SET lease_until = $1 WHERE owner = $2 AND status = 'running' \
+             RETURNING id, attempt",
+        )
+        .bind(until.0)
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut held = std::collections::HashSet::with_capacity(rows.len());
+        for row in rows {
+            held.insert((
+                JobId(row.try_get::<Uuid, _>(0)?),
+                row.try_get::<i32, _>(1)? as u32,
+            ));
+        }
+        Ok(running
+            .iter()
+            .filter(|r| !held.contains(r))
+            .copied()
+            .collect())
+    }
+
+    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !maintenance_leader(&mut tx).await? {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status = 'running' \
+             AND (lease_until IS NULL OR lease_until < $1) LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(before.0)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn renew_leases(&self, owner: &str, until: Micros) -> Result<u64, StoreError> {
-        let done =
-            sqlx::query("UPDATE jobs SET lease_until = $1 WHERE owner = $2 AND status = 'running'")
-                .bind(until.0)
-                .bind(owner)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn requeue_expired(&self, now: Micros) -> Result<Recovered, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if !maintenance_leader(&mut tx).await? {
-            return Ok(Recovered::default());
-        }
-        let lost = error_json(&ErrorInfo::new(
-            "lost",
-            "the server running the job stopped renewing its lease, and no attempts remain",
-        ));
-        let lost = sqlx::query(
-            "UPDATE jobs SET status = 'failed', error = $1::jsonb, finished_at = $2 \
-             WHERE status = 'running' AND lease_until < $2 AND attempt >= max_attempts",
+    async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT executor, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY executor",
         )
-        .bind(lost)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let crashed = error_json(&ErrorInfo::new(
-            "crashed",
-            "the server running the job stopped renewing its lease; it was requeued",
-        ));
-        let requeued = sqlx::query(
-            "UPDATE jobs SET status = 'queued', error = $1::jsonb, scheduled_at = $2, \
-             progress = 0, owner = NULL, lease_until = NULL \
-             WHERE status = 'running' AND lease_until < $2",
-        )
-        .bind(crashed)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(Recovered { requeued, lost })
-    }
-
-    async fn next_due(&self, executor: ExecutorKind) -> Result<Option<Micros>, StoreError> {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = $1",
-        )
-        .bind(executor.as_str())
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(at.map(Micros))
+        rows.iter()
+            .map(|r| {
+                let lane: String = r.try_get("executor")?;
+                let n: i64 = r.try_get("n")?;
+                Ok((lane.parse().map_err(|e| corrupt("executor", e))?, n as u64))
+            })
+            .collect()
     }
 
-    async fn listen(&self) -> Result<tokio::sync::mpsc::Receiver<Notice>, StoreError> {
+    async fn listen(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Notice>, StoreError> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         listener.listen(&self.channel).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 // recv reconnects after a lost connection; notices sent meanwhile are lost,
@@ -393,7 +475,7 @@ impl JobStore for PostgresStore {
                     _ => None,
                 };
                 if let Some(notice) = notice {
-                    if tx.send(notice).await.is_err() {
+                    if tx.send(notice).is_err() {
                         return;
                     }
                 }
@@ -453,94 +535,35 @@ impl JobStore for PostgresStore {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn claim(&self, ids: Vec<JobId>, now: Micros) -> Result<Vec<Job>, StoreError> {
-        let sql = format!(
-            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
-             progress = 0 WHERE id = ANY($2) AND status = 'queued' AND attempt < max_attempts \
-             RETURNING {COLUMNS}"
-        );
-        let ids: Vec<Uuid> = ids.iter().map(|i| i.0).collect();
-        let rows = sqlx::query(&sql)
-            .bind(now.0)
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(job_from_row).collect()
-    }
-
-    async fn finish(
-        &self,
-        job: &Job,
-        outcome: Finish,
-        progress: f64,
-        now: Micros,
-    ) -> Result<Option<Job>, StoreError> {
-        let (status, result, error, progress) = match &outcome {
-            Finish::Succeeded(v) => (JobStatus::Succeeded, Some(v.to_string()), None, 1.0),
-            Finish::Failed(e) => (
-                JobStatus::Failed,
-                None,
-                Some(error_json(e)),
-                progress.clamp(0.0, 1.0),
-            ),
-        };
-        let sql = format!(
-            "UPDATE jobs SET status = $1, result = $2::jsonb, error = $3::jsonb, progress = $4, \
-             finished_at = $5 WHERE id = $6 AND status = 'running' AND attempt = $7 \
-             RETURNING {COLUMNS}"
-        );
-        self.one(&sql, |q| {
-            q.bind(status.as_str())
-                .bind(result)
-                .bind(error)
-                .bind(progress)
-                .bind(now.0)
-                .bind(job.id.0)
-                .bind(job.attempt as i32)
-        })
-        .await
-    }
-
-    async fn retry(
-        &self,
-        id: JobId,
-        attempt: u32,
-        error: ErrorInfo,
-        at: Micros,
-    ) -> Result<Option<Job>, StoreError> {
-        let sql = format!(
-            "UPDATE jobs SET status = 'queued', error = $1::jsonb, scheduled_at = $2, progress = 0 \
-             WHERE id = $3 AND status = 'running' AND attempt = $4 AND attempt < max_attempts \
-             RETURNING {COLUMNS}"
-        );
-        self.one(&sql, |q| {
-            q.bind(error_json(&error))
-                .bind(at.0)
-                .bind(id.0)
-                .bind(attempt as i32)
-        })
-        .await
-    }
-
-    async fn release(&self, id: JobId, attempt: u32) -> Result<Option<Job>, StoreError> {
-        let sql = format!(
-            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, progress = 0 \
-             WHERE id = $1 AND status = 'running' AND attempt = $2 RETURNING {COLUMNS}"
-        );
-        self.one(&sql, |q| q.bind(id.0).bind(attempt as i32)).await
-    }
-
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError> {
-        let error = error_json(&ErrorInfo::new("cancelled", "cancelled by request"));
+        let error = error_json(&ErrorInfo::new(
+            ErrorKind::Cancelled,
+            "cancelled by request",
+        ));
+        // The row is locked by the subquery, so `was` is the status this update moves from.
         let sql = format!(
-            "UPDATE jobs SET status = 'cancelled', error = $1::jsonb, finished_at = $2 \
-             WHERE id = $3 AND status IN ('queued', 'running') RETURNING {COLUMNS}"
+            "UPDATE jobs SET status = 'cancelled', error = $1::jsonb, finished_at = $2, \
+             owner = NULL, lease_until = NULL FROM (SELECT id, status AS was FROM jobs \
+             WHERE id = $3 FOR UPDATE) AS old WHERE jobs.id = old.id \
+             AND jobs.status IN ('queued', 'running') RETURNING old.was, {}",
+            COLUMNS
+                .split(", ")
+                .map(|c| format!("jobs.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        if let Some(job) = self
-            .one(&sql, |q| q.bind(error).bind(now.0).bind(id.0))
-            .await?
-        {
-            return Ok(CancelOutcome::Cancelled(job));
+        let row = sqlx::query(&sql)
+            .bind(error)
+            .bind(now.0)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            let was: String = row.try_get("was")?;
+            return Ok(CancelOutcome::Cancelled {
+                job: job_from_row(&row)?,
+                was: was.parse().map_err(|e| corrupt("status", e))?,
+            });
         }
         Ok(match self.get(id).await? {
             Some(job) => CancelOutcome::AlreadyFinal(job),
@@ -562,59 +585,6 @@ impl JobStore for PostgresStore {
             Some(job) => DeleteOutcome::Unfinished(Box::new(job)),
             None => DeleteOutcome::NotFound,
         })
-    }
-
-    async fn recover(&self, now: Micros) -> Result<Recovered, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let lost = error_json(&ErrorInfo::new(
-            "lost",
-            "the server stopped while the job ran, and no attempts remain",
-        ));
-        let lost = sqlx::query(
-            "UPDATE jobs SET status = 'failed', error = $1::jsonb, finished_at = $2 \
-             WHERE status = 'running' AND attempt >= max_attempts",
-        )
-        .bind(lost)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let interrupted = error_json(&ErrorInfo::new(
-            "crashed",
-            "the server stopped while the job ran; it was requeued",
-        ));
-        let requeued = sqlx::query(
-            "UPDATE jobs SET status = 'queued', error = $1::jsonb, scheduled_at = $2, progress = 0 \
-             WHERE status = 'running'",
-        )
-        .bind(interrupted)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(Recovered { requeued, lost })
-    }
-
-    async fn queued(&self) -> Result<Vec<QueuedRef>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, executor, priority, scheduled_at FROM jobs WHERE status = 'queued'",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(QueuedRef {
-                    id: JobId(row.try_get("id")?),
-                    executor: row
-                        .try_get::<String, _>("executor")?
-                        .parse()
-                        .map_err(|e| corrupt("executor", e))?,
-                    priority: row.try_get("priority")?,
-                    scheduled_at: Micros(row.try_get("scheduled_at")?),
-                })
-            })
-            .collect()
     }
 
     async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
@@ -677,7 +647,7 @@ impl JobStore for PostgresStore {
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "DELETE FROM blobs WHERE id IN (SELECT b.id FROM blobs b WHERE b.used AND NOT b.keep \
-             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.args->>'blob' = b.id::text) LIMIT $1) \
+             AND NOT EXISTS (SELECT 1 FROM job_blobs jb WHERE jb.blob_id = b.id) LIMIT $1) \
              RETURNING id",
         )
         .bind(limit as i64)
@@ -704,9 +674,10 @@ impl JobStore for PostgresStore {
             return Ok(BlobDeleteOutcome::NotFound);
         }
         let users: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND args->>'blob' = $1",
+            "SELECT COUNT(*) FROM job_blobs jb JOIN jobs j ON j.id = jb.job_id \
+             WHERE jb.blob_id = $1 AND j.status IN ('queued', 'running')",
         )
-        .bind(uuid.hyphenated().to_string())
+        .bind(uuid)
         .fetch_one(&mut *tx)
         .await?;
         if users > 0 {

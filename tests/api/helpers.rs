@@ -386,30 +386,42 @@ impl Drop for Binary {
     }
 }
 
-/// The PostgreSQL the machine runs (trust auth, database `test`); `OFFLOAD_TEST_PG` overrides.
-pub fn pg_url() -> String {
-    std::env::var("OFFLOAD_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+/// The PostgreSQL to test against: `OFFLOAD_TEST_DATABASE_URL` (`.ci/run` sets it). Without
+/// it, PostgreSQL tests are skipped and say so.
+pub fn pg_url() -> Option<String> {
+    std::env::var("OFFLOAD_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// Says that a PostgreSQL test was skipped, and how to run it.
+pub fn skip_without_postgres(test: &str) {
+    eprintln!(
+        "skipped {test}: set OFFLOAD_TEST_DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/test) to run the PostgreSQL tests"
+    );
 }
 
 /// A fresh schema in that database, and a URL whose connections use it (search_path).
 pub async fn pg_schema(prefix: &str) -> (String, String) {
     use sqlx::Connection;
     let schema = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = sqlx::PgConnection::connect(&pg_url())
+    let base = pg_url().expect("OFFLOAD_TEST_DATABASE_URL");
+    let mut conn = sqlx::PgConnection::connect(&base)
         .await
-        .expect("PostgreSQL on 127.0.0.1:5432, database `test` (.ci/run starts it)");
+        .expect("the PostgreSQL of OFFLOAD_TEST_DATABASE_URL");
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
         .execute(&mut conn)
         .await
         .unwrap();
-    let url = format!("{}?options=-c%20search_path%3D{schema}", pg_url());
+    let url = format!("{base}?options=-c%20search_path%3D{schema}");
     (schema, url)
 }
 
 pub async fn drop_pg_schema(schema: &str) {
     use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&pg_url()).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&pg_url().expect("OFFLOAD_TEST_DATABASE_URL"))
+        .await
+        .unwrap();
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&mut conn)
         .await

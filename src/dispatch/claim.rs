@@ -1,0 +1,96 @@
+//! A lane's claim loop: wait for room, claim due jobs from the store, start them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use super::{Dispatcher, CLAIM_BATCH};
+use crate::clock::Micros;
+use crate::job::{ExecutorKind, Job};
+use crate::store::Lease;
+
+/// The longest a lane with room waits before it looks at the store again without being told
+/// to: what a lost notice costs at most.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
+
+impl Dispatcher {
+    /// One lane: take every free slot (at least one), claim that many due jobs in one store
+    /// call, start them. With fewer jobs due than slots, sleep until a notice, the next
+    /// scheduled job, or [`LOOK_AGAIN`].
+    pub(super) async fn lane_loop(self: Arc<Self>, kind: ExecutorKind) {
+        let lane = &self.lanes[&kind];
+        let mut stop = self.stop_lanes.subscribe();
+        let mut failures = super::retry::WriteBackoff::new();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let first = tokio::select! {
+                p = lane.slots.clone().acquire_owned() => p.expect("lane semaphore is never closed"),
+                _ = stop.changed() => return,
+            };
+            let mut permits = vec![first];
+            while permits.len() < CLAIM_BATCH {
+                match lane.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let wanted = permits.len();
+            let now = Micros::now();
+            let lease = Lease {
+                owner: self.node.clone(),
+                until: now.plus(self.lease),
+            };
+            lane.claiming.fetch_add(wanted, Ordering::AcqRel);
+            let claimed = self.store.claim(kind, wanted as u32, now, &lease).await;
+            let wait = match claimed {
+                Ok(claimed) => {
+                    failures = super::retry::WriteBackoff::new();
+                    let got = claimed.jobs.len();
+                    // Counted as running from the claim until the outcome is written.
+                    lane.running.fetch_add(got, Ordering::AcqRel);
+                    lane.claiming.fetch_sub(wanted, Ordering::AcqRel);
+                    lane.count_queued(-(got as i64));
+                    for (job, permit) in claimed.jobs.into_iter().zip(permits.drain(..)) {
+                        self.start_attempt(kind, job, permit);
+                    }
+                    drop(permits);
+                    if got == wanted {
+                        continue;
+                    }
+                    claimed
+                        .next_due
+                        .map(|at| at.until().max(Duration::from_millis(1)))
+                        .unwrap_or(LOOK_AGAIN)
+                        .min(LOOK_AGAIN)
+                }
+                Err(e) => {
+                    lane.claiming.fetch_sub(wanted, Ordering::AcqRel);
+                    drop(permits);
+                    // The jobs are still queued in the store; look again after a pause.
+                    tracing::error!(error = %e, lane = kind.as_str(), "claiming jobs failed");
+                    failures.next()
+                }
+            };
+            tokio::select! {
+                _ = lane.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Registers a claimed attempt and runs it in a task of its own.
+    fn start_attempt(self: &Arc<Self>, kind: ExecutorKind, job: Job, permit: OwnedSemaphorePermit) {
+        let ctx = self.register(&job);
+        self.events.publish(&job);
+        let this = self.clone();
+        let span = tracing::info_span!("job", id = %job.id, task = %job.task,
+            attempt = job.attempt, executor = kind.as_str());
+        tokio::spawn(async move { this.run_attempt(job, ctx, permit).await }.instrument(span));
+    }
+}

@@ -1,0 +1,156 @@
+//! Maintenance: leases (renewal, and the rescue of jobs whose server stopped renewing),
+//! recounting the queues, and pruning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Dispatcher;
+use crate::clock::Micros;
+use crate::job::{next_state, AttemptEnd, JobId, JobStatus};
+use crate::store::{Settle, StoreError};
+use crate::task::StopReason;
+
+/// Most jobs rescued per store call.
+const RESCUE_BATCH: u32 = 500;
+
+impl Dispatcher {
+    /// Every third of a lease: renew this server's leases (stopping attempts the store says
+    /// are no longer ours: cancelled, or rescued elsewhere), rescue the jobs of servers whose
+    /// leases ran out, and recount the queues.
+    pub(super) fn spawn_heartbeat(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let beat = (self.lease / 3).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(beat);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(this) = weak.upgrade() else { return };
+                this.heartbeat().await;
+            }
+        });
+    }
+
+    async fn heartbeat(&self) {
+        let running: Vec<(JobId, u32)> = self
+            .attempts
+            .lock()
+            .expect("attempts lock")
+            .live
+            .iter()
+            .map(|(id, r)| (*id, r.ctx.attempt))
+            .collect();
+        let until = Micros::now().plus(self.lease);
+        match self.store.renew(&self.node, &running, until).await {
+            Ok(gone) => {
+                for (id, attempt) in gone {
+                    // Cancelled (a notice this server missed) or rescued by another server:
+                    // either way the attempt's outcome would be refused; stop the work.
+                    self.stop_attempt(id, Some(attempt), StopReason::Cancelled);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing leases failed"),
+        }
+        match self.rescue(Micros::now()).await {
+            Ok((requeued, lost)) if requeued + lost > 0 => tracing::warn!(
+                requeued,
+                lost,
+                "rescued the jobs of a server that stopped renewing its leases"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "rescuing expired leases failed"),
+        }
+        if let Err(e) = self.recount().await {
+            tracing::warn!(error = %e, "counting queued jobs failed");
+        }
+    }
+
+    /// Moves running jobs whose lease ended before `before` on, as [`next_state`] decides for a
+    /// lost attempt: queued again while attempts remain, else failed as `lost`. Returns how
+    /// many were requeued and how many lost.
+    pub(super) async fn rescue(&self, before: Micros) -> Result<(u64, u64), StoreError> {
+        let (mut requeued, mut lost) = (0, 0);
+        loop {
+            let jobs = self.store.expired(before, RESCUE_BATCH).await?;
+            if jobs.is_empty() {
+                break;
+            }
+            let now = Micros::now();
+            let full = jobs.len() as u32 == RESCUE_BATCH;
+            let moves: Vec<Settle> = jobs
+                .into_iter()
+                .filter_map(|job| {
+                    let next = next_state(&job, AttemptEnd::Lost, Duration::ZERO, now)?;
+                    Some(Settle {
+                        progress: job.progress,
+                        job,
+                        next,
+                        now,
+                    })
+                })
+                .collect();
+            let mut moved_any = false;
+            for job in self.store.settle(moves).await?.into_iter().flatten() {
+                moved_any = true;
+                match job.status {
+                    JobStatus::Queued => {
+                        requeued += 1;
+                        if let Some(lane) = self.lanes.get(&job.executor) {
+                            lane.count_queued(1);
+                        }
+                    }
+                    _ => lost += 1,
+                }
+                self.events.publish(&job);
+            }
+            if !full || !moved_any {
+                break;
+            }
+        }
+        Ok((requeued, lost))
+    }
+
+    /// Sets each lane's queued count from the store.
+    pub(super) async fn recount(&self) -> Result<(), StoreError> {
+        let counts = self.store.queued_counts().await?;
+        for (kind, lane) in &self.lanes {
+            let n = counts
+                .iter()
+                .find(|(k, _)| k == kind)
+                .map_or(0, |(_, n)| *n);
+            lane.admission.lock().expect("admission lock").queued = n as i64;
+        }
+        Ok(())
+    }
+
+    /// Deletes finished jobs older than `retention`, in small batches so no single
+    /// transaction holds the writer for long. Returns how many went.
+    pub async fn prune(&self, retention: Duration) -> Result<u64, StoreError> {
+        const BATCH: u32 = 500;
+        let before = Micros::now().minus(retention);
+        let mut total = 0;
+        loop {
+            let n = self.store.prune(before, BATCH).await?;
+            total += n;
+            if n < BATCH as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // Then the blobs those jobs were the last to use (unless uploaded to be kept).
+        loop {
+            let gone = self.store.prune_blobs(BATCH).await?;
+            if let Some(blobs) = &self.blobs {
+                for id in &gone {
+                    if let Err(e) = blobs.remove(id).await {
+                        tracing::warn!(blob = %id, error = %e, "a pruned blob's file could not be removed");
+                    }
+                }
+            }
+            if gone.len() < BATCH as usize {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+}

@@ -1,0 +1,577 @@
+//! The dispatcher: admission, the lanes' claim loops, attempts, cancel, maintenance, drain.
+//!
+//! **The store is the queue.** A lane with room claims due jobs from the store ([`claim`]);
+//! the store's notices (the SQLite writer after each commit, PostgreSQL's LISTEN/NOTIFY) only
+//! wake it sooner. Nothing queued lives only in memory, and everything that must follow a
+//! commit (waking lanes, reaching a cancelled attempt) is done by the store's notices or by a
+//! task of its own, never by a request handler's future, which the HTTP server drops when
+//! its client hangs up.
+//!
+//! - [`route`]: which lane runs a job, decided once at submit.
+//! - [`claim`]: a lane's loop: wait for room, claim, start attempts.
+//! - [`attempt`]: one attempt: blobs, run, timeout, cancel, and writing its outcome.
+//! - [`retry`]: the backoff between attempts, and for the server's own failed writes.
+//! - [`maintenance`]: leases (renewal, rescue), counts, pruning.
+
+mod attempt;
+mod claim;
+mod maintenance;
+mod retry;
+mod route;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::blob::BlobDir;
+use crate::clock::Micros;
+use crate::events::Events;
+use crate::executor::Executor;
+use crate::job::{AttemptEnd, ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::store::{CancelOutcome, Inserted, JobStore, Notice, Settle, StoreError};
+use crate::task::{JobCtx, Registry, StopReason};
+
+pub use retry::RetryPolicy;
+pub use route::{route, RouteHints};
+
+/// Most jobs one lane claims in one store write.
+const CLAIM_BATCH: usize = 256;
+/// How long a cancel that found no attempt is remembered, for an attempt whose claim
+/// committed before the cancel but that registers after the cancel's notice arrived.
+const CANCEL_MEMORY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the {lane} lane has {queued} queued jobs, its limit; retry later")]
+    QueueFull { lane: &'static str, queued: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How many jobs a lane has queued in the store, as far as this server knows: recounted from
+/// the store on every heartbeat, kept up to date in between by what this server adds and takes.
+/// Used for admission (a bound per lane) and `/v1/stats`.
+#[derive(Default)]
+struct Admission {
+    queued: i64,
+    /// Slots promised to submits whose insert is still committing.
+    reserved: usize,
+}
+
+struct Lane {
+    executor: Arc<dyn Executor>,
+    slots: Arc<Semaphore>,
+    // A std Mutex: every critical section is a little arithmetic, never an await.
+    admission: Mutex<Admission>,
+    wake: Notify,
+    running: AtomicUsize,
+    /// Slots held by a claim in flight.
+    claiming: AtomicUsize,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Lane {
+    fn count_queued(&self, delta: i64) {
+        let mut a = self.admission.lock().expect("admission lock");
+        a.queued = (a.queued + delta).max(0);
+    }
+}
+
+/// An attempt in progress.
+struct Running {
+    ctx: JobCtx,
+    /// The job as claimed, for progress events and a drain's release.
+    job: Arc<Job>,
+    /// The progress last published (f64 bits).
+    published: AtomicU64,
+}
+
+/// The attempts running here, and cancels that arrived before their attempt registered.
+#[derive(Default)]
+struct Attempts {
+    live: HashMap<JobId, Running>,
+    cancelled: HashMap<JobId, Instant>,
+}
+
+/// A lane's figures for `/v1/stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaneStats {
+    pub capacity: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<serde_json::Value>,
+    pub running: usize,
+    pub queued: usize,
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+pub struct Dispatcher {
+    store: Arc<dyn JobStore>,
+    registry: Arc<Registry>,
+    events: Arc<Events>,
+    lanes: HashMap<ExecutorKind, Lane>,
+    // A std Mutex: held for map operations only, never across an await.
+    attempts: Mutex<Attempts>,
+    idle: Notify,
+    retry: RetryPolicy,
+    max_queued: usize,
+    draining: AtomicBool,
+    stop_lanes: watch::Sender<bool>,
+    /// Where output blobs are adopted (tasks that write one).
+    blobs: Option<BlobDir>,
+    /// This server's name on the leases it holds.
+    node: String,
+    lease: Duration,
+    api_token: Option<String>,
+    /// For fetching blobs from other servers.
+    http: reqwest::Client,
+}
+
+/// How the dispatcher behaves, from the settings.
+pub struct DispatchOptions {
+    pub retry: RetryPolicy,
+    /// Queued jobs per lane before submits are refused (429).
+    pub max_queued: usize,
+    /// Where output blobs are adopted.
+    pub blobs: Option<BlobDir>,
+    /// How long a running job's lease lasts without renewal.
+    pub lease: Duration,
+    /// The API token, for fetching a blob from the server that holds it.
+    pub api_token: Option<String>,
+}
+
+/// Admission slots taken for a submit; given back when dropped.
+struct Reservation {
+    dispatcher: Arc<Dispatcher>,
+    counts: Vec<(ExecutorKind, usize)>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for (kind, n) in &self.counts {
+            if let Some(lane) = self.dispatcher.lanes.get(kind) {
+                lane.admission.lock().expect("admission lock").reserved -= n;
+            }
+        }
+    }
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        registry: Arc<Registry>,
+        events: Arc<Events>,
+        executors: Vec<Arc<dyn Executor>>,
+        options: DispatchOptions,
+    ) -> Arc<Self> {
+        let DispatchOptions {
+            retry,
+            max_queued,
+            blobs,
+            lease,
+            api_token,
+        } = options;
+        let lanes = executors
+            .into_iter()
+            .map(|executor| {
+                let lane = Lane {
+                    slots: Arc::new(Semaphore::new(executor.capacity())),
+                    executor,
+                    admission: Mutex::default(),
+                    wake: Notify::new(),
+                    running: AtomicUsize::new(0),
+                    claiming: AtomicUsize::new(0),
+                    succeeded: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                };
+                (lane.executor.kind(), lane)
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        Arc::new(Dispatcher {
+            store,
+            registry,
+            events,
+            lanes,
+            attempts: Mutex::default(),
+            idle: Notify::new(),
+            retry,
+            max_queued,
+            draining: AtomicBool::new(false),
+            stop_lanes: watch::channel(false).0,
+            blobs,
+            node: uuid::Uuid::now_v7().simple().to_string(),
+            lease,
+            api_token,
+            http,
+        })
+    }
+
+    /// Listens to the store, rescues what a dead process left running (at once on an
+    /// exclusive store; a shared store waits for the leases to run out), and starts the lanes
+    /// and maintenance.
+    pub async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        let mut notices = self.store.listen().await?;
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(notice) = notices.recv().await {
+                let Some(this) = weak.upgrade() else { return };
+                this.on_notice(notice).await;
+            }
+        });
+        if self.store.exclusive() {
+            let (requeued, lost) = self.rescue(Micros(i64::MAX)).await?;
+            if requeued + lost > 0 {
+                tracing::warn!(
+                    requeued,
+                    lost,
+                    "jobs were running when the previous server stopped"
+                );
+            }
+        }
+        self.recount().await?;
+        for &kind in self.lanes.keys() {
+            let this = self.clone();
+            tokio::spawn(async move { this.lane_loop(kind).await });
+        }
+        self.spawn_heartbeat();
+        self.spawn_progress_ticker();
+        tracing::info!(node = %self.node, exclusive = self.store.exclusive(), "lanes started");
+        Ok(())
+    }
+
+    async fn on_notice(&self, notice: Notice) {
+        match notice {
+            Notice::New(kind) => {
+                if let Some(lane) = self.lanes.get(&kind) {
+                    lane.wake.notify_one();
+                }
+            }
+            Notice::Cancel(id) => self.stop_attempt(id, None, StopReason::Cancelled),
+            Notice::Changed(id) => {
+                // Wake this server's long-polls and streams on a job another server moved.
+                if self.events.is_watched_alone(id) {
+                    if let Ok(Some(job)) = self.store.get(id).await {
+                        self.events.publish_to_watchers(&job);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the attempt of job `id` running here (only attempt `attempt`, if given). A cancel
+    /// that finds none is remembered for a while: its attempt may be about to register.
+    fn stop_attempt(&self, id: JobId, attempt: Option<u32>, reason: StopReason) {
+        let mut attempts = self.attempts.lock().expect("attempts lock");
+        match attempts.live.get(&id) {
+            Some(r) if attempt.is_none_or(|a| a == r.ctx.attempt) => r.ctx.stop(reason),
+            Some(_) => {}
+            None if reason == StopReason::Cancelled => {
+                let now = Instant::now();
+                if attempts.cancelled.len() >= 1024 {
+                    attempts
+                        .cancelled
+                        .retain(|_, at| now.duration_since(*at) < CANCEL_MEMORY);
+                }
+                attempts.cancelled.insert(id, now);
+            }
+            None => {}
+        }
+    }
+
+    /// Registers a claimed attempt, so cancels, progress and drains reach it. A cancel that
+    /// arrived first stops it at once.
+    fn register(&self, job: &Job) -> JobCtx {
+        let ctx = JobCtx::new(job.id, job.attempt);
+        let mut attempts = self.attempts.lock().expect("attempts lock");
+        attempts.live.insert(
+            job.id,
+            Running {
+                ctx: ctx.clone(),
+                job: Arc::new(job.clone()),
+                published: AtomicU64::new(0f64.to_bits()),
+            },
+        );
+        if attempts.cancelled.remove(&job.id).is_some() {
+            ctx.stop(StopReason::Cancelled);
+        }
+        ctx
+    }
+
+    /// Forgets a finished attempt (if it is still the registered one).
+    fn unregister(&self, ctx: &JobCtx) {
+        let mut attempts = self.attempts.lock().expect("attempts lock");
+        if attempts
+            .live
+            .get(&ctx.id)
+            .is_some_and(|r| r.ctx.attempt == ctx.attempt)
+        {
+            attempts.live.remove(&ctx.id);
+        }
+        if attempts.live.is_empty() {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn has_lane(&self, kind: ExecutorKind) -> bool {
+        self.lanes.contains_key(&kind)
+    }
+
+    fn reserve(self: &Arc<Self>, jobs: &[NewJob]) -> Result<Reservation, SubmitError> {
+        let mut wanted: Vec<(ExecutorKind, usize)> = Vec::new();
+        for job in jobs {
+            match wanted.iter_mut().find(|(k, _)| *k == job.executor) {
+                Some((_, n)) => *n += 1,
+                None => wanted.push((job.executor, 1)),
+            }
+        }
+        let mut reservation = Reservation {
+            dispatcher: self.clone(),
+            counts: Vec::with_capacity(wanted.len()),
+        };
+        for (kind, n) in wanted {
+            let lane = self.lanes.get(&kind).ok_or_else(|| {
+                SubmitError::Store(StoreError::Corrupt(format!("no {} lane", kind.as_str())))
+            })?;
+            let mut a = lane.admission.lock().expect("admission lock");
+            let queued = a.queued.max(0) as usize + a.reserved;
+            if queued + n > self.max_queued {
+                return Err(SubmitError::QueueFull {
+                    lane: kind.as_str(),
+                    queued,
+                });
+            }
+            a.reserved += n;
+            reservation.counts.push((kind, n));
+        }
+        Ok(reservation)
+    }
+
+    /// Stores jobs (all or nothing). Answers once they are committed; the lanes hear of them
+    /// from the store.
+    pub async fn submit(self: &Arc<Self>, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, SubmitError> {
+        if self.is_draining() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let reservation = self.reserve(&jobs)?;
+        let this = self.clone();
+        // What follows the commit runs in a task of its own: a client that hangs up drops
+        // this future, never the bookkeeping of a job that is already stored.
+        let done = tokio::spawn(async move {
+            let inserted = this.store.insert(jobs).await?;
+            for job in inserted.iter().filter_map(|i| match i {
+                Inserted::Created(j) => Some(j),
+                Inserted::Existing(_) => None,
+            }) {
+                if let Some(lane) = this.lanes.get(&job.executor) {
+                    lane.count_queued(1);
+                }
+                this.events.publish(job);
+            }
+            drop(reservation);
+            Ok::<_, StoreError>(inserted)
+        });
+        Ok(done
+            .await
+            .map_err(|e| StoreError::Corrupt(e.to_string()))??)
+    }
+
+    /// Cancels a queued or running job. The store's cancel notice stops the attempt wherever
+    /// it runs; here, the attempt is also stopped at once if it runs on this server.
+    pub async fn cancel(self: &Arc<Self>, id: JobId) -> Result<CancelOutcome, StoreError> {
+        let this = self.clone();
+        // Its own task, as for submits: the steps after the commit must not depend on the
+        // client staying connected.
+        let done = tokio::spawn(async move {
+            let outcome = this.store.cancel(id, Micros::now()).await?;
+            if let CancelOutcome::Cancelled { job, was } = &outcome {
+                match was {
+                    JobStatus::Queued => {
+                        if let Some(lane) = this.lanes.get(&job.executor) {
+                            lane.count_queued(-1);
+                        }
+                    }
+                    _ => this.stop_attempt(id, None, StopReason::Cancelled),
+                }
+                this.events.publish(job);
+            }
+            Ok(outcome)
+        });
+        done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    /// The live progress of a running attempt, if it is running here.
+    pub fn live_progress(&self, id: JobId) -> Option<f64> {
+        self.attempts
+            .lock()
+            .expect("attempts lock")
+            .live
+            .get(&id)
+            .map(|r| r.ctx.progress())
+    }
+
+    fn spawn_progress_ticker(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(this) => this.publish_progress(),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// Publishes the progress of running jobs that someone watches, if it moved since the
+    /// last tick. Progress lives in memory (an atomic the task writes); only watchers pay for
+    /// turning it into events.
+    pub fn publish_progress(&self) {
+        let snapshots: Vec<Job> = {
+            let attempts = self.attempts.lock().expect("attempts lock");
+            attempts
+                .live
+                .iter()
+                .filter(|(id, _)| self.events.is_watched(**id))
+                .filter_map(|(_, r)| {
+                    let now = r.ctx.progress();
+                    let before = f64::from_bits(r.published.swap(now.to_bits(), Ordering::Relaxed));
+                    (now != before).then(|| {
+                        let mut job = (*r.job).clone();
+                        job.progress = now;
+                        job
+                    })
+                })
+                .collect()
+        };
+        for job in &snapshots {
+            self.events.publish(job);
+        }
+    }
+
+    /// The async-lane jobs running now, as `task(id)`: the suspects when the runtime stalls.
+    pub fn running_async(&self) -> Vec<String> {
+        self.attempts
+            .lock()
+            .expect("attempts lock")
+            .live
+            .iter()
+            .filter(|(_, r)| r.job.executor == ExecutorKind::Async)
+            .map(|(id, r)| format!("{}({id})", r.job.task))
+            .collect()
+    }
+
+    pub fn stats(&self) -> Vec<(ExecutorKind, LaneStats)> {
+        let mut out: Vec<_> = self
+            .lanes
+            .iter()
+            .map(|(&kind, lane)| {
+                let queued = lane.admission.lock().expect("admission lock").queued.max(0) as usize
+                    + lane.claiming.load(Ordering::Relaxed);
+                (
+                    kind,
+                    LaneStats {
+                        capacity: lane.executor.capacity(),
+                        workers: lane.executor.workers(),
+                        running: lane.running.load(Ordering::Relaxed),
+                        queued,
+                        succeeded: lane.succeeded.load(Ordering::Relaxed),
+                        failed: lane.failed.load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect();
+        out.sort_by_key(|(k, _)| k.index());
+        out
+    }
+
+    /// Stops claiming jobs, gives running ones up to `timeout` to finish, then hands the rest
+    /// back to the queue (without using up their attempt) and stops them. Safe to call twice.
+    pub async fn drain(&self, timeout: Duration) {
+        self.draining.store(true, Ordering::Release);
+        self.stop_lanes.send_replace(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            // Busy while an attempt runs, and while a claim is in flight (its jobs are about
+            // to start; they must finish or be handed back too).
+            let busy = !self.attempts.lock().expect("attempts lock").live.is_empty()
+                || self.lanes.values().any(|l| {
+                    l.running.load(Ordering::Acquire) > 0 || l.claiming.load(Ordering::Acquire) > 0
+                });
+            if !busy {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            // Woken when the last attempt ends; the short sleep covers a claim finishing.
+            tokio::select! {
+                _ = idle => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        let left: Vec<(Arc<Job>, JobCtx)> = self
+            .attempts
+            .lock()
+            .expect("attempts lock")
+            .live
+            .values()
+            .map(|r| (r.job.clone(), r.ctx.clone()))
+            .collect();
+        tracing::warn!(
+            count = left.len(),
+            "drain timed out; unfinished jobs go back to the queue"
+        );
+        let now = Micros::now();
+        let moves: Vec<Settle> = left
+            .iter()
+            .filter_map(|(job, ctx)| {
+                ctx.stop(StopReason::Shutdown);
+                let next = crate::job::next_state(job, AttemptEnd::Drained, Duration::ZERO, now)?;
+                Some(Settle {
+                    job: (**job).clone(),
+                    next,
+                    progress: ctx.progress(),
+                    now,
+                })
+            })
+            .collect();
+        match self.store.settle(moves).await {
+            Ok(jobs) => {
+                for job in jobs.iter().flatten() {
+                    self.events.publish(job);
+                }
+            }
+            // Start-up recovery finds them running and requeues them.
+            Err(e) => tracing::error!(error = %e, "could not hand unfinished jobs back"),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
+    }
+}

@@ -1,0 +1,303 @@
+//! The SQLite store: one writer task that commits many changes per transaction
+//! ([`writer`]), the statements themselves ([`sql`]), and a small pool of connections for
+//! reads.
+//!
+//! SQLite allows one writer at a time, and the cost of a write is mostly the commit (an fsync
+//! with `synchronous=FULL`). So every write goes through one task that takes whatever requests
+//! are waiting, runs them in one transaction and answers each caller only after the commit
+//! (group commit). Claims are writes too, so a lane's claim rides the same commit as the
+//! submits and finishes around it. Reads go to a separate pool and see every committed write
+//! (WAL mode). Only this process uses the file (the data-dir lock), so the store is
+//! `exclusive`.
+
+mod sql;
+mod writer;
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
+    ListFilter, Notice, Settle, StoreError,
+};
+use crate::blob::BlobMeta;
+use crate::clock::Micros;
+use crate::config::Durability;
+use crate::job::{ExecutorKind, Job, JobId, NewJob};
+use sql::{corrupt, job_from_row, COLUMNS};
+use writer::{Op, MAX_BATCH};
+
+/// The migrations, compiled into the binary so it runs from anywhere.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "jobs",
+        include_str!("../../../migrations/sqlite/0001_jobs.sql"),
+    ),
+    (
+        2,
+        "blobs",
+        include_str!("../../../migrations/sqlite/0002_blobs.sql"),
+    ),
+    (
+        3,
+        "blob_retention",
+        include_str!("../../../migrations/sqlite/0003_blob_retention.sql"),
+    ),
+    (
+        4,
+        "blob_origin",
+        include_str!("../../../migrations/sqlite/0004_blob_origin.sql"),
+    ),
+    (
+        5,
+        "store_is_queue",
+        include_str!("../../../migrations/sqlite/0005_store_is_queue.sql"),
+    ),
+];
+
+/// Where the writer sends its notices once a commit is done: set by [`JobStore::listen`].
+pub(crate) type NoticeTx = Arc<Mutex<Option<mpsc::UnboundedSender<Notice>>>>;
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<Op>,
+    reads: SqlitePool,
+    notices: NoticeTx,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url`, applies the migrations and starts the
+    /// writer task.
+    pub async fn open(url: &str, durability: Durability) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("temp_store", "memory");
+        let mut conn = options.connect().await?;
+        let migrator = Migrator::new(super::Embedded(MIGRATIONS)).await?;
+        migrator.run_direct(&mut conn).await?;
+        let reads = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        let notices = NoticeTx::default();
+        tokio::spawn(writer::run(conn, rx, notices.clone()));
+        Ok(SqliteStore {
+            writer: tx,
+            reads,
+            notices,
+        })
+    }
+
+    /// Hands an op to the writer and waits for its answer, which comes after the commit.
+    async fn write<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    fn exclusive(&self) -> bool {
+        true
+    }
+
+    async fn listen(&self) -> Result<mpsc::UnboundedReceiver<Notice>, StoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.notices.lock().expect("notice lock") = Some(tx);
+        Ok(rx)
+    }
+
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError> {
+        self.write(|reply| Op::Insert { jobs, reply }).await
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.reads)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1");
+        if filter.status.is_some() {
+            sql.push_str(" AND status = ?");
+        }
+        if filter.task.is_some() {
+            sql.push_str(" AND task = ?");
+        }
+        if filter.kind.is_some() {
+            sql.push_str(" AND kind = ?");
+        }
+        if filter.before.is_some() {
+            sql.push_str(" AND id < ?");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        let mut q = sqlx::query(&sql);
+        if let Some(s) = filter.status {
+            q = q.bind(s.as_str());
+        }
+        if let Some(t) = &filter.task {
+            q = q.bind(t.clone());
+        }
+        if let Some(k) = filter.kind {
+            q = q.bind(k.as_str());
+        }
+        if let Some(b) = filter.before {
+            q = q.bind(b.to_string());
+        }
+        let rows = q.bind(filter.limit as i64).fetch_all(&self.reads).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn claim(
+        &self,
+        lane: ExecutorKind,
+        limit: u32,
+        now: Micros,
+        lease: &Lease,
+    ) -> Result<Claimed, StoreError> {
+        let lease = lease.clone();
+        self.write(|reply| Op::Claim {
+            lane,
+            limit,
+            now,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    async fn settle(&self, moves: Vec<Settle>) -> Result<Vec<Option<Job>>, StoreError> {
+        for m in &moves {
+            m.check()?;
+        }
+        self.write(|reply| Op::Settle { moves, reply }).await
+    }
+
+    async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError> {
+        self.write(|reply| Op::Cancel { id, now, reply }).await
+    }
+
+    async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError> {
+        self.write(|reply| Op::Delete { id, reply }).await
+    }
+
+    async fn renew(
+        &self,
+        owner: &str,
+        running: &[(JobId, u32)],
+        until: Micros,
+    ) -> Result<Vec<(JobId, u32)>, StoreError> {
+        let owner = owner.to_string();
+        let running = running.to_vec();
+        self.write(|reply| Op::Renew {
+            owner,
+            running,
+            until,
+            reply,
+        })
+        .await
+    }
+
+    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status = 'running' \
+             AND (lease_until IS NULL OR lease_until < ?) LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(before.0)
+            .bind(limit as i64)
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT executor, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY executor",
+        )
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let lane: String = r.try_get("executor")?;
+                let n: i64 = r.try_get("n")?;
+                Ok((lane.parse().map_err(|e| corrupt("executor", e))?, n as u64))
+            })
+            .collect()
+    }
+
+    async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
+        self.write(|reply| Op::Prune {
+            before,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError> {
+        self.write(|reply| Op::InsertBlob { meta, reply }).await
+    }
+
+    async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, size, sha256, created_at, keep, origin FROM blobs WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reads)
+        .await?;
+        row.map(|r| {
+            Ok(BlobMeta {
+                id: r.try_get("id")?,
+                size: r.try_get::<i64, _>("size")? as u64,
+                sha256: r.try_get("sha256")?,
+                keep: r.try_get::<i64, _>("keep")? != 0,
+                origin: r.try_get("origin")?,
+                created_at: Micros(r.try_get("created_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {
+        let id = id.to_string();
+        self.write(|reply| Op::DeleteBlob { id, reply }).await
+    }
+
+    async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        self.write(|reply| Op::PruneBlobs { limit, reply }).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reads).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,502 @@
+//! The SQLite statements: each function is one move (or one read inside the writer's
+//! transaction), run on the writer's connection. Helpers return boxed futures: a plain
+//! `async fn` taking `&mut SqliteConnection` trips a known higher-ranked lifetime limitation
+//! (sqlx's `Executor` for `&'c mut` connections) once the future is spawned.
+
+use std::collections::{HashMap, HashSet};
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::Row;
+
+use crate::blob::BlobMeta;
+use crate::clock::Micros;
+use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings};
+use crate::store::{
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Settle, StoreError,
+};
+
+pub(super) const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, \
+    priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, spec_hash, \
+    created_at, scheduled_at, started_at, finished_at";
+
+/// Most rows in one merged INSERT, and most jobs in one submit that may be merged.
+pub(super) const MERGED_INSERT_MAX: usize = 500;
+/// Most moves in one UPDATE … FROM (VALUES …) (10 parameters each).
+pub(super) const SETTLE_CHUNK: usize = 500;
+/// Most ids in one `IN (…)` list.
+const ID_CHUNK: usize = 500;
+
+type Conn<'a> = &'a mut SqliteConnection;
+
+pub(super) fn error_json(e: &ErrorInfo) -> String {
+    serde_json::to_string(e).expect("an ErrorInfo always serializes")
+}
+
+pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
+    let text = |col: &str| -> Result<String, StoreError> { Ok(row.try_get::<String, _>(col)?) };
+    let opt_json = |col: &str| -> Result<Option<Value>, StoreError> {
+        row.try_get::<Option<String>, _>(col)?
+            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(col, e)))
+            .transpose()
+    };
+    let opt_micros = |col: &str| -> Result<Option<Micros>, StoreError> {
+        Ok(row.try_get::<Option<i64>, _>(col)?.map(Micros))
+    };
+    let error = row
+        .try_get::<Option<String>, _>("error")?
+        .map(|s| serde_json::from_str::<ErrorInfo>(&s).map_err(|e| corrupt("error", e)))
+        .transpose()?;
+    let mut job = Job {
+        id: text("id")?.parse().map_err(|e| corrupt("id", e))?,
+        task: text("task")?,
+        kind: text("kind")?.parse().map_err(|e| corrupt("kind", e))?,
+        executor: text("executor")?
+            .parse()
+            .map_err(|e| corrupt("executor", e))?,
+        status: text("status")?.parse().map_err(|e| corrupt("status", e))?,
+        args: serde_json::from_str(&text("args")?).map_err(|e| corrupt("args", e))?,
+        result: opt_json("result")?,
+        error,
+        priority: row.try_get::<i64, _>("priority")? as i32,
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
+        timeout_ms: row
+            .try_get::<Option<i64>, _>("timeout_ms")?
+            .map(|t| t as u64),
+        progress: row.try_get("progress")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        spec_hash: row.try_get("spec_hash")?,
+        created_at: Micros(row.try_get("created_at")?),
+        scheduled_at: Micros(row.try_get("scheduled_at")?),
+        started_at: opt_micros("started_at")?,
+        finished_at: opt_micros("finished_at")?,
+        timings: Timings {
+            queued_ms: None,
+            run_ms: None,
+        },
+    };
+    job.compute_timings();
+    Ok(job)
+}
+
+fn select_one(conn: Conn<'_>, id: JobId) -> BoxFuture<'_, Result<Option<Job>, StoreError>> {
+    Box::pin(async move {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    })
+}
+
+/// Whether a submit may be merged with others into one INSERT: no idempotency key to look up.
+pub(super) fn mergeable(jobs: &[NewJob]) -> bool {
+    jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.idempotency_key.is_none())
+}
+
+/// Inserts new queued jobs, many rows per statement, and records which blobs they name.
+pub(super) fn insert_rows<'a>(
+    conn: Conn<'a>,
+    rows: &'a [&'a NewJob],
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        for chunk in rows.chunks(MERGED_INSERT_MAX) {
+            let mut sql = String::from(
+                "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
+                 max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, \
+                 scheduled_at) VALUES ",
+            );
+            for n in 0..chunk.len() {
+                if n > 0 {
+                    sql.push(',');
+                }
+                sql.push_str("(?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, 0, ?, ?, ?, ?)");
+            }
+            let mut q = sqlx::query(&sql);
+            for job in chunk {
+                q = q
+                    .bind(job.id.to_string())
+                    .bind(job.task.clone())
+                    .bind(job.kind.as_str())
+                    .bind(job.executor.as_str())
+                    .bind(job.args.to_string())
+                    .bind(job.priority)
+                    .bind(job.max_attempts as i64)
+                    .bind(job.timeout_ms.map(|t| t as i64))
+                    .bind(job.idempotency_key.clone())
+                    .bind(job.spec_hash.clone())
+                    .bind(job.created_at.0)
+                    .bind(job.scheduled_at.0);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
+        // the last job that names them (see prune_blobs).
+        let named: Vec<(&str, JobId)> = rows
+            .iter()
+            .flat_map(|j| j.blobs.iter().map(move |b| (b.as_str(), j.id)))
+            .collect();
+        for chunk in named.chunks(ID_CHUNK) {
+            let values = vec!["(?, ?)"; chunk.len()].join(", ");
+            let sql = format!("INSERT OR IGNORE INTO job_blobs (blob_id, job_id) VALUES {values}");
+            let mut q = sqlx::query(&sql);
+            for (blob, job) in chunk {
+                q = q.bind(*blob).bind(job.to_string());
+            }
+            q.execute(&mut *conn).await?;
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("UPDATE blobs SET used = 1 WHERE id IN ({marks}) AND used = 0");
+            let mut q = sqlx::query(&sql);
+            for (blob, _) in chunk {
+                q = q.bind(*blob);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
+    })
+}
+
+/// Stores a submit whose jobs may carry idempotency keys. A key already taken becomes
+/// `Existing` (same spec) or fails the whole submit (another spec).
+pub(super) fn insert(
+    conn: Conn<'_>,
+    jobs: Vec<NewJob>,
+) -> BoxFuture<'_, Result<Vec<Inserted>, StoreError>> {
+    Box::pin(async move {
+        let mut out: Vec<Option<Inserted>> = vec![None; jobs.len()];
+        let mut fresh: Vec<(usize, &NewJob)> = Vec::with_capacity(jobs.len());
+        // Keys seen earlier in this same submit.
+        let mut in_batch: HashMap<&str, usize> = HashMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let Some(key) = job.idempotency_key.as_deref() else {
+                fresh.push((i, job));
+                continue;
+            };
+            let existing = if let Some(&first) = in_batch.get(key) {
+                Some(jobs[first].to_job())
+            } else {
+                let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ?");
+                let row = sqlx::query(&sql)
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                row.as_ref().map(job_from_row).transpose()?
+            };
+            match existing {
+                Some(found) if found.spec_hash == job.spec_hash => {
+                    out[i] = Some(Inserted::Existing(found))
+                }
+                Some(_) => {
+                    return Err(StoreError::IdempotencyConflict {
+                        index: i,
+                        key: key.to_string(),
+                    })
+                }
+                None => {
+                    in_batch.insert(key, i);
+                    fresh.push((i, job));
+                }
+            }
+        }
+        let rows: Vec<&NewJob> = fresh.iter().map(|(_, j)| *j).collect();
+        insert_rows(&mut *conn, &rows).await?;
+        for (i, job) in &fresh {
+            out[*i] = Some(Inserted::Created(job.to_job()));
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every job answered"))
+            .collect())
+    })
+}
+
+/// queued → running for up to `limit` due jobs of a lane, in priority then schedule order.
+pub(super) fn claim<'a>(
+    conn: Conn<'a>,
+    lane: ExecutorKind,
+    limit: u32,
+    now: Micros,
+    lease: &'a Lease,
+) -> BoxFuture<'a, Result<Claimed, StoreError>> {
+    Box::pin(async move {
+        let sql = format!(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?1, \
+             progress = 0, owner = ?2, lease_until = ?3 WHERE id IN (SELECT id FROM jobs \
+             WHERE status = 'queued' AND executor = ?4 AND scheduled_at <= ?1 \
+             AND attempt < max_attempts ORDER BY priority DESC, scheduled_at, id LIMIT ?5) \
+             RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now.0)
+            .bind(&lease.owner)
+            .bind(lease.until.0)
+            .bind(lane.as_str())
+            .bind(limit as i64)
+            .fetch_all(&mut *conn)
+            .await?;
+        let jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_due = if jobs.len() < limit as usize {
+            let at: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = ?",
+            )
+            .bind(lane.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+            at.map(Micros)
+        } else {
+            None
+        };
+        Ok(Claimed { jobs, next_due })
+    })
+}
+
+/// Writes decided moves out of `running`, many per statement, each guarded by its job's
+/// status and attempt (and, for a rescue, by its lease having run out). Returns the ids that
+/// moved.
+///
+/// `+jobs.status` keeps SQLite from driving the update through the status index: with
+/// thousands of jobs running, it chose to scan every running row for each batch (a profile
+/// showed a 1,024-job batch taking 350 ms). The unary `+` leaves the primary key as the only
+/// usable index, so each row is one lookup.
+pub(super) fn settle_rows<'a>(
+    conn: Conn<'a>,
+    moves: &'a [&'a Settle],
+) -> BoxFuture<'a, Result<HashSet<JobId>, StoreError>> {
+    Box::pin(async move {
+        let mut done = HashSet::with_capacity(moves.len());
+        for chunk in moves.chunks(SETTLE_CHUNK) {
+            let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "UPDATE jobs SET status = v.column2, attempt = v.column3, result = v.column4, \
+                 error = v.column5, progress = v.column6, scheduled_at = v.column7, \
+                 finished_at = v.column8, owner = NULL, lease_until = NULL \
+                 FROM (VALUES {values}) AS v \
+                 WHERE jobs.id = v.column1 AND +jobs.status = 'running' \
+                 AND jobs.attempt = v.column9 RETURNING jobs.id"
+            );
+            let mut q = sqlx::query(&sql);
+            for m in chunk {
+                let to = m.moved();
+                q = q
+                    .bind(to.id.to_string())
+                    .bind(to.status.as_str())
+                    .bind(to.attempt as i64)
+                    .bind(to.result.as_ref().map(Value::to_string))
+                    .bind(to.error.as_ref().map(error_json))
+                    .bind(to.progress)
+                    .bind(to.scheduled_at.0)
+                    .bind(to.finished_at.map(|t| t.0))
+                    .bind(m.job.attempt as i64);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                let id: String = row.try_get(0)?;
+                done.insert(id.parse().map_err(|e| corrupt("id", e))?);
+            }
+        }
+        Ok(done)
+    })
+}
+
+/// queued | running → cancelled; answers the status it was cancelled from.
+pub(super) fn cancel(
+    conn: Conn<'_>,
+    id: JobId,
+    now: Micros,
+) -> BoxFuture<'_, Result<CancelOutcome, StoreError>> {
+    Box::pin(async move {
+        // The writer is the only writer, so the status read here is the one the update moves
+        // from.
+        let was: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(was) = was else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let was: JobStatus = was.parse().map_err(|e| corrupt("status", e))?;
+        if was.is_final() {
+            return Ok(match select_one(&mut *conn, id).await? {
+                Some(job) => CancelOutcome::AlreadyFinal(job),
+                None => CancelOutcome::NotFound,
+            });
+        }
+        let error = error_json(&ErrorInfo::new(
+            ErrorKind::Cancelled,
+            "cancelled by request",
+        ));
+        let sql = format!(
+            "UPDATE jobs SET status = 'cancelled', error = ?, finished_at = ?, owner = NULL, \
+             lease_until = NULL WHERE id = ? AND status IN ('queued', 'running') \
+             RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(error)
+            .bind(now.0)
+            .bind(id.to_string())
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(CancelOutcome::Cancelled {
+            job: job_from_row(&row)?,
+            was,
+        })
+    })
+}
+
+pub(super) fn delete(
+    conn: Conn<'_>,
+    id: JobId,
+) -> BoxFuture<'_, Result<DeleteOutcome, StoreError>> {
+    Box::pin(async move {
+        let done = sqlx::query(
+            "DELETE FROM jobs WHERE id = ? AND status IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(DeleteOutcome::Deleted);
+        }
+        Ok(match select_one(&mut *conn, id).await? {
+            Some(job) => DeleteOutcome::Unfinished(Box::new(job)),
+            None => DeleteOutcome::NotFound,
+        })
+    })
+}
+
+/// Extends `owner`'s leases; answers which of `running` no longer run under them.
+pub(super) fn renew<'a>(
+    conn: Conn<'a>,
+    owner: &'a str,
+    running: &'a [(JobId, u32)],
+    until: Micros,
+) -> BoxFuture<'a, Result<Vec<(JobId, u32)>, StoreError>> {
+    Box::pin(async move {
+        let rows = sqlx::query(
+            "UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running' \
+             RETURNING id, attempt",
+        )
+        .bind(until.0)
+        .bind(owner)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut held = HashSet::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let attempt: i64 = row.try_get(1)?;
+            held.insert((
+                id.parse::<JobId>().map_err(|e| corrupt("id", e))?,
+                attempt as u32,
+            ));
+        }
+        Ok(running
+            .iter()
+            .filter(|r| !held.contains(r))
+            .copied()
+            .collect())
+    })
+}
+
+pub(super) fn prune(
+    conn: Conn<'_>,
+    before: Micros,
+    limit: u32,
+) -> BoxFuture<'_, Result<u64, StoreError>> {
+    Box::pin(async move {
+        let done = sqlx::query(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL \
+             AND finished_at < ? ORDER BY finished_at LIMIT ?)",
+        )
+        .bind(before.0)
+        .bind(limit as i64)
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected())
+    })
+}
+
+pub(super) fn insert_blob(conn: Conn<'_>, meta: BlobMeta) -> BoxFuture<'_, Result<(), StoreError>> {
+    Box::pin(async move {
+        sqlx::query(
+            "INSERT INTO blobs (id, size, sha256, created_at, keep, origin) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(meta.id)
+        .bind(meta.size as i64)
+        .bind(meta.sha256)
+        .bind(meta.created_at.0)
+        .bind(meta.keep as i64)
+        .bind(meta.origin)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    })
+}
+
+pub(super) fn prune_blobs(
+    conn: Conn<'_>,
+    limit: u32,
+) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+    Box::pin(async move {
+        Ok(sqlx::query_scalar(
+            "DELETE FROM blobs WHERE id IN (SELECT b.id FROM blobs b WHERE b.used = 1 \
+             AND b.keep = 0 AND NOT EXISTS (SELECT 1 FROM job_blobs jb WHERE jb.blob_id = b.id) \
+             LIMIT ?) RETURNING id",
+        )
+        .bind(limit as i64)
+        .fetch_all(&mut *conn)
+        .await?)
+    })
+}
+
+pub(super) fn delete_blob(
+    conn: Conn<'_>,
+    id: String,
+) -> BoxFuture<'_, Result<BlobDeleteOutcome, StoreError>> {
+    Box::pin(async move {
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM blobs WHERE id = ?")
+            .bind(&id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if exists.is_none() {
+            return Ok(BlobDeleteOutcome::NotFound);
+        }
+        let users: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM job_blobs jb JOIN jobs j ON j.id = jb.job_id \
+             WHERE jb.blob_id = ? AND j.status IN ('queued', 'running')",
+        )
+        .bind(&id)
+        .fetch_one(&mut *conn)
+        .await?;
+        if users > 0 {
+            return Ok(BlobDeleteOutcome::InUse(users as u64));
+        }
+        sqlx::query("DELETE FROM blobs WHERE id = ?")
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(BlobDeleteOutcome::Deleted)
+    })
+}
+
+/// Runs fixed statements, one after the other.
+pub(super) fn exec<'c>(
+    conn: Conn<'c>,
+    statements: &'static [&'static str],
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        for sql in statements {
+            sqlx::query(sql).execute(&mut *conn).await?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,394 @@
+//! The writer task: every write to the SQLite file goes through it, many per transaction.
+//!
+//! It takes whatever ops are waiting (up to [`MAX_BATCH`]), runs them in one
+//! `BEGIN IMMEDIATE … COMMIT`, and answers each caller only after the commit. Submits and
+//! settles, the bulk of the traffic, go out as one statement each for the whole batch. A
+//! batch is all or nothing: if any statement or the commit fails (a full disk, an I/O
+//! error), the whole batch is rolled back and every caller gets
+//! [`StoreError::Unavailable`], so a submitter told to retry can never have had its job
+//! stored. Notices go out only after a commit, from this task, so no caller's future (which
+//! an HTTP server may drop when its client hangs up) stands between a commit and the lanes
+//! hearing of it.
+
+use std::collections::HashSet;
+
+use futures_util::future::BoxFuture;
+use sqlx::sqlite::SqliteConnection;
+use sqlx::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::sql::{self, exec, mergeable, MERGED_INSERT_MAX, SETTLE_CHUNK};
+use super::NoticeTx;
+use crate::blob::BlobMeta;
+use crate::clock::Micros;
+use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::store::{
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, Settle,
+    StoreError,
+};
+
+/// Most ops committed in one transaction.
+pub(super) const MAX_BATCH: usize = 1024;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One write, with the channel its typed answer goes back on.
+pub(super) enum Op {
+    Insert {
+        jobs: Vec<NewJob>,
+        reply: Reply<Vec<Inserted>>,
+    },
+    Claim {
+        lane: ExecutorKind,
+        limit: u32,
+        now: Micros,
+        lease: Lease,
+        reply: Reply<Claimed>,
+    },
+    Settle {
+        moves: Vec<Settle>,
+        reply: Reply<Vec<Option<Job>>>,
+    },
+    Cancel {
+        id: JobId,
+        now: Micros,
+        reply: Reply<CancelOutcome>,
+    },
+    Delete {
+        id: JobId,
+        reply: Reply<DeleteOutcome>,
+    },
+    Renew {
+        owner: String,
+        running: Vec<(JobId, u32)>,
+        until: Micros,
+        reply: Reply<Vec<(JobId, u32)>>,
+    },
+    Prune {
+        before: Micros,
+        limit: u32,
+        reply: Reply<u64>,
+    },
+    InsertBlob {
+        meta: BlobMeta,
+        reply: Reply<()>,
+    },
+    DeleteBlob {
+        id: String,
+        reply: Reply<BlobDeleteOutcome>,
+    },
+    PruneBlobs {
+        limit: u32,
+        reply: Reply<Vec<String>>,
+    },
+}
+
+impl Op {
+    /// Whether the op writes with at most one statement, so that SQLite's autocommit makes it
+    /// atomic without a transaction of its own. (Reads that explain a miss do not count: this
+    /// task is the only writer.)
+    fn single_write(&self) -> bool {
+        match self {
+            Op::Insert { jobs, .. } => {
+                jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.blobs.is_empty())
+            }
+            Op::Settle { moves, .. } => moves.len() <= SETTLE_CHUNK,
+            _ => true,
+        }
+    }
+
+    /// Answers the op with the error that stopped its batch.
+    fn fail(self, msg: &str) {
+        fn send<T>(reply: Reply<T>, msg: &str) {
+            let _ = reply.send(Err(StoreError::Unavailable(msg.to_string())));
+        }
+        match self {
+            Op::Insert { reply, .. } => send(reply, msg),
+            Op::Claim { reply, .. } => send(reply, msg),
+            Op::Settle { reply, .. } => send(reply, msg),
+            Op::Cancel { reply, .. } => send(reply, msg),
+            Op::Delete { reply, .. } => send(reply, msg),
+            Op::Renew { reply, .. } => send(reply, msg),
+            Op::Prune { reply, .. } => send(reply, msg),
+            Op::InsertBlob { reply, .. } => send(reply, msg),
+            Op::DeleteBlob { reply, .. } => send(reply, msg),
+            Op::PruneBlobs { reply, .. } => send(reply, msg),
+        }
+    }
+}
+
+/// An answer held until the commit: sent as it is if the commit succeeds, replaced by the
+/// commit's error if it fails.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
+    Box::new(move |failed| {
+        let _ = reply.send(match failed {
+            None => result,
+            Some(msg) => Err(StoreError::Unavailable(msg.to_string())),
+        });
+    })
+}
+
+/// A database error stops the whole batch; other errors (an idempotency conflict, a
+/// malformed row) are that op's answer and leave the rest alone. No op writes before it can
+/// fail for a reason of its own, so none needs a savepoint.
+fn stops_batch(e: &StoreError) -> bool {
+    matches!(e, StoreError::Db(_))
+}
+
+/// What running a batch's ops gave: answers to send and notices to announce after the commit.
+#[derive(Default)]
+struct Outcome {
+    answers: Vec<Answer>,
+    notices: Vec<Notice>,
+}
+
+pub(super) fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Op>,
+    notices: NoticeTx,
+) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            commit_batch(&mut conn, std::mem::take(&mut batch), &notices).await;
+        }
+        let _ = conn.close().await;
+    })
+}
+
+fn commit_batch<'a>(
+    conn: &'a mut SqliteConnection,
+    mut batch: Vec<Op>,
+    notices: &'a NoticeTx,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let started = std::time::Instant::now();
+        let ops = batch.len();
+        // One op that writes once needs no transaction of its own: SQLite runs the statement as
+        // one (autocommit). Skipping BEGIN and COMMIT saves two round trips to SQLite's
+        // thread, most of an idle server's submit latency.
+        let solo = ops == 1 && batch[0].single_write();
+        let mut out = Outcome::default();
+        let result = if solo {
+            let op = batch.pop().expect("one op");
+            run_op(conn, op, &mut out).await
+        } else {
+            match exec(&mut *conn, &["BEGIN IMMEDIATE"]).await {
+                Err(e) => Err((e.to_string(), batch)),
+                Ok(()) => match run_batch(conn, batch, &mut out).await {
+                    Ok(()) => exec(&mut *conn, &["COMMIT"])
+                        .await
+                        .map_err(|e| (format!("commit failed: {e}"), Vec::new())),
+                    Err(failed) => Err(failed),
+                },
+            }
+        };
+        match result {
+            Ok(()) => {
+                metrics::histogram!("offload_store_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("offload_store_batch_size").record(ops as f64);
+                for a in out.answers {
+                    a(None);
+                }
+                announce(notices, out.notices);
+            }
+            Err((msg, unrun)) => {
+                tracing::error!(error = %msg, ops, "a write batch failed; none of it was stored");
+                if !solo {
+                    let _ = exec(&mut *conn, &["ROLLBACK"]).await;
+                }
+                for a in out.answers {
+                    a(Some(&msg));
+                }
+                for op in unrun {
+                    op.fail(&msg);
+                }
+            }
+        }
+    })
+}
+
+fn announce(notices: &NoticeTx, list: Vec<Notice>) {
+    if list.is_empty() {
+        return;
+    }
+    let guard = notices.lock().expect("notice lock");
+    if let Some(tx) = guard.as_ref() {
+        for n in list {
+            let _ = tx.send(n);
+        }
+    }
+}
+
+/// Runs a batch inside an open transaction. On a database error, answers what ran so far
+/// through `out` and hands back the message and the ops that never ran.
+#[allow(clippy::type_complexity)]
+fn run_batch<'a>(
+    conn: &'a mut SqliteConnection,
+    batch: Vec<Op>,
+    out: &'a mut Outcome,
+) -> BoxFuture<'a, Result<(), (String, Vec<Op>)>> {
+    Box::pin(async move {
+        // Submits without keys go out as one INSERT for the whole batch, settles as one
+        // UPDATE: a round trip to SQLite's thread costs more than a row.
+        let mut inserts: Vec<(Reply<Vec<Inserted>>, Vec<NewJob>)> = Vec::new();
+        let mut settles: Vec<(Reply<Vec<Option<Job>>>, Vec<Settle>)> = Vec::new();
+        let mut rest: Vec<Op> = Vec::new();
+        for op in batch {
+            match op {
+                Op::Insert { jobs, reply } if mergeable(&jobs) => inserts.push((reply, jobs)),
+                Op::Settle { moves, reply } => settles.push((reply, moves)),
+                op => rest.push(op),
+            }
+        }
+        let unrun = |inserts: Vec<(Reply<Vec<Inserted>>, Vec<NewJob>)>,
+                     settles: Vec<(Reply<Vec<Option<Job>>>, Vec<Settle>)>,
+                     rest: Vec<Op>| {
+            inserts
+                .into_iter()
+                .map(|(reply, jobs)| Op::Insert { jobs, reply })
+                .chain(
+                    settles
+                        .into_iter()
+                        .map(|(reply, moves)| Op::Settle { moves, reply }),
+                )
+                .chain(rest)
+                .collect::<Vec<Op>>()
+        };
+        if !inserts.is_empty() {
+            let rows: Vec<&NewJob> = inserts.iter().flat_map(|(_, jobs)| jobs.iter()).collect();
+            if let Err(e) = sql::insert_rows(&mut *conn, &rows).await {
+                return Err((e.to_string(), unrun(inserts, settles, rest)));
+            }
+            let lanes: HashSet<ExecutorKind> = rows.iter().map(|j| j.executor).collect();
+            out.notices.extend(lanes.into_iter().map(Notice::New));
+            for (reply, jobs) in inserts {
+                let created = jobs.iter().map(|j| Inserted::Created(j.to_job())).collect();
+                out.answers.push(answer(reply, Ok(created)));
+            }
+        }
+        if !settles.is_empty() {
+            let all: Vec<&Settle> = settles.iter().flat_map(|(_, m)| m.iter()).collect();
+            let done = match sql::settle_rows(&mut *conn, &all).await {
+                Ok(done) => done,
+                Err(e) => return Err((e.to_string(), unrun(Vec::new(), settles, rest))),
+            };
+            for (reply, moves) in settles {
+                let moved = settled(&moves, &done, &mut out.notices);
+                out.answers.push(answer(reply, Ok(moved)));
+            }
+        }
+        let mut rest = rest.into_iter();
+        while let Some(op) = rest.next() {
+            if let Err(e) = run_op(conn, op, out).await {
+                let mut left: Vec<Op> = e.1;
+                left.extend(rest);
+                return Err((e.0, left));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The answer to a settle: each move's job as moved, or `None` where its guard refused.
+fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -> Vec<Option<Job>> {
+    moves
+        .iter()
+        .map(|m| {
+            done.contains(&m.job.id).then(|| {
+                let job = m.moved();
+                if job.status == JobStatus::Queued {
+                    notices.push(Notice::New(job.executor));
+                }
+                job
+            })
+        })
+        .collect()
+}
+
+/// Runs one op. A database error comes back as the message (the op itself has been answered
+/// with it in `out`, to be sent after the rollback).
+fn run_op<'a>(
+    conn: &'a mut SqliteConnection,
+    op: Op,
+    out: &'a mut Outcome,
+) -> BoxFuture<'a, Result<(), (String, Vec<Op>)>> {
+    Box::pin(async move {
+        // Each arm: the result, whether it stops the batch, and the answer.
+        macro_rules! finish {
+            ($reply:expr, $result:expr) => {{
+                let result = $result;
+                let stop = result
+                    .as_ref()
+                    .err()
+                    .filter(|e| stops_batch(e))
+                    .map(|e| e.to_string());
+                out.answers.push(answer($reply, result));
+                match stop {
+                    Some(msg) => return Err((msg, Vec::new())),
+                    None => return Ok(()),
+                }
+            }};
+        }
+        match op {
+            Op::Insert { jobs, reply } => {
+                let lanes: HashSet<ExecutorKind> = jobs.iter().map(|j| j.executor).collect();
+                let result = sql::insert(&mut *conn, jobs).await;
+                if result.is_ok() {
+                    out.notices.extend(lanes.into_iter().map(Notice::New));
+                }
+                finish!(reply, result)
+            }
+            Op::Claim {
+                lane,
+                limit,
+                now,
+                lease,
+                reply,
+            } => finish!(
+                reply,
+                sql::claim(&mut *conn, lane, limit, now, &lease).await
+            ),
+            Op::Settle { moves, reply } => {
+                let all: Vec<&Settle> = moves.iter().collect();
+                let result = sql::settle_rows(&mut *conn, &all)
+                    .await
+                    .map(|done| settled(&moves, &done, &mut out.notices));
+                finish!(reply, result)
+            }
+            Op::Cancel { id, now, reply } => {
+                let result = sql::cancel(&mut *conn, id, now).await;
+                if let Ok(CancelOutcome::Cancelled {
+                    was: JobStatus::Running,
+                    ..
+                }) = &result
+                {
+                    out.notices.push(Notice::Cancel(id));
+                }
+                finish!(reply, result)
+            }
+            Op::Delete { id, reply } => finish!(reply, sql::delete(&mut *conn, id).await),
+            Op::Renew {
+                owner,
+                running,
+                until,
+                reply,
+            } => finish!(reply, sql::renew(&mut *conn, &owner, &running, until).await),
+            Op::Prune {
+                before,
+                limit,
+                reply,
+            } => finish!(reply, sql::prune(&mut *conn, before, limit).await),
+            Op::InsertBlob { meta, reply } => {
+                finish!(reply, sql::insert_blob(&mut *conn, meta).await)
+            }
+            Op::DeleteBlob { id, reply } => finish!(reply, sql::delete_blob(&mut *conn, id).await),
+            Op::PruneBlobs { limit, reply } => {
+                finish!(reply, sql::prune_blobs(&mut *conn, limit).await)
+            }
+        }
+    })
+}
