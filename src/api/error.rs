@@ -126,6 +126,21 @@ impl From<StoreError> for ApiError {
                  use a new key for a new job"
             )),
             StoreError::Closed => ApiError::unavailable("the server is shutting down"),
+            // Nothing of the write was stored (the batch it rode in was rolled back), so the
+            // client may simply send it again.
+            StoreError::Unavailable(msg) => {
+                tracing::warn!(error = %msg, "a write could not be committed; answered 503");
+                ApiError::unavailable(
+                    "the store could not commit this request, and nothing of it was stored; \
+                     send it again later",
+                )
+            }
+            StoreError::Db(
+                e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed),
+            ) => {
+                tracing::warn!(error = %e, "the database is unreachable; answered 503");
+                ApiError::unavailable("the database is unreachable; send the request again later")
+            }
             other => ApiError::internal(other),
         }
     }

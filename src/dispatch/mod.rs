@@ -78,9 +78,10 @@ struct Lane {
 }
 
 impl Lane {
+    /// Adds to the queued count. Not clamped: a claim may count its jobs out before the
+    /// submit that stored them counts them in, and the two must cancel out.
     fn count_queued(&self, delta: i64) {
-        let mut a = self.admission.lock().expect("admission lock");
-        a.queued = (a.queued + delta).max(0);
+        self.admission.lock().expect("admission lock").queued += delta;
     }
 }
 

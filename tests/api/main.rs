@@ -15,3 +15,4 @@ mod postgres;
 mod process;
 mod progress;
 mod store;
+mod stranded;
