@@ -5,15 +5,17 @@
 //! - [`config`]: settings from flags, environment and a TOML file, validated once.
 //! - [`app`]: wiring: store, lanes, dispatcher, HTTP server; the shutdown order.
 //! - [`api`]: axum handlers, the JSON body extractor, `ApiError` → problem+json.
-//! - [`job`]: `Job`, `JobId`, the states and their allowed transitions.
+//! - [`job`]: `Job`, `JobId`, the states, their allowed transitions, and `next_state()`: the
+//!   one place that decides what a job moves to after an attempt.
 //! - [`spec`]: a submitted spec parsed into a validated `NewJob` (the 422s live here).
 //! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
-//! - [`dispatch`]: the router (kind + task → lane), admission, in-memory queues, retries,
-//!   timeouts, cancel and drain.
+//! - [`dispatch`]: the router (kind + task → lane, once), admission, each lane's claim loop,
+//!   attempts (timeouts, cancel), retries, leases and rescue, drain.
 //! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`, and
 //!   `process` (worker processes re-executed from this binary).
-//! - [`store`]: the `JobStore` trait; SQLite (one writer, group commit) and PostgreSQL (shared
-//!   by several servers: SKIP LOCKED claims, leases, LISTEN/NOTIFY).
+//! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
+//!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
+//!   LISTEN/NOTIFY).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.

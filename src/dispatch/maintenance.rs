@@ -51,7 +51,15 @@ impl Dispatcher {
             }
             Err(e) => tracing::warn!(error = %e, "renewing leases failed"),
         }
-        match self.rescue(Micros::now()).await {
+        // On an exclusive store every running job is this server's own, rescued at start if a
+        // dead process left it; a lease of ours that ran out (a renewal delayed by a full
+        // disk) must not requeue work that is still running here.
+        let rescued = if self.store.exclusive() {
+            Ok((0, 0))
+        } else {
+            self.rescue(Micros::now()).await
+        };
+        match rescued {
             Ok((requeued, lost)) if requeued + lost > 0 => tracing::warn!(
                 requeued,
                 lost,
