@@ -32,7 +32,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::Executor;
 use crate::config::Settings;
 use crate::job::ExecutorKind;
-use crate::task::{JobCtx, Registry, Task, TaskError, TaskResult};
+use crate::task::{JobCtx, Registry, Split, Task, TaskError, TaskResult};
 
 #[derive(Serialize, Deserialize)]
 struct Request {
@@ -112,10 +112,6 @@ struct Inner {
     returned: Notify,
     info: Mutex<HashMap<u32, WorkerInfo>>,
 }
-
-/// Tasks whose work splits across every idle worker, each reading its slice of the same
-/// mapping; the parts are merged here.
-const SPLIT_TASKS: &[&str] = &["array_stats"];
 
 impl ProcessLane {
     /// Starts `workers` worker processes from `exe` (the `offload` binary), and a watcher that
@@ -407,9 +403,11 @@ impl Executor for ProcessLane {
             .await
             .map_err(|_| TaskError::Crashed("the cpu budget is closed".into()))?;
         let mut leases = vec![Lease::new(inner, inner.take().await)];
-        // A split task also takes every other idle worker that has a free core.
+        // A task that splits (`Task::split`) also takes every other idle worker that has a
+        // free core.
+        let split = task.split();
         let mut cores = vec![core];
-        if SPLIT_TASKS.contains(&task.name()) {
+        if split.is_some() {
             while let Ok(extra) = inner.budget.clone().try_acquire_owned() {
                 match inner.try_take() {
                     Some(w) => {
@@ -421,20 +419,20 @@ impl Executor for ProcessLane {
             }
         }
         let work = async {
-            if leases.len() == 1 {
-                let request = Request {
-                    id: ctx.id.to_string(),
-                    attempt: ctx.attempt,
-                    task: task.name().to_string(),
-                    args,
-                    part: None,
-                };
-                let answer = leases[0].call(&request, Some(&ctx)).await?;
-                let lease = leases.pop().expect("one lease");
-                lease.give_back();
-                return answer_to_result(answer);
+            if let (Some(split), 2..) = (split, leases.len()) {
+                return run_split(split, task.name(), &ctx, args, &mut leases).await;
             }
-            split_stats(&inner.data_dir, &ctx, args, &mut leases).await
+            let request = Request {
+                id: ctx.id.to_string(),
+                attempt: ctx.attempt,
+                task: task.name().to_string(),
+                args,
+                part: None,
+            };
+            let answer = leases[0].call(&request, Some(&ctx)).await?;
+            let lease = leases.pop().expect("one lease");
+            lease.give_back();
+            answer_to_result(answer)
         };
         tokio::select! {
             r = work => r,
@@ -444,22 +442,22 @@ impl Executor for ProcessLane {
     }
 }
 
-/// Runs `array_stats` as one slice per leased worker, all reading the same mapping, and merges
-/// the parts.
-async fn split_stats(
-    data_dir: &Path,
+/// Runs a split task as one range per leased worker, all reading the same input in place, and
+/// merges the parts.
+async fn run_split(
+    split: &dyn Split,
+    task: &str,
     ctx: &JobCtx,
     args: Value,
     leases: &mut Vec<Lease>,
 ) -> TaskResult {
-    let blobs = data_dir.join("blobs");
-    let n = crate::task::array::element_count(&blobs, &args)?;
+    let n = split.units(&args)?;
     let k = leases.len();
     let requests: Vec<Request> = (0..k)
         .map(|i| Request {
             id: ctx.id.to_string(),
             attempt: ctx.attempt,
-            task: "array_stats".into(),
+            task: task.to_string(),
             args: args.clone(),
             part: Some([(n * i / k) as u64, (n * (i + 1) / k) as u64]),
         })
@@ -471,17 +469,14 @@ async fn split_stats(
             .map(|(lease, req)| lease.call(req, None)),
     )
     .await;
-    let mut total = crate::task::Partial::EMPTY;
+    let mut parts = Vec::with_capacity(k);
     for answer in answers {
-        let value = answer_to_result(answer?)?;
-        let part = crate::task::Partial::from_parts(&value)
-            .ok_or_else(|| TaskError::Crashed("a worker sent a malformed part".into()))?;
-        total = total.merge(part);
+        parts.push(answer_to_result(answer?)?);
     }
     for lease in leases.drain(..) {
         lease.give_back();
     }
-    Ok(total.to_json())
+    split.merge(parts)
 }
 
 fn write_line(out: &Mutex<std::io::Stdout>, answer: &Answer) -> std::io::Result<()> {
@@ -550,6 +545,17 @@ pub fn run_worker_if_asked() -> Option<std::process::ExitCode> {
     }
 }
 
+/// What a worker answers for a task's result (or its panic).
+fn answer_of(result: std::thread::Result<TaskResult>) -> Answer {
+    match result {
+        Ok(Ok(v)) => Answer::Ok(v),
+        Ok(Err(TaskError::Permanent(m))) => Answer::Permanent(m),
+        Ok(Err(TaskError::Transient(m))) | Ok(Err(TaskError::Crashed(m))) => Answer::Transient(m),
+        Ok(Err(TaskError::Stopped)) => Answer::Transient("stopped".into()),
+        Err(_) => Answer::Crashed("the task panicked in the worker".into()),
+    }
+}
+
 /// The `offload worker` subcommand: runs jobs from stdin until stdin closes.
 pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
     let log_format = match std::env::var("OFFLOAD_LOG_FORMAT").as_deref() {
@@ -572,16 +578,20 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
         let answer = match serde_json::from_str::<Request>(&line) {
             Err(e) => Answer::Permanent(format!("bad request to worker: {e}")),
             Ok(Request {
-                part: Some([start, end]),
+                id,
+                attempt,
+                task,
                 args,
-                ..
-            }) => {
-                let blobs = data_dir.join("blobs");
-                match crate::task::array::stats_part(&blobs, &args, start as usize, end as usize) {
-                    Ok(p) => Answer::Ok(p.to_parts()),
-                    Err(e) => Answer::Permanent(e.to_string()),
+                part: Some([start, end]),
+            }) => match registry.get(&task).and_then(|t| t.split()) {
+                None => Answer::Permanent(format!("task `{task}` does not split")),
+                Some(split) => {
+                    let ctx = JobCtx::new(id.parse().unwrap_or_default(), attempt);
+                    answer_of(catch_unwind(AssertUnwindSafe(|| {
+                        split.part(&ctx, &args, start as usize, end as usize)
+                    })))
                 }
-            }
+            },
             Ok(req) => match registry.get(&req.task) {
                 None => Answer::Permanent(format!("task `{}` is not in the worker", req.task)),
                 Some(task) => {
@@ -595,15 +605,7 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
                     let reporter = ProgressReporter::start(ctx.clone(), out.clone());
                     let result = catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, req.args)));
                     reporter.stop();
-                    match result {
-                        Ok(Ok(v)) => Answer::Ok(v),
-                        Ok(Err(TaskError::Permanent(m))) => Answer::Permanent(m),
-                        Ok(Err(TaskError::Transient(m))) | Ok(Err(TaskError::Crashed(m))) => {
-                            Answer::Transient(m)
-                        }
-                        Ok(Err(TaskError::Stopped)) => Answer::Transient("stopped".into()),
-                        Err(_) => Answer::Crashed("the task panicked in the worker".into()),
-                    }
+                    answer_of(result)
                 }
             },
         };
