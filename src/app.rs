@@ -95,6 +95,7 @@ impl App {
                     },
                     cpu_budget,
                 )
+                .await
                 .map_err(AppError::Workers)?,
             ),
         ];

@@ -14,13 +14,21 @@
 //! Faults: a timeout or a cancel kills the worker at once (SIGKILL) and starts a replacement; a
 //! worker that dies mid-job fails the attempt as `crashed` (retried per `max_attempts`) and is
 //! replaced too. Workers die with the server: they set PR_SET_PDEATHSIG and check their parent.
+//!
+//! Starting: a new worker is live once it has said so (a `ready` line on its stdout); until
+//! then no job is given to it and `/v1/stats` does not list it. One that cannot be started
+//! (the executable is gone, it exits at once, it never says ready) is started again by the
+//! pool's supervisor, 100 ms later, then 200 ms, doubling up to 5 s, for as long as it takes.
+//! Meanwhile the lane runs on the workers it has, and a job waits for a live one.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -48,6 +56,8 @@ struct Request {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Answer {
+    /// Sent once, by a worker that has started and reads requests: its pid.
+    Ready(u32),
     /// Not an answer yet: the job's progress, sent while it runs.
     Progress(f64),
     Ok(Value),
@@ -94,6 +104,15 @@ fn rss_bytes(pid: u32) -> u64 {
     pages * crate::shm::page_size()
 }
 
+/// How long a new worker has to say it is ready before it counts as failing to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The wait before starting again a worker that failed to start: doubled after each failure,
+/// up to `RETRY_MAX`, and back to `RETRY_MIN` once one starts.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the supervisor looks for idle workers that died.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+
 pub struct ProcessLane {
     inner: Arc<Inner>,
 }
@@ -110,19 +129,30 @@ struct Inner {
     idle: Mutex<Vec<Worker>>,
     /// Signalled whenever a worker goes back into `idle`.
     returned: Notify,
+    /// The live workers (idle or busy): started, and said ready.
     info: Mutex<HashMap<u32, WorkerInfo>>,
+    /// Workers the pool lacks because starting them failed; the supervisor starts them again.
+    missing: AtomicUsize,
+    /// The supervisor's next wait before starting them, in ms.
+    retry_ms: AtomicU64,
+    /// Wakes the supervisor. An Arc of its own: the supervisor holds it, and only a weak
+    /// reference to the pool, so that dropping the lane ends it.
+    wake: Arc<Notify>,
 }
 
 impl ProcessLane {
-    /// Starts `workers` worker processes from `exe` (the `offload` binary), and a watcher that
-    /// replaces idle workers that die.
-    pub fn start(
+    /// Starts `workers` worker processes from `exe` (the `offload` binary) and waits until
+    /// each has said it is ready, and starts the supervisor that replaces workers that die.
+    /// Fails if `exe` cannot be run at all; workers that start but fail are retried by the
+    /// supervisor, so the lane may begin short of workers (`live_capacity`).
+    pub async fn start(
         exe: PathBuf,
         data_dir: PathBuf,
         workers: usize,
         recycle: Recycle,
         budget: Arc<Semaphore>,
     ) -> std::io::Result<Self> {
+        let wake = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             exe,
             data_dir,
@@ -132,21 +162,28 @@ impl ProcessLane {
             idle: Mutex::default(),
             returned: Notify::new(),
             info: Mutex::default(),
+            missing: AtomicUsize::new(0),
+            retry_ms: AtomicU64::new(RETRY_MIN.as_millis() as u64),
+            wake: wake.clone(),
         });
-        for _ in 0..workers {
-            let w = inner.spawn()?;
-            inner.idle.lock().expect("idle lock").push(w);
-        }
-        let weak = Arc::downgrade(&inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                inner.replace_dead_idle();
+        let children = (0..workers)
+            .map(|_| spawn_child(&inner.exe, &inner.data_dir))
+            .collect::<std::io::Result<Vec<Child>>>()?;
+        let started = futures_util::future::join_all(children.into_iter().map(handshake)).await;
+        for worker in started {
+            match worker {
+                Ok(w) => inner.adopt(w),
+                Err(e) => inner.start_failed(e),
             }
-        });
+        }
+        tokio::spawn(supervise(Arc::downgrade(&inner), wake));
         Ok(ProcessLane { inner })
+    }
+
+    /// How many workers are live now: `capacity` less those that died and are not yet
+    /// replaced. The most jobs this lane can run at this moment.
+    pub fn live_workers(&self) -> usize {
+        self.inner.live()
     }
 
     /// Pids of the workers now alive (for tests and stats).
@@ -162,8 +199,8 @@ impl ProcessLane {
 }
 
 impl Inner {
-    fn spawn(&self) -> std::io::Result<Worker> {
-        spawn_worker(&self.exe, &self.data_dir, &self.info)
+    fn live(&self) -> usize {
+        self.info.lock().expect("info lock").len()
     }
 
     fn push_idle(&self, w: Worker) {
@@ -171,19 +208,60 @@ impl Inner {
         self.returned.notify_one();
     }
 
-    /// Replaces a dead worker with a fresh one (or logs why it cannot).
-    fn replace(&self, dead_pid: u32, reason: &'static str) {
+    /// A worker that said ready joins the pool.
+    fn adopt(&self, w: Worker) {
+        self.info.lock().expect("info lock").insert(
+            w.pid,
+            WorkerInfo {
+                pid: w.pid,
+                state: "idle",
+                jobs_done: 0,
+                rss_bytes: 0,
+            },
+        );
+        self.retry_ms
+            .store(RETRY_MIN.as_millis() as u64, Ordering::Relaxed);
+        metrics::gauge!("offload_workers_live").set(self.live() as f64);
+        self.push_idle(w);
+    }
+
+    /// A worker could not be started: the supervisor tries again after its backoff.
+    fn start_failed(&self, e: std::io::Error) {
+        metrics::counter!("offload_worker_start_failures_total").increment(1);
+        let missing = self.missing.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::error!(error = %e, missing, live = self.live(),
+            "a worker process failed to start; retrying");
+        self.wake.notify_one();
+    }
+
+    /// Starts a worker; it joins the pool once it says ready. A failure, now or at its
+    /// handshake, leaves it to the supervisor.
+    fn launch(self: &Arc<Self>) {
+        match spawn_child(&self.exe, &self.data_dir) {
+            Err(e) => self.start_failed(e),
+            Ok(child) => {
+                let inner = self.clone();
+                tokio::spawn(async move {
+                    match handshake(child).await {
+                        Ok(w) => inner.adopt(w),
+                        Err(e) => inner.start_failed(e),
+                    }
+                });
+            }
+        }
+    }
+
+    /// Replaces a dead worker with a fresh one.
+    fn replace(self: &Arc<Self>, dead_pid: u32, reason: &'static str) {
         metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
         self.info.lock().expect("info lock").remove(&dead_pid);
-        match self.spawn() {
-            Ok(fresh) => self.push_idle(fresh),
-            Err(e) => tracing::error!(error = %e, "could not start a replacement worker"),
-        }
+        metrics::gauge!("offload_workers_live").set(self.live() as f64);
+        self.launch();
     }
 
     /// An idle worker that died (killed, out of memory) is replaced at once, not when the next
     /// job finds it dead.
-    fn replace_dead_idle(&self) {
+    fn replace_dead_idle(self: &Arc<Self>) {
         let dead: Vec<u32> = {
             let mut idle = self.idle.lock().expect("idle lock");
             let mut dead = Vec::new();
@@ -202,7 +280,8 @@ impl Inner {
         }
     }
 
-    /// Takes an idle worker, waiting for one to come back if all are busy.
+    /// Takes an idle worker, waiting for one to come back if all are busy, or for the
+    /// supervisor to start one if none is live.
     async fn take(&self) -> Worker {
         loop {
             let returned = self.returned.notified();
@@ -224,12 +303,44 @@ impl Inner {
     }
 }
 
-fn spawn_worker(
-    exe: &Path,
-    data_dir: &Path,
-    info: &Mutex<HashMap<u32, WorkerInfo>>,
-) -> std::io::Result<Worker> {
-    let mut child = Command::new(exe)
+/// The pool's supervisor: replaces idle workers that die, and starts again, with backoff,
+/// workers that failed to start. Ends when the lane is dropped.
+async fn supervise(pool: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        let (missing, retry) = {
+            let Some(inner) = pool.upgrade() else { return };
+            inner.replace_dead_idle();
+            let retry = Duration::from_millis(inner.retry_ms.load(Ordering::Relaxed));
+            (inner.missing.load(Ordering::Acquire), retry)
+        };
+        if missing == 0 {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(IDLE_CHECK) => {}
+            }
+            continue;
+        }
+        tracing::warn!(
+            missing,
+            retry_in_ms = retry.as_millis() as u64,
+            "the process lane is short of workers"
+        );
+        tokio::time::sleep(retry).await;
+        let Some(inner) = pool.upgrade() else { return };
+        // Doubled now; `adopt` sets it back once a worker starts.
+        inner.retry_ms.store(
+            (retry * 2).min(RETRY_MAX).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        for _ in 0..inner.missing.swap(0, Ordering::AcqRel) {
+            inner.launch();
+        }
+    }
+}
+
+/// Starts a worker process. It is not a [`Worker`] until [`handshake`] has heard from it.
+fn spawn_child(exe: &Path, data_dir: &Path) -> std::io::Result<Child> {
+    Command::new(exe)
         .arg("worker")
         .arg("--data-dir")
         .arg(data_dir)
@@ -239,25 +350,43 @@ fn spawn_worker(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
-        .spawn()?;
+        .spawn()
+}
+
+/// Waits for a new worker's `ready` line. A worker that exits first, answers something else
+/// or says nothing within `START_TIMEOUT` failed to start (and is killed).
+async fn handshake(mut child: Child) -> std::io::Result<Worker> {
     let pid = child.id().unwrap_or(0);
     let stdin = child.stdin.take().expect("stdin is piped");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-    info.lock().expect("info lock").insert(
-        pid,
-        WorkerInfo {
-            pid,
-            state: "idle",
-            jobs_done: 0,
-            rss_bytes: 0,
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
+    let why = match first {
+        Ok(Ok(Some(line))) => match serde_json::from_str::<Answer>(&line) {
+            Ok(Answer::Ready(_)) => {
+                return Ok(Worker {
+                    child,
+                    stdin,
+                    stdout,
+                    pid,
+                })
+            }
+            _ => format!("worker {pid} said {line:?} instead of ready"),
         },
-    );
-    Ok(Worker {
-        child,
-        stdin,
-        stdout,
-        pid,
-    })
+        Ok(Ok(None)) => {
+            let status = child.wait().await;
+            format!(
+                "worker {pid} exited before it was ready ({})",
+                status.map_or("unknown status".to_string(), |s| s.to_string())
+            )
+        }
+        Ok(Err(e)) => format!("reading worker {pid}: {e}"),
+        Err(_) => format!(
+            "worker {pid} was not ready within {} s",
+            START_TIMEOUT.as_secs()
+        ),
+    };
+    let _ = child.start_kill();
+    Err(std::io::Error::other(why))
 }
 
 /// A worker taken for one request. Given back when the request ends normally; if the job's
@@ -268,6 +397,9 @@ struct Lease {
     worker: Option<Worker>,
     /// Why the worker is replaced if the lease is dropped holding it.
     reason: &'static str,
+    /// Whether a request was sent. A lease dropped before that (a job stopped while waiting
+    /// for a core) gives its worker back untouched.
+    used: bool,
 }
 
 impl Lease {
@@ -277,6 +409,7 @@ impl Lease {
             inner: inner.clone(),
             worker: Some(worker),
             reason: "killed",
+            used: false,
         }
     }
 
@@ -314,6 +447,7 @@ impl Lease {
             .worker
             .as_mut()
             .expect("a lease holds a worker until given back");
+        self.used = true;
         let mut line = serde_json::to_vec(request).expect("a request serializes");
         line.push(b'\n');
         if let Err(e) = w.stdin.write_all(&line).await {
@@ -344,6 +478,11 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(mut w) = self.worker.take() {
+            if !self.used {
+                self.inner.mark(w.pid, "idle");
+                self.inner.push_idle(w);
+                return;
+            }
             let _ = w.child.start_kill();
             self.inner.replace(w.pid, self.reason);
         }
@@ -356,8 +495,8 @@ fn answer_to_result(answer: Answer) -> TaskResult {
         Answer::Permanent(m) => Err(TaskError::Permanent(m)),
         Answer::Transient(m) => Err(TaskError::Transient(m)),
         Answer::Crashed(m) => Err(TaskError::Crashed(m)),
-        Answer::Progress(_) => Err(TaskError::Crashed(
-            "a worker sent progress as its answer".into(),
+        Answer::Progress(_) | Answer::Ready(_) => Err(TaskError::Crashed(
+            "a worker sent progress or ready as its answer".into(),
         )),
     }
 }
@@ -369,6 +508,9 @@ impl Executor for ProcessLane {
     }
     fn capacity(&self) -> usize {
         self.inner.capacity
+    }
+    fn live_capacity(&self) -> usize {
+        self.inner.live()
     }
     fn workers(&self) -> Option<Value> {
         let mut list: Vec<WorkerInfo> = self
@@ -392,17 +534,23 @@ impl Executor for ProcessLane {
         args: Value,
         permit: OwnedSemaphorePermit,
     ) -> TaskResult {
-        // Declared first, dropped last: slots are freed after the leases have replaced any
-        // killed worker.
+        // Declared first, dropped last: slots are freed after the leases have started the
+        // replacement of any killed worker.
         let _permit = permit;
         let inner = &self.inner;
-        let core = inner
-            .budget
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| TaskError::Crashed("the cpu budget is closed".into()))?;
-        let mut leases = vec![Lease::new(inner, inner.take().await)];
+        // A live worker first, then a core: a job that waits while the lane is short of
+        // workers must not hold a core the rayon lane could use. Either wait ends on a stop.
+        let worker = tokio::select! {
+            w = inner.take() => w,
+            _ = ctx.stopped() => return Err(TaskError::Stopped),
+        };
+        let mut leases = vec![Lease::new(inner, worker)];
+        let core = tokio::select! {
+            c = inner.budget.clone().acquire_owned() => {
+                c.map_err(|_| TaskError::Crashed("the cpu budget is closed".into()))?
+            }
+            _ = ctx.stopped() => return Err(TaskError::Stopped),
+        };
         // A task that splits (`Task::split`) also takes every other idle worker that has a
         // free core.
         let split = task.split();
@@ -573,6 +721,10 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
     let stdin = std::io::stdin().lock();
     // Shared with the progress reporter thread: whole lines only, under the lock.
     let out = Arc::new(Mutex::new(std::io::stdout()));
+    // Until this line the server gives this worker no job.
+    if write_line(&out, &Answer::Ready(std::process::id())).is_err() {
+        return std::process::ExitCode::FAILURE;
+    }
     for line in stdin.lines() {
         let Ok(line) = line else { break };
         let answer = match serde_json::from_str::<Request>(&line) {
