@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::blob::BlobDir;
 use crate::config::Settings;
+use crate::datadir::{DataDirLock, LockError};
 use crate::dispatch::{DispatchOptions, Dispatcher, RetryPolicy};
 use crate::events::Events;
 use crate::executor::process::Recycle;
@@ -29,6 +30,9 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Another server holds the data dir (or it cannot be locked).
+    #[error(transparent)]
+    DataDirLock(#[from] LockError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("rayon pool: {0}")]
@@ -44,6 +48,8 @@ pub enum AppError {
 pub struct App {
     listener: TcpListener,
     state: AppState,
+    /// Held until [`App::run`] returns (or the process ends): one server per data dir.
+    _lock: DataDirLock,
 }
 
 impl App {
@@ -54,6 +60,9 @@ impl App {
                 source,
             })?;
         }
+        // Before anything reads or writes the database or the blobs: a second server on this
+        // data dir stops here, having touched nothing.
+        let lock = DataDirLock::acquire(&settings.data_dir)?;
         crate::observe::install();
         let blobs =
             BlobDir::open(settings.data_dir.join("blobs")).map_err(|source| AppError::DataDir {
@@ -86,6 +95,7 @@ impl App {
                     },
                     cpu_budget,
                 )
+                .await
                 .map_err(AppError::Workers)?,
             ),
         ];
@@ -118,6 +128,7 @@ impl App {
             (!addr.ip().is_unspecified()).then(|| format!("http://{addr}"))
         });
         Ok(App {
+            _lock: lock,
             listener,
             state: AppState {
                 origin,
@@ -143,7 +154,11 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
-        let App { listener, state } = self;
+        let App {
+            listener,
+            state,
+            _lock: lock,
+        } = self;
         let addr = listener.local_addr().map_err(AppError::Serve)?;
         tracing::info!(%addr, data_dir = %state.settings.data_dir.display(), "offload is listening");
         if state.settings.api_token.is_none() {
@@ -204,6 +219,7 @@ impl App {
         pruner.abort();
         watchdog.abort();
         tracing::info!("offload stopped");
+        drop(lock);
         result
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: settings from flags, environment and a TOML file, validated once.
 //! - [`app`]: wiring: store, lanes, dispatcher, HTTP server; the shutdown order.
+//! - [`datadir`]: the data dir's lock file: one server per data dir.
 //! - [`api`]: axum handlers, the JSON body extractor, `ApiError` → problem+json.
 //! - [`job`]: `Job`, `JobId`, the states, their allowed transitions, and `next_state()`: the
 //!   one place that decides what a job moves to after an attempt.
@@ -29,6 +30,7 @@ pub mod app;
 pub mod blob;
 pub mod clock;
 pub mod config;
+pub mod datadir;
 pub mod dispatch;
 pub mod events;
 pub mod executor;

@@ -3,6 +3,8 @@
 //! Names, all prefixed `offload_`:
 //! - `job_run_seconds{executor}`, `job_queue_seconds{executor}` (histograms)
 //! - `worker_restarts_total{reason}` (counter: killed, crashed, recycled, died_idle)
+//! - `worker_start_failures_total` (counter: workers that failed to start; each is retried),
+//!   `workers_live` (gauge: the process lane's live workers)
 //! - `store_commit_seconds`, `store_batch_size` (histograms of the group commit)
 //! - `http_requests_total{route,method,status}` (counter), `http_request_seconds{route}`
 //! - `runtime_lag_seconds` (histogram), `runtime_stalls_total` (counter)

@@ -15,6 +15,8 @@ use crate::store::Lease;
 /// The longest a lane with room waits before it looks at the store again without being told
 /// to: what a lost notice costs at most.
 const LOOK_AGAIN: Duration = Duration::from_secs(1);
+/// How often a lane whose executor cannot start anything now (no live worker) looks again.
+const SHORT_OF_WORKERS: Duration = Duration::from_millis(100);
 
 impl Dispatcher {
     /// One lane: take every free slot (at least one), claim that many due jobs in one store
@@ -39,6 +41,21 @@ impl Dispatcher {
                     Err(_) => break,
                 }
             }
+            // Claim no more than the lane can start now (the process lane's dead workers that
+            // are not yet replaced): the rest stay queued in the store, not waiting in the lane.
+            let live = lane
+                .executor
+                .live_capacity()
+                .saturating_sub(lane.running.load(Ordering::Acquire));
+            if live == 0 {
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(SHORT_OF_WORKERS) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            permits.truncate(live);
             let wanted = permits.len();
             let now = Micros::now();
             let lease = Lease {

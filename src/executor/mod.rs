@@ -35,6 +35,12 @@ pub trait Executor: Send + Sync + 'static {
     fn kind(&self) -> ExecutorKind;
     /// How many jobs may run in this lane at once.
     fn capacity(&self) -> usize;
+    /// How many it can run now: `capacity`, less what the lane lacks for a while (the process
+    /// lane's workers that died and are not yet replaced). A claim loop that claims no more
+    /// than this leaves the rest queued in the store rather than waiting inside the lane.
+    fn live_capacity(&self) -> usize {
+        self.capacity()
+    }
     /// Per-worker figures, for lanes that have workers (the process lane).
     fn workers(&self) -> Option<Value> {
         None

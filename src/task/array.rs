@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 use sha2::Digest;
 
-use super::{arg_str, JobCtx, Task, TaskError, TaskResult};
+use super::{arg_str, JobCtx, Split, Task, TaskError, TaskResult};
 use crate::job::Kind;
 use crate::shm::{Dtype, MappedBlob, OutputMap};
 
@@ -133,7 +133,7 @@ fn open_array(
 
 /// The statistics of elements [start, end) of the array in `args`: one worker's share of a
 /// job split across worker processes.
-pub fn stats_part(
+fn stats_part(
     blobs: &std::path::Path,
     args: &Value,
     start: usize,
@@ -149,11 +149,6 @@ pub fn stats_part(
         at = to;
     }
     Ok(total)
-}
-
-/// How many elements the array in `args` holds (for splitting it).
-pub fn element_count(blobs: &std::path::Path, args: &Value) -> Result<usize, TaskError> {
-    open_array(blobs, args).map(|(_, _, n)| n)
 }
 
 impl Partial {
@@ -229,6 +224,9 @@ impl Task for ArrayStats {
         }
         Ok(())
     }
+    fn split(&self) -> Option<&dyn Split> {
+        Some(self)
+    }
     fn run_sync(&self, ctx: &JobCtx, args: Value) -> TaskResult {
         let (map, dtype, n) = open_array(&self.blobs, &args)?;
         let bytes = map.bytes();
@@ -244,6 +242,27 @@ impl Task for ArrayStats {
                 Ok(p)
             })
             .try_reduce(|| Partial::EMPTY, |a, b| Ok(a.merge(b)))?;
+        Ok(total.to_json())
+    }
+}
+
+/// Across worker processes: each maps the same blob and computes one range's [`Partial`]; the
+/// parts travel as [`Partial::to_parts`] and merge exactly in any order.
+impl Split for ArrayStats {
+    fn units(&self, args: &Value) -> Result<usize, TaskError> {
+        open_array(&self.blobs, args).map(|(_, _, n)| n)
+    }
+    fn part(&self, _ctx: &JobCtx, args: &Value, start: usize, end: usize) -> TaskResult {
+        // No stop checks: a split job's workers are killed on a cancel or a timeout.
+        stats_part(&self.blobs, args, start, end).map(Partial::to_parts)
+    }
+    fn merge(&self, parts: Vec<Value>) -> TaskResult {
+        let mut total = Partial::EMPTY;
+        for value in &parts {
+            let part = Partial::from_parts(value)
+                .ok_or_else(|| TaskError::Crashed("a worker sent a malformed part".into()))?;
+            total = total.merge(part);
+        }
         Ok(total.to_json())
     }
 }

@@ -96,6 +96,11 @@ pub trait Task: Send + Sync + 'static {
     fn writes_blob(&self) -> bool {
         false
     }
+    /// Whether the process lane may split a job of this task across several workers, and how.
+    /// `None` (the default): one worker runs [`Task::run_sync`] on the whole job.
+    fn split(&self) -> Option<&dyn Split> {
+        None
+    }
     /// The body of an async io task. Dropping the future stops it (timeout, cancel).
     async fn run_async(&self, _ctx: JobCtx, _args: Value) -> TaskResult {
         Err(TaskError::Permanent(format!(
@@ -110,6 +115,19 @@ pub trait Task: Send + Sync + 'static {
             self.name()
         )))
     }
+}
+
+/// How a task's job divides across worker processes: its work is `units` long, each worker
+/// computes one range of it in its own process, and the server merges the parts. Worth it
+/// when the parts read shared input in place (a mapped blob) and merge cheaply.
+pub trait Split: Send + Sync {
+    /// How many units of work the job has (an array's elements). Runs in the server.
+    fn units(&self, args: &Value) -> Result<usize, TaskError>;
+    /// Computes units `[start, end)`: one worker's share, in that worker's process. Its value
+    /// is one of the parts that [`Split::merge`] is given.
+    fn part(&self, ctx: &JobCtx, args: &Value, start: usize, end: usize) -> TaskResult;
+    /// Merges the parts, in range order, into the job's result. Runs in the server.
+    fn merge(&self, parts: Vec<Value>) -> TaskResult;
 }
 
 /// Why a running job was told to stop.

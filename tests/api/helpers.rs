@@ -386,42 +386,49 @@ impl Drop for Binary {
     }
 }
 
-/// The PostgreSQL to test against: `OFFLOAD_TEST_DATABASE_URL` (`.ci/run` sets it). Without
-/// it, PostgreSQL tests are skipped and say so.
+/// The PostgreSQL the tests may use: `OFFLOAD_TEST_DATABASE_URL` (`.ci/run` sets it). `None`
+/// when it is not set, after a line on stderr saying the calling test is skipped: a laptop
+/// without PostgreSQL passes the rest of the suite (as sqlx's tests do with `DATABASE_URL`).
 pub fn pg_url() -> Option<String> {
-    std::env::var("OFFLOAD_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
+    match std::env::var("OFFLOAD_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            // libtest names each test's thread after the test.
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a test")
+                .to_string();
+            eprintln!(
+                "skipped {test}: it needs PostgreSQL; set \
+                 OFFLOAD_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test to run it"
+            );
+            None
+        }
+    }
 }
 
-/// Says that a PostgreSQL test was skipped, and how to run it.
-pub fn skip_without_postgres(test: &str) {
-    eprintln!(
-        "skipped {test}: set OFFLOAD_TEST_DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/test) to run the PostgreSQL tests"
-    );
-}
-
-/// A fresh schema in that database, and a URL whose connections use it (search_path).
-pub async fn pg_schema(prefix: &str) -> (String, String) {
+/// A fresh schema in that database, and a URL whose connections use it (search_path); `None`
+/// (the test is skipped) without a PostgreSQL to use.
+pub async fn pg_schema(prefix: &str) -> Option<(String, String)> {
     use sqlx::Connection;
+    let base = pg_url()?;
     let schema = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
-    let base = pg_url().expect("OFFLOAD_TEST_DATABASE_URL");
     let mut conn = sqlx::PgConnection::connect(&base)
         .await
-        .expect("the PostgreSQL of OFFLOAD_TEST_DATABASE_URL");
+        .expect("PostgreSQL at OFFLOAD_TEST_DATABASE_URL");
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
         .execute(&mut conn)
         .await
         .unwrap();
-    let url = format!("{base}?options=-c%20search_path%3D{schema}");
-    (schema, url)
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    Some((schema, url))
 }
 
 pub async fn drop_pg_schema(schema: &str) {
     use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&pg_url().expect("OFFLOAD_TEST_DATABASE_URL"))
-        .await
-        .unwrap();
+    let url = pg_url().expect("a schema was made, so PostgreSQL is there");
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&mut conn)
         .await

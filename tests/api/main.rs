@@ -4,6 +4,7 @@ mod blobs;
 mod browser;
 mod cluster;
 mod crash;
+mod datadir;
 mod errors;
 mod helpers;
 mod jobs;

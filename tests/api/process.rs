@@ -19,6 +19,19 @@ async fn worker_pids(app: &TestApp) -> Vec<u64> {
     pids
 }
 
+/// The worker pids once `n` workers are live. A replacement is listed once it has said it is
+/// ready, a moment after the worker it replaces is gone.
+async fn live_pids(app: &TestApp, n: usize) -> Vec<u64> {
+    for _ in 0..500 {
+        let pids = worker_pids(app).await;
+        if pids.len() == n {
+            return pids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the lane never had {n} live workers");
+}
+
 fn alive(pid: u64) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -162,8 +175,7 @@ async fn a_worker_killed_mid_job_fails_it_as_crashed_and_is_replaced() {
     let done = app.wait(&id_of(&job), 30).await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["error"]["type"], "crashed", "{done}");
-    let pids = worker_pids(&app).await;
-    assert_eq!(pids.len(), 1);
+    let pids = live_pids(&app, 1).await;
     assert_ne!(pids[0], pid);
     let ok = app
         .submit(json!({"task": "noop", "kind": "cpu", "isolate": true}))
@@ -195,8 +207,7 @@ async fn workers_are_recycled_after_their_job_allowance() {
             .await;
         assert_eq!(app.wait(&id_of(&j), 30).await["status"], "succeeded");
     }
-    let second = worker_pids(&app).await;
-    assert_eq!(second.len(), 1);
+    let second = live_pids(&app, 1).await;
     assert_ne!(first, second, "the worker was replaced after 2 jobs");
     let j = app
         .submit(json!({"task": "noop", "kind": "cpu", "isolate": true}))
@@ -359,4 +370,77 @@ async fn temp_and_output_files_left_by_a_crash_are_removed_at_start() {
         .unwrap()
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Regression: a worker whose replacement failed to start was never started again, so the pool
+/// shrank for good and jobs waited for it forever. Now the supervisor starts it again with
+/// backoff, `/v1/stats` lists only live workers, and a job waits for a live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_fail_to_restart_are_retried_until_they_start_and_jobs_wait_for_them() {
+    use std::os::unix::fs::PermissionsExt;
+    // The worker executable: the real one, while the flag file exists; otherwise it exits at
+    // once, as a deleted or broken binary would.
+    let bin = tempfile::tempdir().unwrap();
+    let flag = bin.path().join("workers-may-start");
+    let script = bin.path().join("worker.sh");
+    std::fs::write(&flag, b"").unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ -e '{}' ] || exit 1\nexec '{}' \"$@\"\n",
+            flag.display(),
+            env!("CARGO_BIN_EXE_offload")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A process another test forks while the script was open for writing keeps that fd until
+    // it execs; running the script meanwhile fails with ETXTBSY. Let those moments pass.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let exe = script.clone();
+    let app = spawn_with(move |s| s.worker_exe = Some(exe)).await;
+    let before = live_pids(&app, 2).await;
+
+    std::fs::remove_file(&flag).unwrap();
+    for pid in &before {
+        assert!(std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+    // Both died idle and their replacements fail to start: no live worker is listed.
+    live_pids(&app, 0).await;
+    let job = app
+        .submit(
+            json!({"task": "sum_squares", "args": {"n": 1000}, "isolate": true, "max_attempts": 1}),
+        )
+        .await;
+    let id = id_of(&job);
+    // Over several failed restarts the job neither fails nor runs: it waits for a worker.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let waiting = app.get(&format!("/v1/jobs/{id}")).await.body;
+    assert!(!is_final(&waiting), "{waiting}");
+    assert!(worker_pids(&app).await.is_empty());
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("offload_worker_start_failures_total"),
+        "start failures are counted"
+    );
+
+    // The executable is back: the supervisor's next retry (within 5 s) starts both workers.
+    std::fs::write(&flag, b"").unwrap();
+    let done = app.wait(&id, 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["sum"], "332833500");
+    let after = live_pids(&app, 2).await;
+    assert!(after.iter().all(|p| !before.contains(p) && alive(*p)));
 }
