@@ -244,7 +244,8 @@ pub enum AttemptEnd {
     /// The task panicked or its worker process died.
     Crashed(String),
     TimedOut,
-    /// Cancelled by request: the cancel has already written the job's state.
+    /// Cancelled by request (the cancel has already written the job's state), or stopped by a
+    /// drain (which hands the job back itself): nothing to write.
     Cancelled,
     /// A graceful shutdown ran out of time: the job goes back without using up its attempt.
     Drained,

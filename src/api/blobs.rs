@@ -125,9 +125,15 @@ pub async fn remove(
     let id = crate::blob::canonical_id(&raw).ok_or_else(|| unknown(&raw))?;
     match state.dispatcher.store().delete_blob(&id).await? {
         BlobDeleteOutcome::Deleted => {
-            if let Err(e) = state.blobs.remove(&id).await {
-                tracing::warn!(blob = %id, error = %e, "the blob's file could not be removed");
-            }
+            // The row is gone; the file goes in a task of its own, so a client that hangs up
+            // now cannot leave it behind.
+            let blobs = state.blobs.clone();
+            let removed = tokio::spawn(async move {
+                if let Err(e) = blobs.remove(&id).await {
+                    tracing::warn!(blob = %id, error = %e, "the blob's file could not be removed");
+                }
+            });
+            let _ = removed.await;
             Ok(StatusCode::NO_CONTENT)
         }
         BlobDeleteOutcome::InUse(n) => Err(ApiError::conflict(format!(

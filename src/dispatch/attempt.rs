@@ -85,7 +85,8 @@ impl Dispatcher {
             Err(TaskError::Stopped) => match ctx.stop_reason() {
                 Some(StopReason::Cancelled) => AttemptEnd::Cancelled,
                 Some(StopReason::TimedOut) => AttemptEnd::TimedOut,
-                Some(StopReason::Shutdown) => AttemptEnd::Drained,
+                // The drain that stopped it hands the job back itself, once.
+                Some(StopReason::Shutdown) => AttemptEnd::Cancelled,
                 None => AttemptEnd::Transient("the task stopped without being asked to".into()),
             },
         };
@@ -110,6 +111,7 @@ impl Dispatcher {
             next,
             progress: ctx.progress(),
             now,
+            expired_before: None,
         };
         let mut backoff = WriteBackoff::new();
         loop {

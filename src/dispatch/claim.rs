@@ -9,8 +9,8 @@ use tracing::Instrument;
 
 use super::{Dispatcher, CLAIM_BATCH};
 use crate::clock::Micros;
-use crate::job::{ExecutorKind, Job};
-use crate::store::Lease;
+use crate::job::{next_state, AttemptEnd, ExecutorKind, Job};
+use crate::store::{Lease, Settle};
 
 /// The longest a lane with room waits before it looks at the store again without being told
 /// to: what a lost notice costs at most.
@@ -31,8 +31,9 @@ impl Dispatcher {
                 return;
             }
             let first = tokio::select! {
-                p = lane.slots.clone().acquire_owned() => p.expect("lane semaphore is never closed"),
+                biased;
                 _ = stop.changed() => return,
+                p = lane.slots.clone().acquire_owned() => p.expect("lane semaphore is never closed"),
             };
             let mut permits = vec![first];
             while permits.len() < CLAIM_BATCH {
@@ -41,13 +42,14 @@ impl Dispatcher {
                     Err(_) => break,
                 }
             }
-            // Claim no more than the lane can start now (the process lane's dead workers that
-            // are not yet replaced): the rest stay queued in the store, not waiting in the lane.
-            let live = lane
+            // Claim no more than the lane can start now: its free slots less what it lacks for a
+            // while (the process lane's dead workers, not yet replaced). The rest stay queued
+            // in the store instead of waiting inside the lane.
+            let missing = lane
                 .executor
-                .live_capacity()
-                .saturating_sub(lane.running.load(Ordering::Acquire));
-            if live == 0 {
+                .capacity()
+                .saturating_sub(lane.executor.live_capacity());
+            if missing >= permits.len() {
                 drop(permits);
                 tokio::select! {
                     _ = tokio::time::sleep(SHORT_OF_WORKERS) => {}
@@ -55,7 +57,7 @@ impl Dispatcher {
                 }
                 continue;
             }
-            permits.truncate(live);
+            permits.truncate(permits.len() - missing);
             let wanted = permits.len();
             let now = Micros::now();
             let lease = Lease {
@@ -63,10 +65,25 @@ impl Dispatcher {
                 until: now.plus(self.lease),
             };
             lane.claiming.fetch_add(wanted, Ordering::AcqRel);
+            // A drain that began meanwhile may have seen no claim in flight: claim nothing.
+            if *stop.borrow() {
+                lane.claiming.fetch_sub(wanted, Ordering::AcqRel);
+                return;
+            }
             let claimed = self.store.claim(kind, wanted as u32, now, &lease).await;
             let wait = match claimed {
-                Ok(claimed) => {
+                Ok(mut claimed) => {
                     failures = super::retry::WriteBackoff::new();
+                    if claimed.jobs.len() > wanted {
+                        // A store must not hand out more than asked; if one does, the surplus
+                        // goes straight back rather than sitting `running` with no attempt.
+                        let surplus = claimed.jobs.split_off(wanted);
+                        tracing::error!(
+                            count = surplus.len(),
+                            "a claim returned more jobs than asked for"
+                        );
+                        self.hand_back(surplus).await;
+                    }
                     let got = claimed.jobs.len();
                     // Counted as running from the claim until the outcome is written.
                     lane.running.fetch_add(got, Ordering::AcqRel);
@@ -98,6 +115,28 @@ impl Dispatcher {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
             }
+        }
+    }
+
+    /// Puts claimed jobs that will not run here back in the queue, their attempt given back.
+    async fn hand_back(&self, jobs: Vec<Job>) {
+        let now = Micros::now();
+        let moves = jobs
+            .into_iter()
+            .filter_map(|job| {
+                let next = next_state(&job, AttemptEnd::Drained, Duration::ZERO, now)?;
+                Some(Settle {
+                    progress: 0.0,
+                    job,
+                    next,
+                    now,
+                    expired_before: None,
+                })
+            })
+            .collect();
+        if let Err(e) = self.store.settle(moves).await {
+            // Their leases run out and they are rescued.
+            tracing::error!(error = %e, "handing back surplus jobs failed");
         }
     }
 

@@ -1,6 +1,7 @@
 //! Maintenance: leases (renewal, and the rescue of jobs whose server stopped renewing),
 //! recounting the queues, and pruning.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,15 +52,10 @@ impl Dispatcher {
             }
             Err(e) => tracing::warn!(error = %e, "renewing leases failed"),
         }
-        // On an exclusive store every running job is this server's own, rescued at start if a
-        // dead process left it; a lease of ours that ran out (a renewal delayed by a full
-        // disk) must not requeue work that is still running here.
-        let rescued = if self.store.exclusive() {
-            Ok((0, 0))
-        } else {
-            self.rescue(Micros::now()).await
-        };
-        match rescued {
+        // Attempts running here are never rescued by this server, even if their lease ran out
+        // (a renewal delayed by a full disk): the work is still going on.
+        let mine: HashSet<JobId> = running.iter().map(|(id, _)| *id).collect();
+        match self.rescue(Micros::now(), &mine).await {
             Ok((requeued, lost)) if requeued + lost > 0 => tracing::warn!(
                 requeued,
                 lost,
@@ -76,7 +72,11 @@ impl Dispatcher {
     /// Moves running jobs whose lease ended before `before` on, as [`next_state`] decides for a
     /// lost attempt: queued again while attempts remain, else failed as `lost`. Returns how
     /// many were requeued and how many lost.
-    pub(super) async fn rescue(&self, before: Micros) -> Result<(u64, u64), StoreError> {
+    pub(super) async fn rescue(
+        &self,
+        before: Micros,
+        skip: &HashSet<JobId>,
+    ) -> Result<(u64, u64), StoreError> {
         let (mut requeued, mut lost) = (0, 0);
         loop {
             let jobs = self.store.expired(before, RESCUE_BATCH).await?;
@@ -87,6 +87,7 @@ impl Dispatcher {
             let full = jobs.len() as u32 == RESCUE_BATCH;
             let moves: Vec<Settle> = jobs
                 .into_iter()
+                .filter(|job| !skip.contains(&job.id))
                 .filter_map(|job| {
                     let next = next_state(&job, AttemptEnd::Lost, Duration::ZERO, now)?;
                     Some(Settle {
@@ -94,6 +95,8 @@ impl Dispatcher {
                         job,
                         next,
                         now,
+                        // Only if its owner has not renewed the lease since we looked.
+                        expired_before: Some(before),
                     })
                 })
                 .collect();

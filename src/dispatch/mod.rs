@@ -19,7 +19,7 @@ mod maintenance;
 mod retry;
 mod route;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -231,7 +231,7 @@ impl Dispatcher {
             }
         });
         if self.store.exclusive() {
-            let (requeued, lost) = self.rescue(Micros(i64::MAX)).await?;
+            let (requeued, lost) = self.rescue(Micros(i64::MAX), &HashSet::new()).await?;
             if requeued + lost > 0 {
                 tracing::warn!(
                     requeued,
@@ -271,13 +271,15 @@ impl Dispatcher {
     }
 
     /// Stops the attempt of job `id` running here (only attempt `attempt`, if given). A cancel
-    /// that finds none is remembered for a while: its attempt may be about to register.
+    /// of the job itself (`attempt` not given: the job is `cancelled` for good) that finds no
+    /// attempt is remembered for a while: its attempt may be about to register. A stop aimed
+    /// at one attempt is never remembered: the job's next attempt must run.
     fn stop_attempt(&self, id: JobId, attempt: Option<u32>, reason: StopReason) {
         let mut attempts = self.attempts.lock().expect("attempts lock");
         match attempts.live.get(&id) {
             Some(r) if attempt.is_none_or(|a| a == r.ctx.attempt) => r.ctx.stop(reason),
             Some(_) => {}
-            None if reason == StopReason::Cancelled => {
+            None if reason == StopReason::Cancelled && attempt.is_none() => {
                 let now = Instant::now();
                 if attempts.cancelled.len() >= 1024 {
                     attempts
@@ -550,6 +552,7 @@ impl Dispatcher {
                     next,
                     progress: ctx.progress(),
                     now,
+                    expired_before: None,
                 })
             })
             .collect();

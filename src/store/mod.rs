@@ -161,6 +161,9 @@ pub struct Settle {
     /// The attempt's last progress, kept on a failure.
     pub progress: f64,
     pub now: Micros,
+    /// For a rescue: move only if the job's lease still ended before this (its owner may have
+    /// renewed it since the rescuer looked).
+    pub expired_before: Option<Micros>,
 }
 
 impl Settle {
@@ -229,9 +232,10 @@ pub trait JobStore: Send + Sync + 'static {
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError>;
     /// Removes a finished job.
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError>;
-    /// Extends the lease of `owner`'s running jobs to `until`. Answers which of `running` (the
-    /// attempts the owner believes it runs) no longer run under its lease: cancelled, rescued
-    /// or finished elsewhere; the owner stops them.
+    /// Extends the leases of the attempts `owner` runs (`running`, and only those: a row the
+    /// owner no longer runs lets its lease run out and is rescued) to `until`. Answers which of
+    /// `running` no longer run under its lease: cancelled, rescued or finished elsewhere; the
+    /// owner stops them.
     async fn renew(
         &self,
         owner: &str,

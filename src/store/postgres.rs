@@ -31,6 +31,15 @@ const COLUMNS: &str =
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
     spec_hash, created_at, scheduled_at, started_at, finished_at";
 
+/// The columns, each qualified with the `jobs` table, for statements that join another.
+fn qualified() -> String {
+    COLUMNS
+        .split(", ")
+        .map(|c| format!("jobs.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The migrations, compiled into the binary.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -305,12 +314,16 @@ impl JobStore for PostgresStore {
     ) -> Result<Claimed, StoreError> {
         // SKIP LOCKED: servers claiming at the same moment take different rows instead of
         // queueing behind each other's locks.
+        // The rows are picked in a CTE, which PostgreSQL runs once: an `IN (subquery …
+        // LIMIT … SKIP LOCKED)` may be re-run by the planner and update more rows than LIMIT.
         let sql = format!(
-            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
-             progress = 0, owner = $2, lease_until = $3 WHERE id IN (SELECT id FROM jobs \
-             WHERE status = 'queued' AND executor = $4 AND scheduled_at <= $1 \
-             AND attempt < max_attempts ORDER BY priority DESC, scheduled_at, id LIMIT $5 \
-             FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
+            "WITH picked AS (SELECT id FROM jobs WHERE status = 'queued' AND executor = $4 \
+             AND scheduled_at <= $1 AND attempt < max_attempts \
+             ORDER BY priority DESC, scheduled_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
+             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
+             progress = 0, owner = $2, lease_until = $3 FROM picked \
+             WHERE jobs.id = picked.id RETURNING {}",
+            qualified()
         );
         let rows = sqlx::query(&sql)
             .bind(now.0)
@@ -351,9 +364,11 @@ impl JobStore for PostgresStore {
              error = v.error::jsonb, progress = v.progress, scheduled_at = v.scheduled_at, \
              finished_at = v.finished_at, owner = NULL, lease_until = NULL \
              FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], \
-             $6::float8[], $7::bigint[], $8::bigint[], $9::int[]) \
-             AS v(id, status, attempt, result, error, progress, scheduled_at, finished_at, was) \
+             $6::float8[], $7::bigint[], $8::bigint[], $9::int[], $10::bigint[]) \
+             AS v(id, status, attempt, result, error, progress, scheduled_at, finished_at, was, \
+             expired) \
              WHERE jobs.id = v.id AND jobs.status = 'running' AND jobs.attempt = v.was \
+             AND (v.expired IS NULL OR jobs.lease_until IS NULL OR jobs.lease_until < v.expired) \
              RETURNING jobs.id",
         )
         .bind(to.iter().map(|j| j.id.0).collect::<Vec<_>>())
@@ -382,6 +397,12 @@ impl JobStore for PostgresStore {
                 .map(|m| m.job.attempt as i32)
                 .collect::<Vec<_>>(),
         )
+        .bind(
+            moves
+                .iter()
+                .map(|m| m.expired_before.map(|t| t.0))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await?;
         let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
@@ -397,12 +418,14 @@ impl JobStore for PostgresStore {
         running: &[(JobId, u32)],
         until: Micros,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
+        let ids: Vec<Uuid> = running.iter().map(|(id, _)| id.0).collect();
         let rows = sqlx::query(
             "UPDATE jobs SET lease_until = $1 WHERE owner = $2 AND status = 'running' \
-             RETURNING id, attempt",
+             AND id = ANY($3) RETURNING id, attempt",
         )
         .bind(until.0)
         .bind(owner)
+        .bind(ids)
         .fetch_all(&self.pool)
         .await?;
         let mut held = std::collections::HashSet::with_capacity(rows.len());
@@ -546,11 +569,7 @@ impl JobStore for PostgresStore {
              owner = NULL, lease_until = NULL FROM (SELECT id, status AS was FROM jobs \
              WHERE id = $3 FOR UPDATE) AS old WHERE jobs.id = old.id \
              AND jobs.status IN ('queued', 'running') RETURNING old.was, {}",
-            COLUMNS
-                .split(", ")
-                .map(|c| format!("jobs.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            qualified()
         );
         let row = sqlx::query(&sql)
             .bind(error)

@@ -61,6 +61,7 @@ async fn settle(store: &Arc<dyn JobStore>, job: &Job, end: AttemptEnd) -> Option
             next,
             progress: 0.5,
             now,
+            expired_before: None,
         }])
         .await
         .unwrap()
@@ -344,6 +345,7 @@ async fn settle_writes_what_next_state_decides(store: Arc<dyn JobStore>) {
             next: Next::Succeeded(json!({})),
             progress: 1.0,
             now: Micros::now(),
+            expired_before: None,
         }])
         .await
         .unwrap_err();
@@ -387,8 +389,33 @@ async fn leases_are_renewed_and_expired_ones_rescued(store: Arc<dyn JobStore>) {
     let later = now.plus(Duration::from_secs(1));
     let expired = store.expired(later, 10).await.unwrap();
     assert_eq!(expired.len(), 2);
+    // A rescue moves a job only if its lease still ended before the rescuer's look: here the
+    // owner renews `twice` in between, and the first rescue of it is refused.
+    let rescue = |job: &Job, before: Micros| Settle {
+        job: job.clone(),
+        next: next_state(job, AttemptEnd::Lost, Duration::ZERO, Micros::now()).unwrap(),
+        progress: 0.0,
+        now: Micros::now(),
+        expired_before: Some(before),
+    };
+    let twice_running = expired.iter().find(|j| j.id == twice.id).unwrap();
+    store
+        .renew(
+            "dead",
+            &[(twice.id, 1)],
+            later.plus(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    let refused = store
+        .settle(vec![rescue(twice_running, later)])
+        .await
+        .unwrap();
+    assert!(refused[0].is_none(), "renewed since: not rescued");
+    let much_later = later.plus(Duration::from_secs(20));
     for job in &expired {
-        settle(&store, job, AttemptEnd::Lost).await.unwrap();
+        let moved = store.settle(vec![rescue(job, much_later)]).await.unwrap();
+        assert!(moved[0].is_some(), "{job:?}");
     }
     let lost = store.get(once.id).await.unwrap().unwrap();
     assert_eq!(lost.status, JobStatus::Failed);

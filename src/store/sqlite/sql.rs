@@ -275,14 +275,15 @@ pub(super) fn settle_rows<'a>(
     Box::pin(async move {
         let mut done = HashSet::with_capacity(moves.len());
         for chunk in moves.chunks(SETTLE_CHUNK) {
-            let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
                 "UPDATE jobs SET status = v.column2, attempt = v.column3, result = v.column4, \
                  error = v.column5, progress = v.column6, scheduled_at = v.column7, \
                  finished_at = v.column8, owner = NULL, lease_until = NULL \
                  FROM (VALUES {values}) AS v \
                  WHERE jobs.id = v.column1 AND +jobs.status = 'running' \
-                 AND jobs.attempt = v.column9 RETURNING jobs.id"
+                 AND jobs.attempt = v.column9 AND (v.column10 IS NULL \
+                 OR jobs.lease_until IS NULL OR jobs.lease_until < v.column10) RETURNING jobs.id"
             );
             let mut q = sqlx::query(&sql);
             for m in chunk {
@@ -296,7 +297,8 @@ pub(super) fn settle_rows<'a>(
                     .bind(to.progress)
                     .bind(to.scheduled_at.0)
                     .bind(to.finished_at.map(|t| t.0))
-                    .bind(m.job.attempt as i64);
+                    .bind(m.job.attempt as i64)
+                    .bind(m.expired_before.map(|t| t.0));
             }
             for row in q.fetch_all(&mut *conn).await? {
                 let id: String = row.try_get(0)?;
@@ -381,22 +383,25 @@ pub(super) fn renew<'a>(
     until: Micros,
 ) -> BoxFuture<'a, Result<Vec<(JobId, u32)>, StoreError>> {
     Box::pin(async move {
-        let rows = sqlx::query(
-            "UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running' \
-             RETURNING id, attempt",
-        )
-        .bind(until.0)
-        .bind(owner)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut held = HashSet::with_capacity(rows.len());
-        for row in rows {
-            let id: String = row.try_get(0)?;
-            let attempt: i64 = row.try_get(1)?;
-            held.insert((
-                id.parse::<JobId>().map_err(|e| corrupt("id", e))?,
-                attempt as u32,
-            ));
+        let mut held = HashSet::with_capacity(running.len());
+        for chunk in running.chunks(ID_CHUNK) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "UPDATE jobs SET lease_until = ? WHERE owner = ? AND +status = 'running' \
+                 AND id IN ({marks}) RETURNING id, attempt"
+            );
+            let mut q = sqlx::query(&sql).bind(until.0).bind(owner);
+            for (id, _) in chunk {
+                q = q.bind(id.to_string());
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                let id: String = row.try_get(0)?;
+                let attempt: i64 = row.try_get(1)?;
+                held.insert((
+                    id.parse::<JobId>().map_err(|e| corrupt("id", e))?,
+                    attempt as u32,
+                ));
+            }
         }
         Ok(running
             .iter()

@@ -236,11 +236,19 @@ fn run_batch<'a>(
         // UPDATE: a round trip to SQLite's thread costs more than a row.
         let mut inserts: Vec<(Reply<Vec<Inserted>>, Vec<NewJob>)> = Vec::new();
         let mut settles: Vec<(Reply<Vec<Option<Job>>>, Vec<Settle>)> = Vec::new();
+        let mut settling: HashSet<JobId> = HashSet::new();
         let mut rest: Vec<Op> = Vec::new();
         for op in batch {
             match op {
                 Op::Insert { jobs, reply } if mergeable(&jobs) => inserts.push((reply, jobs)),
-                Op::Settle { moves, reply } => settles.push((reply, moves)),
+                // Two moves of one job cannot share the merged UPDATE (which one applied would
+                // be ambiguous): a second one runs on its own, after it, and meets its guard.
+                Op::Settle { moves, reply }
+                    if moves.iter().all(|m| !settling.contains(&m.job.id)) =>
+                {
+                    settling.extend(moves.iter().map(|m| m.job.id));
+                    settles.push((reply, moves))
+                }
                 op => rest.push(op),
             }
         }
