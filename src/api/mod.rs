@@ -1,4 +1,5 @@
-//! The HTTP API: routes, shared state, the JSON body extractor and the token check.
+//! The HTTP API: routes, shared state, the extractors (each answering its rejections as
+//! problem+json), and the token and cross-site request checks.
 
 mod blobs;
 mod error;
@@ -8,13 +9,15 @@ mod ops;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 pub use error::ApiError;
@@ -213,6 +216,60 @@ impl FromRequest<AppState> for JsonObject {
             Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
             Err(e) => Err(ApiError::bad_request(format!(
                 "the body is not valid JSON: {e}"
+            ))),
+        }
+    }
+}
+
+/// axum's `Path`, answering its rejections as problem+json. Every path parameter here is an
+/// id, and one that is not valid UTF-8 once percent-decoded (`/v1/jobs/%FF`) names nothing
+/// that could exist: a 404, like any other id that names nothing.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                let path = parts.uri.path();
+                Err(match e.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key } => ApiError::not_found(format!(
+                        "nothing is at {path}: its `{key}` is not valid UTF-8 once \
+                         percent-decoded, and every id here is"
+                    )),
+                    _ => ApiError::not_found(format!("nothing is at {path}: {}", e.body_text())),
+                })
+            }
+            Err(other) => Err(ApiError::internal(other.body_text())),
+        }
+    }
+}
+
+/// axum's `Query`, answering its rejections as problem+json: a 422, as for any other query
+/// parameter the server cannot use.
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "the query string: {}",
+                e.body_text()
             ))),
         }
     }

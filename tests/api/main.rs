@@ -7,6 +7,7 @@ mod crash;
 mod errors;
 mod helpers;
 mod jobs;
+mod inputs;
 mod lanes;
 mod observe;
 mod openapi;
