@@ -120,8 +120,8 @@ pub fn is_public(ip: IpAddr) -> bool {
             // 10.0.0.1 as easily as a public address, so they are refused whole rather than
             // judged by the address inside.
             let ipv4_compatible = s[..6] == [0; 6]; // ::/96, with :: and ::1
-            let nat64 = (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) // 64:ff9b::/96
-                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1); // 64:ff9b:1::/48
+                                                    // 64:ff9b::/96 (well-known NAT64) and 64:ff9b:1::/48 (local-use NAT64)
+            let nat64 = s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1);
             let six_to_four = s[0] == 0x2002; // 2002::/16
             !(a.is_loopback()
                 || a.is_unspecified()
