@@ -159,3 +159,20 @@ async fn a_whole_number_written_with_a_fraction_is_an_integer() {
         .await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+/// Broke: the idempotency key's limit of 255 counted bytes while the spec's maxLength counts
+/// characters, so 255 non-ASCII characters, valid by the spec, were a 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_is_measured_in_characters() {
+    let app = spawn_app().await;
+    let key: String = "é".repeat(255);
+    app.submit(json!({"task": "noop", "idempotency_key": key}))
+        .await;
+    let a = app
+        .post(
+            "/v1/jobs",
+            json!({"task": "noop", "idempotency_key": "é".repeat(256)}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
