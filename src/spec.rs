@@ -67,6 +67,32 @@ fn whole(path: &str) -> &str {
     }
 }
 
+/// Writes every number with no fractional part (`384.0`) as the integer it is (`384`).
+///
+/// JSON has one number type, and JSON Schema counts `384.0` as an `integer`, so a client (or a
+/// language whose JSON encoder writes floats) may send either; serde_json keeps them apart, and
+/// `as_u64` would not read `384.0`. Normalising once here, args included, means the schema check,
+/// the fields read below, the idempotency hash and the tasks all see the same value. Numbers
+/// past what an i64 or u64 holds stay as they are (and fail any bounded `integer` check).
+fn integral_numbers_as_integers(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // 2^63 and 2^64: the first values the casts below could not hold exactly.
+            const I64_END: f64 = 9_223_372_036_854_775_808.0;
+            const U64_END: f64 = 18_446_744_073_709_551_616.0;
+            if f.fract() == 0.0 && (-I64_END..I64_END).contains(&f) {
+                *value = Value::from(f as i64);
+            } else if f.fract() == 0.0 && (0.0..U64_END).contains(&f) {
+                *value = Value::from(f as u64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
+        Value::Object(map) => map.values_mut().for_each(integral_numbers_as_integers),
+        _ => {}
+    }
+}
+
 /// What the server fills in when a spec leaves it out.
 #[derive(Clone, Copy, Debug)]
 pub struct SpecDefaults {
@@ -90,6 +116,9 @@ pub fn parse(
     blob_sizes: &BlobSizes,
     now: Micros,
 ) -> Result<NewJob, String> {
+    let mut value = value.clone();
+    integral_numbers_as_integers(&mut value);
+    let value = &value;
     let Some(obj) = value.as_object() else {
         return Err(format!("{}: a job spec must be a JSON object", whole(path)));
     };
@@ -211,9 +240,10 @@ pub fn parse(
         (None, None) => None,
     };
     if let Some(k) = &idempotency_key {
-        if k.is_empty() || k.len() > 255 {
+        // Characters, as the schema's maxLength counts them, not bytes.
+        if k.is_empty() || k.chars().count() > 255 {
             return Err(format!(
-                "{}: an idempotency key must be 1 to 255 bytes long",
+                "{}: an idempotency key must be 1 to 255 characters long",
                 whole(path)
             ));
         }

@@ -1,25 +1,30 @@
 //! Blob endpoints: upload (streamed to disk), download, delete.
 
+use std::collections::HashMap;
+
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream;
 use tokio::io::AsyncReadExt;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Path, Query};
 use crate::blob::{BlobMeta, UploadError};
 use crate::store::BlobDeleteOutcome;
 
-pub async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let keep = match req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("keep="))
-    {
+pub async fn upload(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    if let Some(k) = query.keys().find(|k| k.as_str() != "keep") {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter `{k}`; an upload takes only `keep`"
+        )));
+    }
+    let keep = match query.get("keep").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {

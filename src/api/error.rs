@@ -43,6 +43,14 @@ impl ApiError {
             "send the header `Authorization: Bearer <token>` with the token the server was started with".into(),
         )
     }
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Possible cross-site request refused",
+            detail.into(),
+        )
+    }
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +13,7 @@ use futures_util::stream::{self, Stream};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{ApiError, AppState, JsonObject};
+use super::{ApiError, AppState, JsonObject, Path, Query};
 use crate::clock::Micros;
 use crate::job::{Job, JobId, JobStatus, Kind};
 use crate::spec;
@@ -233,6 +233,23 @@ pub async fn get_job(
     Ok(Json(present(&state, job)))
 }
 
+/// A page's `cursor`: the `next_cursor` of the page before, which is a job id in its
+/// hyphenated form. Empty means none, as absent does: the first page (a client that passes
+/// on `next_cursor` as it got it, null and all, should not fail).
+fn parse_cursor(raw: Option<&str>) -> Result<Option<JobId>, ApiError> {
+    match raw {
+        None | Some("") => Ok(None),
+        // The uuid crate also reads braced, urn: and unhyphenated forms; the spec's pattern
+        // names one form, so the server takes that one only.
+        Some(c) => c
+            .parse::<JobId>()
+            .ok()
+            .filter(|_| c.len() == 36)
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid("cursor: use the `next_cursor` of the previous page")),
+    }
+}
+
 pub async fn list(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -264,11 +281,7 @@ pub async fn list(
             .map(|k| k.parse::<Kind>())
             .transpose()
             .map_err(|e| ApiError::invalid(format!("kind: {e}")))?,
-        before: query
-            .get("cursor")
-            .map(|c| c.parse::<JobId>())
-            .transpose()
-            .map_err(|_| ApiError::invalid("cursor: use the `next_cursor` of the previous page"))?,
+        before: parse_cursor(query.get("cursor").map(String::as_str))?,
         limit: limit + 1,
     };
     let mut jobs = state.dispatcher.store().list(&filter).await?;

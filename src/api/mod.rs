@@ -1,4 +1,5 @@
-//! The HTTP API: routes, shared state, the JSON body extractor and the token check.
+//! The HTTP API: routes, shared state, the extractors (each answering its rejections as
+//! problem+json), and the token and cross-site request checks.
 
 mod blobs;
 mod error;
@@ -8,13 +9,15 @@ mod ops;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 pub use error::ApiError;
@@ -100,54 +103,119 @@ async fn method_not_allowed(req: Request) -> ApiError {
     ))
 }
 
-/// With a token configured, every request but the health checks must carry it.
+/// The header the dashboard's script sends with every call. A page on another site cannot
+/// add a custom header to a request without a CORS preflight, and this server answers no
+/// preflight, so its presence shows the request was not forged by another site.
+pub const CSRF_HEADER: &str = "x-offload-csrf";
+
+/// With a token configured, every request but the health checks must carry it: as
+/// `Authorization: Bearer`, or as the dashboard's cookie. A request that changes something
+/// must also show it was not forged by another site (see [`cross_site_check`]).
 async fn require_token(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Some(token) = &state.settings.api_token {
-        let path = req.uri().path();
-        if path != "/healthz" && path != "/readyz" {
-            let bearer = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            // A browser cannot add a header to a page it navigates to: the dashboard is opened
-            // once as `/?token=...`, which sets an HttpOnly, SameSite=Strict cookie (no other
-            // site can make the browser send it) and redirects to `/`.
-            let cookie = req
-                .headers()
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|c| c.trim().strip_prefix("offload_token="));
-            let query = (path == "/")
-                .then(|| req.uri().query())
-                .flatten()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-            let ok = |given: Option<&str>| {
-                given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
-            };
-            if ok(query) {
-                let cookie = format!("offload_token={token}; HttpOnly; SameSite=Strict; Path=/");
-                return Ok((
-                    StatusCode::SEE_OTHER,
-                    [
-                        (header::LOCATION, "/".to_string()),
-                        (header::SET_COOKIE, cookie),
-                    ],
-                )
-                    .into_response());
-            }
-            if !ok(bearer) && !ok(cookie) {
-                return Err(ApiError::unauthorized());
-            }
-        }
+    let Some(token) = &state.settings.api_token else {
+        cross_site_check(&req, Credential::None)?;
+        return Ok(next.run(req).await);
+    };
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return Ok(next.run(req).await);
     }
-    Ok(next.run(req).await)
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // A browser cannot add a header to a page it navigates to: the dashboard is opened
+    // once as `/?token=...`, which sets an HttpOnly, SameSite=Strict cookie and redirects
+    // to `/`.
+    let cookie = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("offload_token="));
+    let query = (path == "/")
+        .then(|| req.uri().query())
+        .flatten()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    let ok = |given: Option<&str>| {
+        given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+    };
+    if ok(query) {
+        let cookie = format!("offload_token={token}; HttpOnly; SameSite=Strict; Path=/");
+        return Ok((
+            StatusCode::SEE_OTHER,
+            [
+                (header::LOCATION, "/".to_string()),
+                (header::SET_COOKIE, cookie),
+            ],
+        )
+            .into_response());
+    }
+    if ok(bearer) {
+        return Ok(next.run(req).await);
+    }
+    if ok(cookie) {
+        cross_site_check(&req, Credential::Cookie)?;
+        return Ok(next.run(req).await);
+    }
+    Err(ApiError::unauthorized())
+}
+
+/// What authenticated a request that carries no valid bearer token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Credential {
+    /// No token is configured: nothing to authenticate with.
+    None,
+    /// The dashboard's cookie, which the browser attaches by itself.
+    Cookie,
+}
+
+/// Refuses a request that changes something (any method but GET, HEAD and OPTIONS) when
+/// another site could have made a browser send it (cross-site request forgery).
+///
+/// A bearer token is never attached by a browser on its own, so requests that carry one are
+/// not checked. A cookie is: SameSite=Strict keeps it off requests from other *sites*, but a
+/// site is a host without its port, so a page served from another port of this host (any
+/// local dev server) counts as same-site and its forms would carry the cookie. So a
+/// cookie-authenticated change needs the [`CSRF_HEADER`], which only a same-origin script can
+/// send. Without a token there is no credential to steal, but a page on another origin could
+/// still make a visitor's browser POST here (a plain form can cancel a job): a change whose
+/// `Origin` names another origin than this `Host` is refused unless it carries the header.
+/// Clients that are not browsers send no `Origin` and are not affected.
+fn cross_site_check(req: &Request, credential: Credential) -> Result<(), ApiError> {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || req.headers().contains_key(CSRF_HEADER)
+    {
+        return Ok(());
+    }
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let forged = match credential {
+        Credential::Cookie => true,
+        Credential::None => match (header(header::ORIGIN), header(header::HOST)) {
+            (None, _) => false,
+            (Some(origin), Some(host)) => !["http://", "https://"].iter().any(|scheme| {
+                origin
+                    .strip_prefix(scheme)
+                    .is_some_and(|o| o.eq_ignore_ascii_case(host))
+            }),
+            (Some(_), None) => true,
+        },
+    };
+    if forged {
+        return Err(ApiError::forbidden(format!(
+            "a {} authenticated by a cookie, or sent from another origin, must carry the \
+             header `X-Offload-Csrf: 1` (the dashboard sends it); API clients should send \
+             `Authorization: Bearer <token>` instead",
+            req.method()
+        )));
+    }
+    Ok(())
 }
 
 /// Compares without an early exit, so the time taken does not reveal how much matched.
@@ -214,6 +282,60 @@ impl FromRequest<AppState> for JsonObject {
             Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
             Err(e) => Err(ApiError::bad_request(format!(
                 "the body is not valid JSON: {e}"
+            ))),
+        }
+    }
+}
+
+/// axum's `Path`, answering its rejections as problem+json. Every path parameter here is an
+/// id, and one that is not valid UTF-8 once percent-decoded (`/v1/jobs/%FF`) names nothing
+/// that could exist: a 404, like any other id that names nothing.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                let path = parts.uri.path();
+                Err(match e.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key } => ApiError::not_found(format!(
+                        "nothing is at {path}: its `{key}` is not valid UTF-8 once \
+                         percent-decoded, and every id here is"
+                    )),
+                    _ => ApiError::not_found(format!("nothing is at {path}: {}", e.body_text())),
+                })
+            }
+            Err(other) => Err(ApiError::internal(other.body_text())),
+        }
+    }
+}
+
+/// axum's `Query`, answering its rejections as problem+json: a 422, as for any other query
+/// parameter the server cannot use.
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "the query string: {}",
+                e.body_text()
             ))),
         }
     }

@@ -71,7 +71,7 @@ impl HttpGet {
         if let Some(ip) = literal_ip(&url) {
             if !self.allow_private && !is_public(ip) {
                 return Err(format!(
-                    "args.url: {ip} is a loopback or private address; refused \
+                    "args.url: {ip} is a loopback, private or reserved address; refused \
                      (allow with --http-allow-private)"
                 ));
             }
@@ -89,7 +89,10 @@ fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
 }
 
 /// True for addresses on the public internet; false for loopback, private, link-local,
-/// carrier-grade NAT, unspecified, multicast and documentation ranges.
+/// carrier-grade NAT, unspecified, broadcast, multicast, documentation and benchmarking
+/// ranges, and for the IPv6 forms that carry an IPv4 address a router may translate to
+/// (IPv4-mapped, IPv4-compatible, NAT64, 6to4) or that are private by another name
+/// (unique-local, the deprecated site-local).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
@@ -102,18 +105,38 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a.is_multicast()
                 || a.is_documentation()
                 || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xC0) == 64))
+                // 100.64.0.0/10, carrier-grade NAT
+                || (o[0] == 100 && (o[1] & 0xC0) == 64)
+                // 198.18.0.0/15, benchmarking (RFC 2544): lab networks, often inside
+                || (o[0] == 198 && (o[1] & 0xFE) == 18))
         }
         IpAddr::V6(a) => {
             if let Some(v4) = a.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
             let s = a.segments();
+            // Ranges whose traffic reaches an IPv4 address chosen by the sender, through the
+            // host's own stack or a translating router: `::a.b.c.d` reaches 127.0.0.1 or
+            // 10.0.0.1 as easily as a public address, so they are refused whole rather than
+            // judged by the address inside.
+            let ipv4_compatible = s[..6] == [0; 6]; // ::/96, with :: and ::1
+                                                    // 64:ff9b::/96 (well-known NAT64) and 64:ff9b:1::/48 (local-use NAT64)
+            let nat64 = s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1);
+            let six_to_four = s[0] == 0x2002; // 2002::/16
             !(a.is_loopback()
                 || a.is_unspecified()
                 || a.is_multicast()
+                || ipv4_compatible
+                || nat64
+                || six_to_four
+                // fc00::/7, unique local
                 || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80)
+                // fe80::/10, link-local
+                || (s[0] & 0xffc0) == 0xfe80
+                // fec0::/10, site-local (deprecated, still private where used)
+                || (s[0] & 0xffc0) == 0xfec0
+                // 2001:db8::/32, documentation
+                || (s[0] == 0x2001 && s[1] == 0x0db8))
         }
     }
 }
@@ -163,7 +186,7 @@ impl Task for HttpGet {
             .find(|a| self.allow_private || is_public(a.ip()))
             .ok_or_else(|| {
                 TaskError::Permanent(format!(
-                    "`{host}` resolves only to loopback or private addresses; refused \
+                    "`{host}` resolves only to loopback, private or reserved addresses; refused \
                      (allow with --http-allow-private)"
                 ))
             })?;
@@ -232,5 +255,89 @@ mod tests {
         for ip in ["93.184.216.34", "2606:4700::1111"] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    fn refused(ips: &[&str]) {
+        for ip in ips {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} must be refused");
+        }
+    }
+
+    fn allowed(ips: &[&str]) {
+        for ip in ips {
+            assert!(is_public(ip.parse().unwrap()), "{ip} must be allowed");
+        }
+    }
+
+    #[test]
+    fn ipv4_compatible_ipv6_is_refused_whatever_it_carries() {
+        refused(&[
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "::0.0.0.2",
+            "::ffff",
+        ]);
+        // Just outside ::/96: the next /96 up is ordinary (unassigned) space, not this form.
+        allowed(&["0:0:0:0:0:1::1"]);
+    }
+
+    #[test]
+    fn nat64_prefixes_are_refused() {
+        refused(&[
+            "64:ff9b::7f00:1",
+            "64:ff9b::8.8.8.8",
+            "64:ff9b:1::1",
+            "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+        ]);
+        allowed(&["64:ff9b:2::1", "64:ff9a::1"]);
+    }
+
+    #[test]
+    fn six_to_four_is_refused() {
+        refused(&["2002::1", "2002:7f00:1::", "2002:ffff:ffff::1"]);
+        allowed(&["2003::1", "2001:4860::8888"]);
+    }
+
+    #[test]
+    fn site_local_is_refused() {
+        refused(&["fec0::1", "feff:ffff::1"]);
+        allowed(&["2a00::1"]);
+    }
+
+    #[test]
+    fn benchmarking_is_refused() {
+        refused(&["198.18.0.1", "198.19.255.255"]);
+        allowed(&["198.17.255.255", "198.20.0.1"]);
+    }
+
+    #[test]
+    fn ipv6_documentation_is_refused() {
+        refused(&["2001:db8::1"]);
+        allowed(&["2001:db9::1"]);
+    }
+
+    #[test]
+    fn a_refused_literal_is_a_422_at_submit() {
+        let task = HttpGet {
+            allow_hosts: vec!["*".into()],
+            allow_private: false,
+            max_bytes: 1,
+            timeout: Duration::from_secs(1),
+        };
+        for url in [
+            "http://[::7f00:1]/",
+            "http://[64:ff9b::a00:1]/",
+            "http://[64:ff9b:1::1]/",
+            "http://[2002:a00:1::1]/",
+            "http://[fec0::1]/",
+            "http://198.18.0.1/",
+        ] {
+            let e = task.check_args(&json!({ "url": url })).unwrap_err();
+            assert!(e.contains("refused"), "{url}: {e}");
+        }
+        assert!(task
+            .check_args(&json!({"url": "http://[2606:4700::1111]/"}))
+            .is_ok());
     }
 }
