@@ -241,7 +241,9 @@ impl JobStore for SqliteStore {
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT executor, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY executor",
+            // Counted off the small partial index, already in executor order.
+            "SELECT executor, COUNT(*) AS n FROM jobs INDEXED BY jobs_due \
+             WHERE status = 'queued' GROUP BY executor",
         )
         .fetch_all(&self.reads)
         .await?;
