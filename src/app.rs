@@ -115,9 +115,11 @@ impl App {
                 return Err(AppError::TaskTaken {
                     program,
                     task: name,
-                    owner: there.program().map_or("the built-in catalogue".into(), |p| {
-                        format!("task program `{p}`")
-                    }),
+                    owner: there
+                        .program()
+                        .map_or("the built-in catalogue".into(), |p| {
+                            format!("task program `{p}`")
+                        }),
                 });
             }
         }

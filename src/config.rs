@@ -397,7 +397,11 @@ pub struct ServeArgs {
     #[arg(long, env = "OFFLOAD_WORKER_EXE")]
     pub worker_exe: Option<PathBuf>,
     /// A task program: a shell command (run as `sh -c '<command>'`) whose workers speak the worker protocol and serve the tasks they declare. Repeat the flag for several programs; in OFFLOAD_TASK_PROGRAMS separate them with `;`.
-    #[arg(long = "task-program", env = "OFFLOAD_TASK_PROGRAMS", value_delimiter = ';')]
+    #[arg(
+        long = "task-program",
+        env = "OFFLOAD_TASK_PROGRAMS",
+        value_delimiter = ';'
+    )]
     pub task_programs: Option<Vec<String>>,
     /// Worker processes per task program [default: the number of cores].
     #[arg(long, env = "OFFLOAD_TASK_PROGRAM_WORKERS")]

@@ -47,8 +47,8 @@ use super::Executor;
 use crate::job::{ExecutorKind, Kind};
 use crate::task::{JobCtx, Split, Task, TaskError, TaskResult};
 use pool::{Inner, Launch, Lease, PoolSpec};
-use protocol::Run;
 pub use program::{ProgramError, ProgramTask};
+use protocol::Run;
 pub use protocol::TaskDecl;
 pub use worker::{run_worker_if_asked, worker_main};
 
@@ -102,8 +102,9 @@ pub struct LaneSpec {
 
 pub struct ProcessLane {
     builtin: Arc<Inner>,
-    /// Each task program's pool, by its command.
-    programs: BTreeMap<String, Arc<Inner>>,
+    /// Each task program's pool, with its command, in the order given: a task name taken
+    /// twice is blamed on the later program.
+    programs: Vec<(String, Arc<Inner>)>,
     data_dir: PathBuf,
 }
 
@@ -128,10 +129,10 @@ impl ProcessLane {
             None,
         );
         builtin.fill().await.map_err(ProgramError::Builtin)?;
-        let mut programs = BTreeMap::new();
+        let mut programs = Vec::new();
         for command in &spec.programs {
             let pool = program::start(command, &spec, budget.clone()).await?;
-            programs.insert(command.clone(), pool);
+            programs.push((command.clone(), pool));
         }
         Ok(ProcessLane {
             builtin,
@@ -153,7 +154,7 @@ impl ProcessLane {
     }
 
     fn pools(&self) -> impl Iterator<Item = &Arc<Inner>> {
-        std::iter::once(&self.builtin).chain(self.programs.values())
+        std::iter::once(&self.builtin).chain(self.programs.iter().map(|(_, pool)| pool))
     }
 
     /// How many built-in workers are live now.
@@ -211,8 +212,8 @@ impl Executor for ProcessLane {
         let _permit = permit;
         let (inner, exclusive) = match task.program() {
             None => (&self.builtin, true),
-            Some(p) => match self.programs.get(p) {
-                Some(pool) => (pool, task.kinds()[0] == Kind::Cpu),
+            Some(p) => match self.programs.iter().find(|(command, _)| command == p) {
+                Some((_, pool)) => (pool, task.kinds()[0] == Kind::Cpu),
                 None => {
                     return Err(TaskError::Permanent(format!(
                         "task program `{p}` is not running in this server"

@@ -145,9 +145,9 @@ impl Inner {
     /// supervisor.
     pub(super) fn new(spec: PoolSpec, first: Option<Started>) -> Arc<Inner> {
         let wake = Arc::new(Notify::new());
-        let (concurrency, tasks) = first
-            .as_ref()
-            .map_or((1, Vec::new()), |s| (s.ready.concurrency, s.ready.tasks.clone()));
+        let (concurrency, tasks) = first.as_ref().map_or((1, Vec::new()), |s| {
+            (s.ready.concurrency, s.ready.tasks.clone())
+        });
         let inner = Arc::new(Inner {
             program: spec.program,
             launch: spec.launch,
@@ -251,13 +251,7 @@ impl Inner {
                 jobs_done: 0,
             },
         );
-        tokio::spawn(keep(
-            Arc::downgrade(self),
-            worker,
-            s.child,
-            s.stdout,
-            group,
-        ));
+        tokio::spawn(keep(Arc::downgrade(self), worker, s.child, s.stdout, group));
         self.retry_ms
             .store(RETRY_MIN.as_millis() as u64, Ordering::Relaxed);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
@@ -297,7 +291,12 @@ impl Inner {
         let Some(slot) = gone else { return false };
         metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
-        tracing::debug!(pid, reason, program = self.program.as_deref(), "replacing a worker");
+        tracing::debug!(
+            pid,
+            reason,
+            program = self.program.as_deref(),
+            "replacing a worker"
+        );
         slot.worker.kill.notify_one();
         self.launch();
         true
@@ -631,12 +630,7 @@ impl Drop for Lease {
             None => self.inner.release(pid, self.used),
             Some(_) if self.exclusive => self.inner.kill(pid, "killed"),
             Some((id, rx)) => {
-                tokio::spawn(cancel_io(
-                    self.inner.clone(),
-                    self.worker.clone(),
-                    id,
-                    rx,
-                ));
+                tokio::spawn(cancel_io(self.inner.clone(), self.worker.clone(), id, rx));
             }
         }
     }

@@ -19,7 +19,9 @@ pub(super) const PROTOCOL: u32 = 1;
 pub(super) enum ToWorker {
     Run(Run),
     /// Stop running job `id` (io workers; a cpu worker is killed instead).
-    Cancel { id: String },
+    Cancel {
+        id: String,
+    },
     /// Take nothing new and exit.
     Shutdown {},
 }
