@@ -490,6 +490,61 @@ mod tests {
     }
 
     #[test]
+    fn task_programs_come_from_repeated_flags_a_separated_list_or_the_file() {
+        use clap::Parser;
+        let serve = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            Settings::load(&args).unwrap()
+        };
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--task-program",
+            "python3 a.py",
+            "--task-program",
+            "cd b && node b.js",
+            "--task-program-workers",
+            "3",
+        ]);
+        assert_eq!(s.task_programs, ["python3 a.py", "cd b && node b.js"]);
+        assert_eq!(s.task_program_workers, 3);
+        // The environment variable's form: `;` between programs (an empty last one is
+        // ignored).
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--task-program",
+            "python3 a.py;ruby b.rb;",
+        ]);
+        assert_eq!(s.task_programs, ["python3 a.py", "ruby b.rb"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(
+            &path,
+            "task_programs = [\"python3 a.py\"]\ntask_program_workers = 2\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let s = Settings::load(&args).unwrap();
+        assert_eq!(s.task_programs, ["python3 a.py"]);
+        assert_eq!(s.task_program_workers, 2);
+
+        let args = ServeArgs {
+            task_programs: Some(vec!["python3 a.py".into(), "python3 a.py".into()]),
+            ..Default::default()
+        };
+        let e = Settings::load(&args).unwrap_err();
+        assert!(e.0.contains("task-program"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("offload.toml");
