@@ -130,6 +130,16 @@ pub(super) struct Started {
     pub(super) ready: Ready,
 }
 
+impl Started {
+    /// Kills a worker that will not join a pool: its process group (a program's) and itself.
+    pub(super) fn abandon(mut self) {
+        if let Some(pgid) = self.child.id() {
+            crate::shm::kill_process_group(pgid);
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
 /// How to start a pool: its workers, their number, and what they must declare.
 pub(super) struct PoolSpec {
     pub(super) program: Option<String>,
@@ -223,12 +233,12 @@ impl Inner {
     /// A worker that said ready joins the pool, if it declares what the pool serves.
     fn adopt(self: &Arc<Self>, s: Started) {
         if s.ready.tasks != self.tasks {
-            let mut child = s.child;
-            let _ = child.start_kill();
-            self.start_failed(format!(
+            let why = format!(
                 "worker {} declared other tasks than the program's first worker",
                 s.ready.pid
-            ));
+            );
+            s.abandon();
+            self.start_failed(why);
             return;
         }
         let group = matches!(self.launch, Launch::Program { .. });

@@ -45,11 +45,13 @@ pub(super) async fn start(
     let first = handshake(child)
         .await
         .map_err(|why| fail(format!("its handshake failed: {why}")))?;
-    if first.ready.tasks.is_empty() {
-        return Err(fail("its ready message declares no tasks".into()));
-    }
-    for decl in &first.ready.tasks {
-        decl.check().map_err(fail)?;
+    let declared = match first.ready.tasks.as_slice() {
+        [] => Err("its ready message declares no tasks".to_string()),
+        tasks => tasks.iter().try_for_each(TaskDecl::check),
+    };
+    if let Err(why) = declared {
+        first.abandon();
+        return Err(fail(why));
     }
     let names: Vec<String> = first.ready.tasks.iter().map(|t| t.name.clone()).collect();
     let pool = Inner::new(

@@ -194,3 +194,62 @@ pub(super) fn result_of(message: FromWorker) -> Option<TaskResult> {
         FromWorker::Ready(_) | FromWorker::Progress { .. } => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The lines are those of docs/worker-protocol.md, byte for byte in shape.
+    #[test]
+    fn messages_have_the_documented_shape() {
+        let cancel = serde_json::to_value(ToWorker::Cancel { id: "j".into() }).unwrap();
+        assert_eq!(cancel, json!({"cancel": {"id": "j"}}));
+        let shutdown = serde_json::to_value(ToWorker::Shutdown {}).unwrap();
+        assert_eq!(shutdown, json!({"shutdown": {}}));
+        let run: ToWorker = serde_json::from_value(json!({"run": {"id": "j", "attempt": 1,
+            "task": "t", "args": {}, "blobs": {"data": "/d/blobs/b"}, "part": null}}))
+        .unwrap();
+        assert!(matches!(run, ToWorker::Run(Run { attempt: 1, .. })));
+
+        let error: FromWorker = serde_json::from_value(json!({"error": {"id": "j",
+            "kind": "transient", "type": "ValueError", "message": "no"}}))
+        .unwrap();
+        match result_of(error) {
+            Some(Err(TaskError::Transient(m))) => assert_eq!(m, "ValueError: no"),
+            other => panic!("{other:?}"),
+        }
+        let ready: FromWorker = serde_json::from_value(json!({"ready": {"protocol": 1,
+            "pid": 42, "concurrency": 100, "tasks": [{"name": "primes_below", "kind": "cpu",
+            "version": "1", "description": "d", "args_schema": {"type": "object"},
+            "blob_args": []}]}}))
+        .unwrap();
+        let FromWorker::Ready(ready) = ready else {
+            panic!("ready")
+        };
+        assert_eq!(ready.concurrency, 100);
+        assert_eq!(ready.tasks[0].kind, Kind::Cpu);
+        assert!(ready.tasks[0].check().is_ok());
+        // Not a message: a second key, an unknown type.
+        assert!(
+            serde_json::from_str::<FromWorker>(r#"{"ok":{"id":"j","result":1},"x":{}}"#).is_err()
+        );
+        assert!(serde_json::from_str::<FromWorker>(r#"{"hello":{}}"#).is_err());
+    }
+
+    #[test]
+    fn task_names_are_checked() {
+        let decl = |name: &str| TaskDecl {
+            name: name.into(),
+            kind: Kind::Io,
+            version: String::new(),
+            description: String::new(),
+            args_schema: json!({"type": "object"}),
+            blob_args: Vec::new(),
+        };
+        assert!(decl("fetch_2").check().is_ok());
+        for bad in ["", "2fetch", "Fetch", "fe-tch", &"a".repeat(65)] {
+            assert!(decl(bad).check().is_err(), "{bad:?}");
+        }
+    }
+}
