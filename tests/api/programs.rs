@@ -253,6 +253,26 @@ async fn an_io_cancel_leaves_the_worker_and_its_other_jobs_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_io_worker_that_ignores_a_cancel_is_killed_after_its_grace() {
+    let app = spawn_echo(1).await;
+    let before = program_pids(&app).await;
+    let deaf = id_of(
+        &app.submit(json!({"task": "py_io_deaf", "args": {"ms": 60000}}))
+            .await,
+    );
+    app.wait_until(&deaf, 30, |j| j["status"] == "running")
+        .await;
+    let a = app
+        .post(&format!("/v1/jobs/{deaf}/cancel"), json!({}))
+        .await;
+    assert_eq!(a.body["status"], "cancelled", "{}", a.body);
+    // The job is over at once; the worker goes after the 5 s it had to answer.
+    assert_eq!(program_pids(&app).await, before);
+    replaced(&app, &before, 1).await;
+    assert!(gone(before[0]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_mid_job_fails_it_as_crashed_and_it_is_retried() {
     let app = spawn_echo(1).await;
     // Killed from outside (SIGKILL).

@@ -45,6 +45,9 @@ TASKS = [
     {"name": "py_io_sleep", "kind": "io", "version": "1",
      "description": "sleeps ms on the worker's event loop; answers its pid",
      "args_schema": obj({"ms": {"type": "integer", "minimum": 0}}, ["ms"]), "blob_args": []},
+    {"name": "py_io_deaf", "kind": "io", "version": "1",
+     "description": "like py_io_sleep, but ignores a cancel (the server must kill it)",
+     "args_schema": obj({"ms": {"type": "integer", "minimum": 0}}, ["ms"]), "blob_args": []},
     {"name": "py_blob_sum", "kind": "cpu", "version": "1",
      "description": "maps a blob and sums its bytes",
      "args_schema": obj({"data": {"type": "string"}}, ["data"]), "blob_args": ["data"]},
@@ -115,7 +118,8 @@ async def io_job(run: dict) -> None:
 def start_io(run: dict) -> None:
     job = run["id"]
     task = LOOP.create_task(io_job(run))
-    RUNNING[job] = task
+    if run["task"] != "py_io_deaf":
+        RUNNING[job] = task
 
     # A callback, not an `except CancelledError` in io_job: a task cancelled before it first
     # runs never enters its body, and the server still waits for an answer.
