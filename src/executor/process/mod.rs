@@ -25,13 +25,18 @@
 //! workers declare its tasks at their handshake, and every job of those tasks runs there (a
 //! cpu task takes a whole worker, an io task one of its `concurrency` places).
 //!
-//! Here: the lane (a job's run, split jobs). `pool`: the workers, their start, lease and
-//! replacement, and the supervisor. `protocol`: the lines exchanged (docs/worker-protocol.md).
+//! Here: the lane (a job's run, split jobs). `pool`: a pool's workers, taking and giving back,
+//! replacement, and the supervisor. `start`: starting a worker and its handshake. `keeper`: a
+//! live worker, whose keeper task reads its answers and sees it die. `lease`: a run's hold on
+//! a worker, and what a cancel does to it. `protocol`: the lines exchanged (docs/worker-protocol.md).
 //! `program`: task programs and their tasks. `worker`: the built-in worker side.
 
+mod keeper;
+mod lease;
 mod pool;
 mod program;
 mod protocol;
+mod start;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -46,10 +51,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::Executor;
 use crate::job::{ExecutorKind, Kind};
 use crate::task::{JobCtx, Split, Task, TaskError, TaskResult};
-use pool::{Inner, Launch, Lease, PoolSpec};
+use lease::Lease;
+use pool::{Inner, PoolSpec};
 pub use program::{ProgramError, ProgramTask};
 use protocol::Run;
 pub use protocol::TaskDecl;
+use start::Launch;
 pub use worker::{run_worker_if_asked, worker_main};
 
 /// A worker's figures for `/v1/stats`.

@@ -1,87 +1,26 @@
 //! A pool of worker processes (the built-in workers, or one task program's): starting one and
 //! hearing it is ready, taking a worker for a run and giving it back, replacing the dead, and
 //! the supervisor that starts again, with backoff, those that failed to start.
-//!
-//! Each live worker has a keeper task (`keep`) that owns the process and reads its stdout:
-//! it hands each answer to the run it names (by job id), so a worker can run several io jobs
-//! at once, and it is the first to know when the worker dies.
+//! (`start`: starting one; `keeper`: a live worker; `lease`: a run's hold on one.)
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::process::Child;
+use tokio::sync::{Notify, Semaphore};
 
-use super::protocol::{line, result_of, FromWorker, Ready, Run, TaskDecl, ToWorker, PROTOCOL};
+use super::keeper::{keep, Worker};
+use super::protocol::TaskDecl;
+use super::start::{handshake, spawn_child, Launch, Started};
 use super::{rss_bytes, Recycle, WorkerInfo};
-use crate::task::{JobCtx, TaskError, TaskResult};
 
-/// How long a new worker has to say it is ready before it counts as failing to start.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The wait before starting again a worker that failed to start: doubled after each failure,
 /// up to `RETRY_MAX`, and back to `RETRY_MIN` once one starts.
-pub(super) const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// How long an io worker has to answer a `cancel` before it is killed.
-const CANCEL_GRACE: Duration = Duration::from_secs(5);
-
-/// How a pool's workers are started.
-pub(super) enum Launch {
-    /// `<exe> worker`: this binary (or `--worker-exe`), running the built-in catalogue.
-    Builtin { exe: PathBuf },
-    /// A task program: `sh -c <command>`, in a process group of its own, so that a kill
-    /// reaches the program and not only the shell that started it.
-    Program { command: String },
-}
-
-/// What a run hears from its worker.
-enum Event {
-    Progress(f64),
-    Done(TaskResult),
-}
-
-/// A live worker process, shared by the runs it serves and its keeper.
-pub(super) struct Worker {
-    /// The worker's own pid (as its `ready` said; for a program, not the shell's).
-    pub(super) pid: u32,
-    /// A tokio Mutex, held across the write: lines from concurrent runs must not interleave.
-    stdin: tokio::sync::Mutex<ChildStdin>,
-    /// The runs waiting for an answer, by job id. A std Mutex: held for an insert or a remove.
-    pending: Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>,
-    /// Tells the keeper to kill the process. `notify_one` keeps the signal if the keeper is
-    /// not waiting at that moment.
-    kill: Notify,
-}
-
-impl Worker {
-    async fn send(&self, message: &ToWorker) -> std::io::Result<()> {
-        let line = line(message);
-        let mut stdin = self.stdin.lock().await;
-        stdin.write_all(&line).await?;
-        stdin.flush().await
-    }
-
-    /// Hands an answer to the run it names; answers for runs no longer waiting (cancelled)
-    /// are dropped.
-    fn deliver(&self, message: FromWorker) {
-        let Some(id) = message.id().map(str::to_string) else {
-            return;
-        };
-        let mut pending = self.pending.lock().expect("pending lock");
-        if let FromWorker::Progress { value, .. } = message {
-            if let Some(tx) = pending.get(&id) {
-                let _ = tx.send(Event::Progress(value));
-            }
-        } else if let (Some(tx), Some(result)) = (pending.remove(&id), result_of(message)) {
-            let _ = tx.send(Event::Done(result));
-        }
-    }
-}
 
 /// A live worker's place in the pool.
 struct Slot {
@@ -120,24 +59,6 @@ pub(super) struct Inner {
     /// Wakes the supervisor. An Arc of its own: the supervisor holds it, and only a weak
     /// reference to the pool, so that dropping the lane ends it.
     wake: Arc<Notify>,
-}
-
-/// A started worker that has said ready, not yet in a pool.
-pub(super) struct Started {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-    pub(super) ready: Ready,
-}
-
-impl Started {
-    /// Kills a worker that will not join a pool: its process group (a program's) and itself.
-    pub(super) fn abandon(mut self) {
-        if let Some(pgid) = self.child.id() {
-            crate::shm::kill_process_group(pgid);
-        }
-        let _ = self.child.start_kill();
-    }
 }
 
 /// How to start a pool: its workers, their number, and what they must declare.
@@ -296,7 +217,7 @@ impl Inner {
 
     /// Takes worker `pid` out of the pool and starts its replacement, once: whoever sees it
     /// gone first (a kill, its keeper) does it. Returns whether it was still in the pool.
-    fn retire(self: &Arc<Self>, pid: u32, reason: &'static str) -> bool {
+    pub(super) fn retire(self: &Arc<Self>, pid: u32, reason: &'static str) -> bool {
         let gone = self.slots.lock().expect("slots lock").remove(&pid);
         let Some(slot) = gone else { return false };
         metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
@@ -314,7 +235,7 @@ impl Inner {
 
     /// Kills worker `pid` (SIGKILL, by its keeper) and starts a fresh one. The pool forgets
     /// it at once, so that `/v1/stats` and the next run never see it again.
-    fn kill(self: &Arc<Self>, pid: u32, reason: &'static str) {
+    pub(super) fn kill(self: &Arc<Self>, pid: u32, reason: &'static str) {
         self.retire(pid, reason);
     }
 
@@ -349,7 +270,7 @@ impl Inner {
 
     /// A run gives its worker back. After a finished job (`done`) a worker past its job or
     /// memory allowance, with no other run, is replaced by a fresh one.
-    fn release(self: &Arc<Self>, pid: u32, done: bool) {
+    pub(super) fn release(self: &Arc<Self>, pid: u32, done: bool) {
         let worn_out = {
             let mut slots = self.slots.lock().expect("slots lock");
             let Some(s) = slots.get_mut(&pid) else { return };
@@ -382,66 +303,6 @@ impl Drop for Inner {
     }
 }
 
-/// A worker's keeper: owns its process, hands each line it writes to the run it names, and,
-/// when it dies (or must be killed), fails the runs it had as `crashed` and has it replaced.
-async fn keep(
-    pool: Weak<Inner>,
-    worker: Arc<Worker>,
-    mut child: Child,
-    mut stdout: Lines<BufReader<ChildStdout>>,
-    group: bool,
-) {
-    let pid = worker.pid;
-    let reason = loop {
-        // `next_line` is cancel-safe: a kill in between loses no line.
-        let text = tokio::select! {
-            text = stdout.next_line() => text,
-            _ = worker.kill.notified() => break None,
-        };
-        match text {
-            Ok(Some(text)) => match serde_json::from_str::<FromWorker>(&text) {
-                Ok(message) => worker.deliver(message),
-                Err(e) => {
-                    tracing::error!(pid, error = %e, line = %text.chars().take(200).collect::<String>(),
-                        "a worker wrote a line that is not a protocol message; killing it");
-                    break Some("protocol");
-                }
-            },
-            Ok(None) | Err(_) => break Some("crashed"),
-        }
-    };
-    if group {
-        if let Some(pgid) = child.id() {
-            crate::shm::kill_process_group(pgid);
-        }
-    }
-    let _ = child.start_kill();
-    let status = child
-        .wait()
-        .await
-        .map_or("unknown status".to_string(), |s| s.to_string());
-    // First out of the pool (so no new run is given to it), then its runs fail.
-    if let (Some(reason), Some(pool)) = (reason, pool.upgrade()) {
-        if pool.retire(pid, reason) {
-            tracing::warn!(pid, %status, program = pool.program.as_deref(),
-                "a worker process died; replacing it");
-        }
-    }
-    let runs: Vec<_> = worker
-        .pending
-        .lock()
-        .expect("pending lock")
-        .drain()
-        .collect();
-    for (_, tx) in runs {
-        let why = match reason {
-            Some("protocol") => format!("worker process {pid} broke the protocol ({status})"),
-            _ => format!("worker process {pid} died ({status})"),
-        };
-        let _ = tx.send(Event::Done(Err(TaskError::Crashed(why))));
-    }
-}
-
 /// The pool's supervisor: starts again, with backoff, workers that failed to start. Ends
 /// when the lane is dropped. (Workers that die are replaced by their keepers.)
 async fn supervise(pool: Weak<Inner>, wake: Arc<Notify>) {
@@ -471,209 +332,5 @@ async fn supervise(pool: Weak<Inner>, wake: Arc<Notify>) {
         for _ in 0..inner.missing.swap(0, Ordering::AcqRel) {
             inner.launch();
         }
-    }
-}
-
-/// Starts a worker process. It is not a [`Worker`] until [`handshake`] has heard from it.
-/// Built-in or program, it finds in its environment what docs/worker-protocol.md promises.
-pub(super) fn spawn_child(
-    launch: &Launch,
-    program: Option<&str>,
-    data_dir: &Path,
-) -> std::io::Result<Child> {
-    let parent = std::process::id().to_string();
-    let mut command = match launch {
-        Launch::Builtin { exe } => {
-            let mut c = Command::new(exe);
-            c.arg("worker")
-                .arg("--data-dir")
-                .arg(data_dir)
-                .arg("--parent")
-                .arg(&parent)
-                .stderr(Stdio::inherit());
-            c
-        }
-        Launch::Program { command } => {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(command)
-                .process_group(0)
-                .stderr(Stdio::piped());
-            c
-        }
-    };
-    let mut child = command
-        .env("OFFLOAD_PROTOCOL", PROTOCOL.to_string())
-        .env("OFFLOAD_DATA_DIR", data_dir)
-        .env("OFFLOAD_PARENT_PID", &parent)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    if let (Some(stderr), Some(program)) = (child.stderr.take(), program) {
-        tokio::spawn(super::program::log_stderr(
-            program.to_string(),
-            child.id().unwrap_or(0),
-            stderr,
-        ));
-    }
-    Ok(child)
-}
-
-/// Waits for a new worker's `ready` line. A worker that exits first, answers something else,
-/// speaks another protocol version or says nothing within `START_TIMEOUT` failed to start
-/// (and is killed).
-pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
-    let pid = child.id().unwrap_or(0);
-    let stdin = child.stdin.take().expect("stdin is piped");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-    let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
-    let why = match first {
-        Ok(Ok(Some(line))) => match serde_json::from_str::<FromWorker>(&line) {
-            Ok(FromWorker::Ready(ready)) if ready.protocol != PROTOCOL => format!(
-                "worker {pid} speaks protocol {}; this server speaks {PROTOCOL}",
-                ready.protocol
-            ),
-            Ok(FromWorker::Ready(ready)) if ready.concurrency == 0 => {
-                format!("worker {pid} said concurrency 0")
-            }
-            Ok(FromWorker::Ready(ready)) => {
-                return Ok(Started {
-                    child,
-                    stdin,
-                    stdout,
-                    ready,
-                })
-            }
-            _ => format!(
-                "worker {pid} said {:?} instead of a ready message",
-                line.chars().take(200).collect::<String>()
-            ),
-        },
-        Ok(Ok(None)) => {
-            let status = child.wait().await;
-            format!(
-                "worker {pid} exited before it was ready ({})",
-                status.map_or("unknown status".to_string(), |s| s.to_string())
-            )
-        }
-        Ok(Err(e)) => format!("reading worker {pid}: {e}"),
-        Err(_) => format!(
-            "worker {pid} was not ready within {} s",
-            START_TIMEOUT.as_secs()
-        ),
-    };
-    if let Some(pgid) = child.id() {
-        crate::shm::kill_process_group(pgid);
-    }
-    let _ = child.start_kill();
-    Err(why)
-}
-
-/// A worker taken for one run. Dropped once the run has its answer, it gives the worker back.
-/// Dropped before (a timeout, a cancel, a stop): an exclusive (cpu) worker is killed and
-/// replaced; a shared (io) worker is sent `cancel` and has `CANCEL_GRACE` to answer before
-/// it is killed.
-pub(super) struct Lease {
-    inner: Arc<Inner>,
-    worker: Arc<Worker>,
-    exclusive: bool,
-    /// Whether a run was sent. A lease dropped before that (a job stopped while waiting for
-    /// a core) gives its worker back untouched.
-    used: bool,
-    /// The run sent and not yet answered: its job id and where its answer comes.
-    waiting: Option<(String, mpsc::UnboundedReceiver<Event>)>,
-}
-
-impl Lease {
-    pub(super) fn new(inner: &Arc<Inner>, worker: Arc<Worker>, exclusive: bool) -> Self {
-        Lease {
-            inner: inner.clone(),
-            worker,
-            exclusive,
-            used: false,
-            waiting: None,
-        }
-    }
-
-    /// Sends one run and waits for its answer, passing progress on to `ctx` (when given).
-    pub(super) async fn call(&mut self, run: Run, ctx: Option<&JobCtx>) -> TaskResult {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let id = run.id.clone();
-        self.worker
-            .pending
-            .lock()
-            .expect("pending lock")
-            .insert(id.clone(), tx);
-        self.used = true;
-        let (_, rx) = self.waiting.insert((id, rx));
-        if let Err(e) = self.worker.send(&ToWorker::Run(run)).await {
-            return Err(TaskError::Crashed(format!(
-                "worker {} is gone: {e}",
-                self.worker.pid
-            )));
-        }
-        while let Some(event) = rx.recv().await {
-            match event {
-                Event::Progress(p) => {
-                    if let Some(ctx) = ctx {
-                        ctx.set_progress(p);
-                    }
-                }
-                Event::Done(result) => {
-                    self.waiting = None;
-                    return result;
-                }
-            }
-        }
-        Err(TaskError::Crashed(format!(
-            "worker {} went away",
-            self.worker.pid
-        )))
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let pid = self.worker.pid;
-        match self.waiting.take() {
-            None => self.inner.release(pid, self.used),
-            Some(_) if self.exclusive => self.inner.kill(pid, "killed"),
-            Some((id, rx)) => {
-                tokio::spawn(cancel_io(self.inner.clone(), self.worker.clone(), id, rx));
-            }
-        }
-    }
-}
-
-/// Cancels one io run on a shared worker: `cancel`, then up to `CANCEL_GRACE` for its
-/// answer (any answer: the run is over). A worker that does not answer is killed, and its
-/// other runs fail as `crashed`.
-async fn cancel_io(
-    inner: Arc<Inner>,
-    worker: Arc<Worker>,
-    id: String,
-    mut rx: mpsc::UnboundedReceiver<Event>,
-) {
-    let sent = worker.send(&ToWorker::Cancel { id: id.clone() }).await;
-    let answered = async {
-        while let Some(event) = rx.recv().await {
-            if let Event::Done(_) = event {
-                return true;
-            }
-        }
-        false
-    };
-    let answered = sent.is_ok()
-        && tokio::time::timeout(CANCEL_GRACE, answered)
-            .await
-            .unwrap_or(false);
-    if answered {
-        inner.release(worker.pid, true);
-    } else {
-        worker.pending.lock().expect("pending lock").remove(&id);
-        tracing::warn!(pid = worker.pid, job = %id, program = inner.program.as_deref(),
-            "an io worker did not answer a cancel in time; killing it");
-        inner.kill(worker.pid, "cancel_ignored");
     }
 }

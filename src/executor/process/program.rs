@@ -10,8 +10,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::ChildStderr;
 use tokio::sync::Semaphore;
 
-use super::pool::{handshake, spawn_child, Inner, Launch, PoolSpec};
+use super::pool::{Inner, PoolSpec};
 use super::protocol::TaskDecl;
+use super::start::{handshake, spawn_child, Launch};
 use super::LaneSpec;
 use crate::job::Kind;
 use crate::task::Task;
