@@ -13,10 +13,10 @@ use crate::config::Settings;
 use crate::datadir::{DataDirLock, LockError};
 use crate::dispatch::{DispatchOptions, Dispatcher, RetryPolicy};
 use crate::events::Events;
-use crate::executor::process::Recycle;
+use crate::executor::process::{LaneSpec, ProgramError, Recycle};
 use crate::executor::{AsyncLane, BlockingLane, Executor, ProcessLane, RayonLane};
 use crate::store::{JobStore, PostgresStore, SqliteStore, StoreError};
-use crate::task::Registry;
+use crate::task::{Registry, Task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -39,6 +39,16 @@ pub enum AppError {
     Rayon(#[from] rayon::ThreadPoolBuildError),
     #[error("cannot start worker processes: {0}")]
     Workers(std::io::Error),
+    /// The process lane could not start (a task program that cannot serve, named).
+    #[error(transparent)]
+    Lane(#[from] ProgramError),
+    /// A task program declares a task the catalogue already has.
+    #[error("task program `{program}` declares task `{task}`, which {owner} already has")]
+    TaskTaken {
+        program: String,
+        task: String,
+        owner: String,
+    },
     #[error("server: {0}")]
     Serve(std::io::Error),
 }
@@ -53,7 +63,7 @@ pub struct App {
 }
 
 impl App {
-    pub async fn build(settings: Settings, registry: Registry) -> Result<App, AppError> {
+    pub async fn build(settings: Settings, mut registry: Registry) -> Result<App, AppError> {
         for dir in [settings.data_dir.clone(), settings.data_dir.join("files")] {
             std::fs::create_dir_all(&dir).map_err(|source| AppError::DataDir {
                 path: dir.display().to_string(),
@@ -80,24 +90,44 @@ impl App {
         };
         // One core budget for all cpu work, rayon and worker processes together.
         let cpu_budget = Arc::new(tokio::sync::Semaphore::new(settings.cpu_threads));
+        let process = ProcessLane::start(
+            LaneSpec {
+                exe: worker_exe,
+                data_dir: settings.data_dir.clone(),
+                workers: settings.process_workers,
+                recycle: Recycle {
+                    max_jobs: settings.worker_max_jobs,
+                    max_rss_bytes: settings.worker_max_rss_bytes,
+                },
+                programs: settings.task_programs.clone(),
+                program_workers: settings.task_program_workers,
+            },
+            cpu_budget.clone(),
+        )
+        .await?;
+        // The programs' tasks join the catalogue; a name can be had only once.
+        for task in process.program_tasks() {
+            let (program, name) = (
+                task.program().unwrap_or_default().to_string(),
+                task.name().to_string(),
+            );
+            if let Err(there) = registry.try_register(task) {
+                return Err(AppError::TaskTaken {
+                    program,
+                    task: name,
+                    owner: there
+                        .program()
+                        .map_or("the built-in catalogue".into(), |p| {
+                            format!("task program `{p}`")
+                        }),
+                });
+            }
+        }
         let executors: Vec<Arc<dyn Executor>> = vec![
             Arc::new(AsyncLane::new(settings.async_capacity)),
             Arc::new(BlockingLane::new(settings.blocking_threads)),
-            Arc::new(RayonLane::new(settings.cpu_threads, cpu_budget.clone())?),
-            Arc::new(
-                ProcessLane::start(
-                    worker_exe,
-                    settings.data_dir.clone(),
-                    settings.process_workers,
-                    Recycle {
-                        max_jobs: settings.worker_max_jobs,
-                        max_rss_bytes: settings.worker_max_rss_bytes,
-                    },
-                    cpu_budget,
-                )
-                .await
-                .map_err(AppError::Workers)?,
-            ),
+            Arc::new(RayonLane::new(settings.cpu_threads, cpu_budget)?),
+            Arc::new(process),
         ];
         let dispatcher = Dispatcher::new(
             store,

@@ -59,6 +59,11 @@ pub struct Settings {
     pub worker_max_rss_bytes: u64,
     /// The binary workers are started from (`offload worker`); default: this executable.
     pub worker_exe: Option<PathBuf>,
+    /// Task programs: shell commands (run as `sh -c <command>`) whose workers serve the tasks
+    /// they declare (docs/worker-protocol.md).
+    pub task_programs: Vec<String>,
+    /// Worker processes per task program.
+    pub task_program_workers: usize,
     /// Queued jobs per lane before a submit is answered 429.
     pub max_queued_per_lane: usize,
     pub max_body_bytes: usize,
@@ -113,6 +118,8 @@ impl Settings {
             process_workers: cores(),
             process_threshold_bytes: 64 << 20,
             worker_exe: None,
+            task_programs: Vec::new(),
+            task_program_workers: cores(),
             worker_max_jobs: 10_000,
             worker_max_rss_bytes: 1 << 30,
             max_queued_per_lane: 100_000,
@@ -170,6 +177,11 @@ impl Settings {
         if let Some(exe) = args.worker_exe.clone().or(file.worker_exe) {
             s.worker_exe = Some(exe);
         }
+        if let Some(v) = args.task_programs.clone().or(file.task_programs) {
+            // `a;b;` in the environment leaves an empty last entry: not a program.
+            s.task_programs = v.into_iter().filter(|p| !p.trim().is_empty()).collect();
+        }
+        pick!(task_program_workers);
         pick!(max_queued_per_lane);
         pick!(max_body_bytes);
         pick!(max_blob_bytes);
@@ -215,6 +227,7 @@ impl Settings {
             ("blocking-threads", self.blocking_threads as u64),
             ("cpu-threads", self.cpu_threads as u64),
             ("process-workers", self.process_workers as u64),
+            ("task-program-workers", self.task_program_workers as u64),
             ("max-queued-per-lane", self.max_queued_per_lane as u64),
             ("max-body-bytes", self.max_body_bytes as u64),
             ("max-blob-bytes", self.max_blob_bytes),
@@ -236,6 +249,14 @@ impl Settings {
         }
         if self.blocking_threads > 4096 {
             return Err(ConfigError("blocking-threads: must be at most 4096".into()));
+        }
+        for (i, p) in self.task_programs.iter().enumerate() {
+            if p.trim().is_empty() {
+                return Err(ConfigError("task-program: a command is empty".into()));
+            }
+            if self.task_programs[..i].contains(p) {
+                return Err(ConfigError(format!("task-program: `{p}` is given twice")));
+            }
         }
         if self.retry_max_ms < self.retry_base_ms {
             return Err(ConfigError(
@@ -282,6 +303,8 @@ struct FileSettings {
     worker_max_jobs: Option<u64>,
     worker_max_rss_bytes: Option<u64>,
     worker_exe: Option<PathBuf>,
+    task_programs: Option<Vec<String>>,
+    task_program_workers: Option<usize>,
     max_queued_per_lane: Option<usize>,
     max_body_bytes: Option<usize>,
     max_blob_bytes: Option<u64>,
@@ -373,6 +396,16 @@ pub struct ServeArgs {
     /// The binary worker processes run as `<exe> worker` [default: this executable].
     #[arg(long, env = "OFFLOAD_WORKER_EXE")]
     pub worker_exe: Option<PathBuf>,
+    /// A task program: a shell command (run as `sh -c '<command>'`) whose workers speak the worker protocol and serve the tasks they declare. Repeat the flag for several programs; in OFFLOAD_TASK_PROGRAMS separate them with `;`.
+    #[arg(
+        long = "task-program",
+        env = "OFFLOAD_TASK_PROGRAMS",
+        value_delimiter = ';'
+    )]
+    pub task_programs: Option<Vec<String>>,
+    /// Worker processes per task program [default: the number of cores].
+    #[arg(long, env = "OFFLOAD_TASK_PROGRAM_WORKERS")]
+    pub task_program_workers: Option<usize>,
     /// Queued jobs per lane before submits get 429 [default: 100000].
     #[arg(long, env = "OFFLOAD_MAX_QUEUED_PER_LANE")]
     pub max_queued_per_lane: Option<usize>,
@@ -454,6 +487,61 @@ mod tests {
             panic!("serve")
         };
         assert!(!Settings::load(&args).unwrap().http_allow_private);
+    }
+
+    #[test]
+    fn task_programs_come_from_repeated_flags_a_separated_list_or_the_file() {
+        use clap::Parser;
+        let serve = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            Settings::load(&args).unwrap()
+        };
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--task-program",
+            "python3 a.py",
+            "--task-program",
+            "cd b && node b.js",
+            "--task-program-workers",
+            "3",
+        ]);
+        assert_eq!(s.task_programs, ["python3 a.py", "cd b && node b.js"]);
+        assert_eq!(s.task_program_workers, 3);
+        // The environment variable's form: `;` between programs (an empty last one is
+        // ignored).
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--task-program",
+            "python3 a.py;ruby b.rb;",
+        ]);
+        assert_eq!(s.task_programs, ["python3 a.py", "ruby b.rb"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(
+            &path,
+            "task_programs = [\"python3 a.py\"]\ntask_program_workers = 2\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let s = Settings::load(&args).unwrap();
+        assert_eq!(s.task_programs, ["python3 a.py"]);
+        assert_eq!(s.task_program_workers, 2);
+
+        let args = ServeArgs {
+            task_programs: Some(vec!["python3 a.py".into(), "python3 a.py".into()]),
+            ..Default::default()
+        };
+        let e = Settings::load(&args).unwrap_err();
+        assert!(e.0.contains("task-program"), "{e}");
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! - [`dispatch`]: the router (kind + task → lane, once), admission, each lane's claim loop,
 //!   attempts (timeouts, cancel), retries, leases and rescue, drain.
 //! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`, and
-//!   `process` (worker processes re-executed from this binary).
+//!   `process` (worker processes: re-executed from this binary, or task programs in any
+//!   language, both speaking docs/worker-protocol.md).
 //! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
 //!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
 //!   LISTEN/NOTIFY).

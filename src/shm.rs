@@ -93,6 +93,18 @@ pub fn die_with_parent(parent: u32) -> bool {
     rc == 0 && ppid as u32 == parent
 }
 
+/// Sends SIGKILL to every process of group `pgid` (a task program started in a group of its
+/// own: the shell that started it, the program, anything it started). Errors are ignored: the
+/// group may be gone already.
+pub fn kill_process_group(pgid: u32) {
+    if pgid == 0 || pgid > i32::MAX as u32 {
+        return;
+    }
+    // SAFETY: killpg takes a group id and a signal number and touches no memory of ours;
+    // pgid is a positive group id (0 would mean our own group, refused above).
+    let _ = unsafe { libc::killpg(pgid as libc::pid_t, libc::SIGKILL) };
+}
+
 /// The size of a memory page.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf reads a constant of the system; it touches no memory of ours.

@@ -26,14 +26,19 @@ pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
                         .map(|e| (k.as_str().to_string(), json!(e.as_str())))
                 })
                 .collect();
-            json!({
+            let mut task = json!({
                 "name": t.name(),
                 "description": t.description(),
                 "kinds": t.kinds().iter().map(|k| k.as_str()).collect::<Vec<_>>(),
                 "default_kind": t.kinds()[0].as_str(),
                 "executors": executors,
                 "args_schema": t.args_schema(),
-            })
+            });
+            if let Some(program) = t.program() {
+                task["program"] = json!(program);
+                task["version"] = json!(t.version().unwrap_or(""));
+            }
+            task
         })
         .collect();
     Json(json!({ "tasks": tasks }))

@@ -17,6 +17,10 @@ pub struct RouteHints {
 
 /// The lane that runs `task` as `kind`.
 pub fn route(task: &dyn Task, kind: Kind, hints: RouteHints) -> Result<ExecutorKind, String> {
+    // A task program's tasks run in its worker processes, whatever their kind.
+    if task.program().is_some() {
+        return Ok(ExecutorKind::Process);
+    }
     if hints.isolate {
         return match kind {
             Kind::Cpu => Ok(ExecutorKind::Process),

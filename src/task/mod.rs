@@ -101,6 +101,15 @@ pub trait Task: Send + Sync + 'static {
     fn split(&self) -> Option<&dyn Split> {
         None
     }
+    /// The task program that serves this task (its command), for tasks a program declared;
+    /// `None` for tasks of this binary. A program's tasks always run in its worker processes.
+    fn program(&self) -> Option<&str> {
+        None
+    }
+    /// The version a task program declared for it.
+    fn version(&self) -> Option<&str> {
+        None
+    }
     /// The body of an async io task. Dropping the future stops it (timeout, cancel).
     async fn run_async(&self, _ctx: JobCtx, _args: Value) -> TaskResult {
         Err(TaskError::Permanent(format!(
@@ -263,6 +272,14 @@ impl Registry {
     /// The args schema of task `name`, as built when it was registered.
     pub fn schema(&self, name: &str) -> Option<&Value> {
         self.schemas.get(name).map(|s| s.as_ref())
+    }
+
+    /// Adds a task unless one of that name is there already; gives back the one there.
+    pub fn try_register<T: Task>(&mut self, task: T) -> Result<&mut Self, Arc<dyn Task>> {
+        match self.tasks.get(task.name()) {
+            Some(there) => Err(there.clone()),
+            None => Ok(self.register(task)),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Task>> {

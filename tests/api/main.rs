@@ -16,6 +16,7 @@ mod openapi;
 mod overload;
 mod postgres;
 mod process;
+mod programs;
 mod progress;
 mod store;
 mod stranded;

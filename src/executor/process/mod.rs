@@ -21,29 +21,42 @@
 //! pool's supervisor, 100 ms later, then 200 ms, doubling up to 5 s, for as long as it takes.
 //! Meanwhile the lane runs on the workers it has, and a job waits for a live one.
 //!
-//! Here: the lane (a job's run, split jobs). `pool`: the workers, their start, lease and
-//! replacement, and the supervisor. `protocol`: the lines exchanged. `worker`: the worker
-//! side.
+//! Task programs (`--task-program`) are pools of their own in the same lane: each program's
+//! workers declare its tasks at their handshake, and every job of those tasks runs there (a
+//! cpu task takes a whole worker, an io task one of its `concurrency` places).
+//!
+//! Here: the lane (a job's run, split jobs). `pool`: a pool's workers, taking and giving back,
+//! replacement, and the supervisor. `start`: starting a worker and its handshake. `keeper`: a
+//! live worker, whose keeper task reads its answers and sees it die. `lease`: a run's hold on
+//! a worker, and what a cancel does to it. `protocol`: the lines exchanged (docs/worker-protocol.md).
+//! `program`: task programs and their tasks. `worker`: the built-in worker side.
 
+mod keeper;
+mod lease;
 mod pool;
+mod program;
 mod protocol;
+mod start;
 mod worker;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::process::Child;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Executor;
-use crate::job::ExecutorKind;
+use crate::job::{ExecutorKind, Kind};
 use crate::task::{JobCtx, Split, Task, TaskError, TaskResult};
-use pool::{handshake, spawn_child, supervise, Inner, Lease, RETRY_MIN};
-use protocol::{answer_to_result, Request};
+use lease::Lease;
+use pool::{Inner, PoolSpec};
+pub use program::{ProgramError, ProgramTask};
+use protocol::Run;
+pub use protocol::TaskDecl;
+use start::Launch;
 pub use worker::{run_worker_if_asked, worker_main};
 
 /// A worker's figures for `/v1/stats`.
@@ -54,6 +67,11 @@ struct WorkerInfo {
     jobs_done: u64,
     /// Resident set size, read from /proc when stats are asked for.
     rss_bytes: u64,
+    /// The task program it runs; absent for built-in workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    program: Option<String>,
+    /// Runs it has now (more than one only for io tasks of a program).
+    running: usize,
 }
 
 /// When a worker is replaced by a fresh one between jobs (0 = never).
@@ -77,66 +95,96 @@ fn rss_bytes(pid: u32) -> u64 {
     pages * crate::shm::page_size()
 }
 
+/// What the process lane starts: its built-in workers and its task programs.
+pub struct LaneSpec {
+    /// The `offload` binary the built-in workers run as `offload worker`.
+    pub exe: PathBuf,
+    pub data_dir: PathBuf,
+    pub workers: usize,
+    pub recycle: Recycle,
+    /// Task programs (shell commands), each with `program_workers` workers.
+    pub programs: Vec<String>,
+    pub program_workers: usize,
+}
+
 pub struct ProcessLane {
-    inner: Arc<Inner>,
+    builtin: Arc<Inner>,
+    /// Each task program's pool, with its command, in the order given: a task name taken
+    /// twice is blamed on the later program.
+    programs: Vec<(String, Arc<Inner>)>,
+    data_dir: PathBuf,
 }
 
 impl ProcessLane {
-    /// Starts `workers` worker processes from `exe` (the `offload` binary) and waits until
-    /// each has said it is ready, and starts the supervisor that replaces workers that die.
-    /// Fails if `exe` cannot be run at all; workers that start but fail are retried by the
-    /// supervisor, so the lane may begin short of workers (`live_capacity`).
-    pub async fn start(
-        exe: PathBuf,
-        data_dir: PathBuf,
-        workers: usize,
-        recycle: Recycle,
-        budget: Arc<Semaphore>,
-    ) -> std::io::Result<Self> {
-        let wake = Arc::new(Notify::new());
-        let inner = Arc::new(Inner {
-            exe,
-            data_dir,
-            capacity: workers,
-            recycle,
-            budget,
-            idle: Mutex::default(),
-            returned: Notify::new(),
-            info: Mutex::default(),
-            missing: AtomicUsize::new(0),
-            retry_ms: AtomicU64::new(RETRY_MIN.as_millis() as u64),
-            wake: wake.clone(),
-        });
-        let children = (0..workers)
-            .map(|_| spawn_child(&inner.exe, &inner.data_dir))
-            .collect::<std::io::Result<Vec<Child>>>()?;
-        let started = futures_util::future::join_all(children.into_iter().map(handshake)).await;
-        for worker in started {
-            match worker {
-                Ok(w) => inner.adopt(w),
-                Err(e) => inner.start_failed(e),
-            }
+    /// Starts the built-in workers and each task program's workers, waits until each has said
+    /// it is ready, and starts the supervisors that replace workers that fail. Fails if the
+    /// built-in worker cannot be run at all, or if a task program's first worker fails its
+    /// handshake (a program that cannot serve stops the server at start). Other workers that
+    /// fail are retried by the supervisors, so the lane may begin short of workers.
+    pub async fn start(spec: LaneSpec, budget: Arc<Semaphore>) -> Result<Self, ProgramError> {
+        let builtin = Inner::new(
+            PoolSpec {
+                program: None,
+                launch: Launch::Builtin {
+                    exe: spec.exe.clone(),
+                },
+                data_dir: spec.data_dir.clone(),
+                capacity: spec.workers,
+                recycle: spec.recycle,
+                budget: budget.clone(),
+            },
+            None,
+        );
+        builtin.fill().await.map_err(ProgramError::Builtin)?;
+        let mut programs = Vec::new();
+        for command in &spec.programs {
+            let pool = program::start(command, &spec, budget.clone()).await?;
+            programs.push((command.clone(), pool));
         }
-        tokio::spawn(supervise(Arc::downgrade(&inner), wake));
-        Ok(ProcessLane { inner })
+        Ok(ProcessLane {
+            builtin,
+            programs,
+            data_dir: spec.data_dir,
+        })
     }
 
-    /// How many workers are live now: `capacity` less those that died and are not yet
-    /// replaced. The most jobs this lane can run at this moment.
-    pub fn live_workers(&self) -> usize {
-        self.inner.live()
-    }
-
-    /// Pids of the workers now alive (for tests and stats).
-    pub fn pids(&self) -> Vec<u32> {
-        self.inner
-            .info
-            .lock()
-            .expect("info lock")
-            .keys()
-            .copied()
+    /// Every task the lane's programs serve, with the program that serves it.
+    pub fn program_tasks(&self) -> Vec<ProgramTask> {
+        self.programs
+            .iter()
+            .flat_map(|(command, pool)| {
+                pool.tasks
+                    .iter()
+                    .map(|decl| ProgramTask::new(command.clone(), decl.clone()))
+            })
             .collect()
     }
+
+    fn pools(&self) -> impl Iterator<Item = &Arc<Inner>> {
+        std::iter::once(&self.builtin).chain(self.programs.iter().map(|(_, pool)| pool))
+    }
+
+    /// How many built-in workers are live now.
+    pub fn live_workers(&self) -> usize {
+        self.builtin.live()
+    }
+
+    /// Pids of the workers now alive, built-in and programs' (for tests and stats).
+    pub fn pids(&self) -> Vec<u32> {
+        self.pools().flat_map(|p| p.pids()).collect()
+    }
+}
+
+/// The paths of a run's blobs: `<data-dir>/blobs/<id>` for each blob argument.
+fn blob_paths(task: &dyn Task, args: &Value, data_dir: &Path) -> BTreeMap<String, String> {
+    task.blob_args()
+        .iter()
+        .filter_map(|name| {
+            let id = args.get(*name)?.as_str()?;
+            let path = data_dir.join("blobs").join(id);
+            Some((name.to_string(), path.display().to_string()))
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -144,21 +192,15 @@ impl Executor for ProcessLane {
     fn kind(&self) -> ExecutorKind {
         ExecutorKind::Process
     }
+    /// Built-in workers, plus each program's workers times the runs each takes at once.
     fn capacity(&self) -> usize {
-        self.inner.capacity
+        self.pools().map(|p| p.capacity * p.concurrency).sum()
     }
     fn live_capacity(&self) -> usize {
-        self.inner.live()
+        self.pools().map(|p| p.live() * p.concurrency).sum()
     }
     fn workers(&self) -> Option<Value> {
-        let mut list: Vec<WorkerInfo> = self
-            .inner
-            .info
-            .lock()
-            .expect("info lock")
-            .values()
-            .cloned()
-            .collect();
+        let mut list: Vec<WorkerInfo> = self.pools().flat_map(|p| p.info()).collect();
         for w in &mut list {
             w.rss_bytes = rss_bytes(w.pid);
         }
@@ -175,54 +217,67 @@ impl Executor for ProcessLane {
         // Declared first, dropped last: slots are freed after the leases have started the
         // replacement of any killed worker.
         let _permit = permit;
-        let inner = &self.inner;
+        let (inner, exclusive) = match task.program() {
+            None => (&self.builtin, true),
+            Some(p) => match self.programs.iter().find(|(command, _)| command == p) {
+                Some((_, pool)) => (pool, task.kinds()[0] == Kind::Cpu),
+                None => {
+                    return Err(TaskError::Permanent(format!(
+                        "task program `{p}` is not running in this server"
+                    )))
+                }
+            },
+        };
         // A live worker first, then a core: a job that waits while the lane is short of
         // workers must not hold a core the rayon lane could use. Either wait ends on a stop.
         let worker = tokio::select! {
-            w = inner.take() => w,
+            w = inner.take(exclusive) => w,
             _ = ctx.stopped() => return Err(TaskError::Stopped),
         };
-        let mut leases = vec![Lease::new(inner, worker)];
-        let core = tokio::select! {
-            c = inner.budget.clone().acquire_owned() => {
-                c.map_err(|_| TaskError::Crashed("the cpu budget is closed".into()))?
-            }
-            _ = ctx.stopped() => return Err(TaskError::Stopped),
-        };
+        let mut leases = vec![Lease::new(inner, worker, exclusive)];
+        // Only cpu runs hold a core: an io run mostly waits.
+        let mut cores = Vec::new();
+        if exclusive {
+            cores.push(tokio::select! {
+                c = inner.budget.clone().acquire_owned() => {
+                    c.map_err(|_| TaskError::Crashed("the cpu budget is closed".into()))?
+                }
+                _ = ctx.stopped() => return Err(TaskError::Stopped),
+            });
+        }
         // A task that splits (`Task::split`) also takes every other idle worker that has a
         // free core.
         let split = task.split();
-        let mut cores = vec![core];
         if split.is_some() {
             while let Ok(extra) = inner.budget.clone().try_acquire_owned() {
-                match inner.try_take() {
+                match inner.try_take(true) {
                     Some(w) => {
-                        leases.push(Lease::new(inner, w));
+                        leases.push(Lease::new(inner, w, true));
                         cores.push(extra);
                     }
                     None => break,
                 }
             }
         }
+        let blobs = blob_paths(task.as_ref(), &args, &self.data_dir);
         let work = async {
             if let (Some(split), 2..) = (split, leases.len()) {
                 return run_split(split, task.name(), &ctx, args, &mut leases).await;
             }
-            let request = Request {
+            let run = Run {
                 id: ctx.id.to_string(),
                 attempt: ctx.attempt,
                 task: task.name().to_string(),
                 args,
+                blobs,
                 part: None,
             };
-            let answer = leases[0].call(&request, Some(&ctx)).await?;
-            let lease = leases.pop().expect("one lease");
-            lease.give_back();
-            answer_to_result(answer)
+            leases[0].call(run, Some(&ctx)).await
         };
         tokio::select! {
             r = work => r,
-            // Kill at once on cancel or timeout: dropping the leases does it.
+            // Stop at once on cancel or timeout: dropping the leases kills the worker (cpu) or
+            // cancels the run (io).
             _ = ctx.stopped() => Err(TaskError::Stopped),
         }
     }
@@ -235,32 +290,28 @@ async fn run_split(
     task: &str,
     ctx: &JobCtx,
     args: Value,
-    leases: &mut Vec<Lease>,
+    leases: &mut [Lease],
 ) -> TaskResult {
     let n = split.units(&args)?;
     let k = leases.len();
-    let requests: Vec<Request> = (0..k)
-        .map(|i| Request {
-            id: ctx.id.to_string(),
-            attempt: ctx.attempt,
-            task: task.to_string(),
-            args: args.clone(),
-            part: Some([(n * i / k) as u64, (n * (i + 1) / k) as u64]),
-        })
-        .collect();
+    let runs = (0..k).map(|i| Run {
+        id: ctx.id.to_string(),
+        attempt: ctx.attempt,
+        task: task.to_string(),
+        args: args.clone(),
+        blobs: BTreeMap::new(),
+        part: Some([(n * i / k) as u64, (n * (i + 1) / k) as u64]),
+    });
     let answers = futures_util::future::join_all(
         leases
             .iter_mut()
-            .zip(&requests)
-            .map(|(lease, req)| lease.call(req, None)),
+            .zip(runs)
+            .map(|(lease, run)| lease.call(run, None)),
     )
     .await;
     let mut parts = Vec::with_capacity(k);
     for answer in answers {
-        parts.push(answer_to_result(answer?)?);
-    }
-    for lease in leases.drain(..) {
-        lease.give_back();
+        parts.push(answer?);
     }
     split.merge(parts)
 }

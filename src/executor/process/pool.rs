@@ -1,107 +1,213 @@
-//! The pool of worker processes: starting one and hearing it is ready, taking and giving
-//! back, replacing the dead, and the supervisor that starts again, with backoff, those that
-//! failed to start.
+//! A pool of worker processes (the built-in workers, or one task program's): starting one and
+//! hearing it is ready, taking a worker for a run and giving it back, replacing the dead, and
+//! the supervisor that starts again, with backoff, those that failed to start.
+//! (`start`: starting one; `keeper`: a live worker; `lease`: a run's hold on one.)
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::Child;
 use tokio::sync::{Notify, Semaphore};
 
-use super::protocol::{Answer, Request};
+use super::keeper::{keep, Worker};
+use super::protocol::TaskDecl;
+use super::start::{handshake, spawn_child, Launch, Started};
 use super::{rss_bytes, Recycle, WorkerInfo};
-use crate::task::{JobCtx, TaskError};
 
-pub(super) struct Worker {
-    pub(super) child: Child,
-    pub(super) stdin: ChildStdin,
-    pub(super) stdout: Lines<BufReader<ChildStdout>>,
-    pub(super) pid: u32,
-}
-
-/// How long a new worker has to say it is ready before it counts as failing to start.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The wait before starting again a worker that failed to start: doubled after each failure,
 /// up to `RETRY_MAX`, and back to `RETRY_MIN` once one starts.
-pub(super) const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// How often the supervisor looks for idle workers that died.
-const IDLE_CHECK: Duration = Duration::from_millis(250);
+
+/// A live worker's place in the pool.
+struct Slot {
+    worker: Arc<Worker>,
+    /// Runs it has now.
+    in_flight: usize,
+    /// Taken whole (a cpu run): no other run is given to it.
+    exclusive: bool,
+    jobs_done: u64,
+}
 
 pub(super) struct Inner {
-    pub(super) exe: PathBuf,
+    /// The task program's command; `None` for the built-in workers.
+    pub(super) program: Option<String>,
+    launch: Launch,
+    data_dir: PathBuf,
+    /// Workers the pool keeps.
+    pub(super) capacity: usize,
+    /// Runs one worker takes at once (its `ready` says; 1 for the built-in workers).
+    pub(super) concurrency: usize,
+    /// The tasks every worker of the pool must declare (those of the first).
+    pub(super) tasks: Vec<TaskDecl>,
+    recycle: Recycle,
+    /// Cores for cpu work, shared with the rayon lane: a cpu run holds one per process it
+    /// keeps busy, so the lanes together never run more cpu work than there are cores.
+    pub(super) budget: Arc<Semaphore>,
+    /// The live workers (said ready, not known dead), by pid. A std Mutex: never held
+    /// across an await.
+    slots: Mutex<HashMap<u32, Slot>>,
+    /// Signalled (all waiters) whenever a run gives a worker back or a worker joins.
+    returned: Notify,
+    /// Workers the pool lacks because starting them failed; the supervisor starts them again.
+    missing: AtomicUsize,
+    /// The supervisor's next wait before starting them, in ms.
+    retry_ms: AtomicU64,
+    /// Wakes the supervisor. An Arc of its own: the supervisor holds it, and only a weak
+    /// reference to the pool, so that dropping the lane ends it.
+    wake: Arc<Notify>,
+}
+
+/// How to start a pool: its workers, their number, and what they must declare.
+pub(super) struct PoolSpec {
+    pub(super) program: Option<String>,
+    pub(super) launch: Launch,
     pub(super) data_dir: PathBuf,
     pub(super) capacity: usize,
     pub(super) recycle: Recycle,
-    /// Cores for cpu work, shared with the rayon lane: a job holds one per process it keeps
-    /// busy, so the two lanes together never run more cpu work than there are cores.
     pub(super) budget: Arc<Semaphore>,
-    // std Mutexes: held for a push or a pop, never across an await.
-    pub(super) idle: Mutex<Vec<Worker>>,
-    /// Signalled whenever a worker goes back into `idle`.
-    pub(super) returned: Notify,
-    /// The live workers (idle or busy): started, and said ready.
-    pub(super) info: Mutex<HashMap<u32, WorkerInfo>>,
-    /// Workers the pool lacks because starting them failed; the supervisor starts them again.
-    pub(super) missing: AtomicUsize,
-    /// The supervisor's next wait before starting them, in ms.
-    pub(super) retry_ms: AtomicU64,
-    /// Wakes the supervisor. An Arc of its own: the supervisor holds it, and only a weak
-    /// reference to the pool, so that dropping the lane ends it.
-    pub(super) wake: Arc<Notify>,
 }
 
 impl Inner {
+    /// A pool whose workers declare what `first` declared (it joins at once), and its
+    /// supervisor.
+    pub(super) fn new(spec: PoolSpec, first: Option<Started>) -> Arc<Inner> {
+        let wake = Arc::new(Notify::new());
+        let (concurrency, tasks) = first.as_ref().map_or((1, Vec::new()), |s| {
+            (s.ready.concurrency, s.ready.tasks.clone())
+        });
+        let inner = Arc::new(Inner {
+            program: spec.program,
+            launch: spec.launch,
+            data_dir: spec.data_dir,
+            capacity: spec.capacity,
+            concurrency,
+            tasks,
+            recycle: spec.recycle,
+            budget: spec.budget,
+            slots: Mutex::default(),
+            returned: Notify::new(),
+            missing: AtomicUsize::new(0),
+            retry_ms: AtomicU64::new(RETRY_MIN.as_millis() as u64),
+            wake: wake.clone(),
+        });
+        if let Some(first) = first {
+            inner.adopt(first);
+        }
+        tokio::spawn(supervise(Arc::downgrade(&inner), wake));
+        inner
+    }
+
+    /// Starts workers until the pool has `capacity`, and waits for their handshakes. Fails
+    /// only if a process cannot be started at all (the executable is missing); workers that
+    /// start and then fail are left to the supervisor.
+    pub(super) async fn fill(self: &Arc<Self>) -> std::io::Result<()> {
+        let children = (self.live()..self.capacity)
+            .map(|_| self.spawn())
+            .collect::<std::io::Result<Vec<Child>>>()?;
+        let started = futures_util::future::join_all(children.into_iter().map(handshake)).await;
+        for s in started {
+            match s {
+                Ok(s) => self.adopt(s),
+                Err(e) => self.start_failed(e),
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn live(&self) -> usize {
-        self.info.lock().expect("info lock").len()
+        self.slots.lock().expect("slots lock").len()
     }
 
-    pub(super) fn push_idle(&self, w: Worker) {
-        self.idle.lock().expect("idle lock").push(w);
-        self.returned.notify_one();
+    pub(super) fn pids(&self) -> Vec<u32> {
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .keys()
+            .copied()
+            .collect()
     }
 
-    /// A worker that said ready joins the pool.
-    pub(super) fn adopt(&self, w: Worker) {
-        self.info.lock().expect("info lock").insert(
-            w.pid,
-            WorkerInfo {
-                pid: w.pid,
-                state: "idle",
-                jobs_done: 0,
+    pub(super) fn info(&self) -> Vec<WorkerInfo> {
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .values()
+            .map(|s| WorkerInfo {
+                pid: s.worker.pid,
+                state: if s.in_flight > 0 { "busy" } else { "idle" },
+                jobs_done: s.jobs_done,
                 rss_bytes: 0,
+                program: self.program.clone(),
+                running: s.in_flight,
+            })
+            .collect()
+    }
+
+    pub(super) fn spawn(&self) -> std::io::Result<Child> {
+        spawn_child(&self.launch, self.program.as_deref(), &self.data_dir)
+    }
+
+    /// A worker that said ready joins the pool, if it declares what the pool serves.
+    fn adopt(self: &Arc<Self>, s: Started) {
+        if s.ready.tasks != self.tasks {
+            let why = format!(
+                "worker {} declared other tasks than the program's first worker",
+                s.ready.pid
+            );
+            s.abandon();
+            self.start_failed(why);
+            return;
+        }
+        let group = matches!(self.launch, Launch::Program { .. });
+        let pid = match s.ready.pid {
+            0 => s.child.id().unwrap_or(0),
+            pid => pid,
+        };
+        let worker = Arc::new(Worker {
+            pid,
+            stdin: tokio::sync::Mutex::new(s.stdin),
+            pending: Mutex::default(),
+            kill: Notify::new(),
+        });
+        self.slots.lock().expect("slots lock").insert(
+            pid,
+            Slot {
+                worker: worker.clone(),
+                in_flight: 0,
+                exclusive: false,
+                jobs_done: 0,
             },
         );
+        tokio::spawn(keep(Arc::downgrade(self), worker, s.child, s.stdout, group));
         self.retry_ms
             .store(RETRY_MIN.as_millis() as u64, Ordering::Relaxed);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
-        self.push_idle(w);
+        self.returned.notify_waiters();
     }
 
     /// A worker could not be started: the supervisor tries again after its backoff.
-    pub(super) fn start_failed(&self, e: std::io::Error) {
+    fn start_failed(&self, why: String) {
         metrics::counter!("offload_worker_start_failures_total").increment(1);
         let missing = self.missing.fetch_add(1, Ordering::AcqRel) + 1;
-        tracing::error!(error = %e, missing, live = self.live(),
-            "a worker process failed to start; retrying");
+        tracing::error!(error = %why, program = self.program.as_deref(), missing,
+            live = self.live(), "a worker process failed to start; retrying");
         self.wake.notify_one();
     }
 
     /// Starts a worker; it joins the pool once it says ready. A failure, now or at its
     /// handshake, leaves it to the supervisor.
-    pub(super) fn launch(self: &Arc<Self>) {
-        match spawn_child(&self.exe, &self.data_dir) {
-            Err(e) => self.start_failed(e),
+    fn launch(self: &Arc<Self>) {
+        match self.spawn() {
+            Err(e) => self.start_failed(e.to_string()),
             Ok(child) => {
                 let inner = self.clone();
                 tokio::spawn(async move {
                     match handshake(child).await {
-                        Ok(w) => inner.adopt(w),
+                        Ok(s) => inner.adopt(s),
                         Err(e) => inner.start_failed(e),
                     }
                 });
@@ -109,73 +215,106 @@ impl Inner {
         }
     }
 
-    /// Replaces a dead worker with a fresh one.
-    pub(super) fn replace(self: &Arc<Self>, dead_pid: u32, reason: &'static str) {
+    /// Takes worker `pid` out of the pool and starts its replacement, once: whoever sees it
+    /// gone first (a kill, its keeper) does it. Returns whether it was still in the pool.
+    pub(super) fn retire(self: &Arc<Self>, pid: u32, reason: &'static str) -> bool {
+        let gone = self.slots.lock().expect("slots lock").remove(&pid);
+        let Some(slot) = gone else { return false };
         metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
-        self.info.lock().expect("info lock").remove(&dead_pid);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
+        tracing::debug!(
+            pid,
+            reason,
+            program = self.program.as_deref(),
+            "replacing a worker"
+        );
+        slot.worker.kill.notify_one();
         self.launch();
+        true
     }
 
-    /// An idle worker that died (killed, out of memory) is replaced at once, not when the next
-    /// job finds it dead.
-    pub(super) fn replace_dead_idle(self: &Arc<Self>) {
-        let dead: Vec<u32> = {
-            let mut idle = self.idle.lock().expect("idle lock");
-            let mut dead = Vec::new();
-            idle.retain_mut(|w| match w.child.try_wait() {
-                Ok(None) => true,
-                _ => {
-                    dead.push(w.pid);
-                    false
-                }
-            });
-            dead
-        };
-        for pid in dead {
-            tracing::warn!(pid, "an idle worker process died; replacing it");
-            self.replace(pid, "died_idle");
-        }
+    /// Kills worker `pid` (SIGKILL, by its keeper) and starts a fresh one. The pool forgets
+    /// it at once, so that `/v1/stats` and the next run never see it again.
+    pub(super) fn kill(self: &Arc<Self>, pid: u32, reason: &'static str) {
+        self.retire(pid, reason);
     }
 
-    /// Takes an idle worker, waiting for one to come back if all are busy, or for the
-    /// supervisor to start one if none is live.
-    pub(super) async fn take(&self) -> Worker {
+    /// Takes a worker for one run: all of one (`exclusive`, a cpu run) or one of its
+    /// `concurrency` places (an io run). Waits for one to come back, or for the supervisor
+    /// to start one if none is live.
+    pub(super) async fn take(&self, exclusive: bool) -> Arc<Worker> {
         loop {
             let returned = self.returned.notified();
-            if let Some(w) = self.idle.lock().expect("idle lock").pop() {
+            if let Some(w) = self.try_take(exclusive) {
                 return w;
             }
             returned.await;
         }
     }
 
-    pub(super) fn try_take(&self) -> Option<Worker> {
-        self.idle.lock().expect("idle lock").pop()
+    pub(super) fn try_take(&self, exclusive: bool) -> Option<Arc<Worker>> {
+        let mut slots = self.slots.lock().expect("slots lock");
+        let slot = if exclusive {
+            slots.values_mut().find(|s| s.in_flight == 0)
+        } else {
+            // The least busy: io runs spread over the workers.
+            slots
+                .values_mut()
+                .filter(|s| !s.exclusive && s.in_flight < self.concurrency)
+                .min_by_key(|s| s.in_flight)
+        }?;
+        slot.in_flight += 1;
+        slot.exclusive = exclusive;
+        Some(slot.worker.clone())
     }
 
-    pub(super) fn mark(&self, pid: u32, state: &'static str) {
-        if let Some(i) = self.info.lock().expect("info lock").get_mut(&pid) {
-            i.state = state;
+    /// A run gives its worker back. After a finished job (`done`) a worker past its job or
+    /// memory allowance, with no other run, is replaced by a fresh one.
+    pub(super) fn release(self: &Arc<Self>, pid: u32, done: bool) {
+        let worn_out = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            let Some(s) = slots.get_mut(&pid) else { return };
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if s.in_flight == 0 {
+                s.exclusive = false;
+            }
+            if done {
+                s.jobs_done += 1;
+            }
+            let recycle = self.recycle;
+            done && s.in_flight == 0
+                && ((recycle.max_jobs > 0 && s.jobs_done >= recycle.max_jobs)
+                    || (recycle.max_rss_bytes > 0 && rss_bytes(pid) > recycle.max_rss_bytes))
+        };
+        if worn_out {
+            tracing::debug!(pid, "recycling a worker");
+            self.kill(pid, "recycled");
+        }
+        self.returned.notify_waiters();
+    }
+}
+
+impl Drop for Inner {
+    /// The lane is gone (the server stops): its workers go with it.
+    fn drop(&mut self) {
+        for slot in self.slots.get_mut().expect("slots lock").values() {
+            slot.worker.kill.notify_one();
         }
     }
 }
 
-/// The pool's supervisor: replaces idle workers that die, and starts again, with backoff,
-/// workers that failed to start. Ends when the lane is dropped.
-pub(super) async fn supervise(pool: Weak<Inner>, wake: Arc<Notify>) {
+/// The pool's supervisor: starts again, with backoff, workers that failed to start. Ends
+/// when the lane is dropped. (Workers that die are replaced by their keepers.)
+async fn supervise(pool: Weak<Inner>, wake: Arc<Notify>) {
     loop {
         let (missing, retry) = {
             let Some(inner) = pool.upgrade() else { return };
-            inner.replace_dead_idle();
             let retry = Duration::from_millis(inner.retry_ms.load(Ordering::Relaxed));
             (inner.missing.load(Ordering::Acquire), retry)
         };
         if missing == 0 {
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(IDLE_CHECK) => {}
-            }
+            // Woken by a failure; the timeout only notices that the pool is gone.
+            let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
             continue;
         }
         tracing::warn!(
@@ -192,161 +331,6 @@ pub(super) async fn supervise(pool: Weak<Inner>, wake: Arc<Notify>) {
         );
         for _ in 0..inner.missing.swap(0, Ordering::AcqRel) {
             inner.launch();
-        }
-    }
-}
-
-/// Starts a worker process. It is not a [`Worker`] until [`handshake`] has heard from it.
-pub(super) fn spawn_child(exe: &Path, data_dir: &Path) -> std::io::Result<Child> {
-    Command::new(exe)
-        .arg("worker")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--parent")
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-}
-
-/// Waits for a new worker's `ready` line. A worker that exits first, answers something else
-/// or says nothing within `START_TIMEOUT` failed to start (and is killed).
-pub(super) async fn handshake(mut child: Child) -> std::io::Result<Worker> {
-    let pid = child.id().unwrap_or(0);
-    let stdin = child.stdin.take().expect("stdin is piped");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-    let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
-    let why = match first {
-        Ok(Ok(Some(line))) => match serde_json::from_str::<Answer>(&line) {
-            Ok(Answer::Ready(_)) => {
-                return Ok(Worker {
-                    child,
-                    stdin,
-                    stdout,
-                    pid,
-                })
-            }
-            _ => format!("worker {pid} said {line:?} instead of ready"),
-        },
-        Ok(Ok(None)) => {
-            let status = child.wait().await;
-            format!(
-                "worker {pid} exited before it was ready ({})",
-                status.map_or("unknown status".to_string(), |s| s.to_string())
-            )
-        }
-        Ok(Err(e)) => format!("reading worker {pid}: {e}"),
-        Err(_) => format!(
-            "worker {pid} was not ready within {} s",
-            START_TIMEOUT.as_secs()
-        ),
-    };
-    let _ = child.start_kill();
-    Err(std::io::Error::other(why))
-}
-
-/// A worker taken for one request. Given back when the request ends normally; if the job's
-/// future is dropped instead (timeout, cancel) or the worker misbehaved, the worker is killed
-/// and a fresh one takes its place.
-pub(super) struct Lease {
-    inner: Arc<Inner>,
-    worker: Option<Worker>,
-    /// Why the worker is replaced if the lease is dropped holding it.
-    reason: &'static str,
-    /// Whether a request was sent. A lease dropped before that (a job stopped while waiting
-    /// for a core) gives its worker back untouched.
-    used: bool,
-}
-
-impl Lease {
-    pub(super) fn new(inner: &Arc<Inner>, worker: Worker) -> Self {
-        inner.mark(worker.pid, "busy");
-        Lease {
-            inner: inner.clone(),
-            worker: Some(worker),
-            reason: "killed",
-            used: false,
-        }
-    }
-
-    /// Returns the worker to the pool, or, past its job or memory allowance, leaves it to
-    /// `drop`, which kills it and starts a fresh one.
-    pub(super) fn give_back(mut self) {
-        if let Some(w) = self.worker.take() {
-            let recycle = self.inner.recycle;
-            let done = {
-                let mut info = self.inner.info.lock().expect("info lock");
-                info.get_mut(&w.pid)
-                    .map(|i| {
-                        i.state = "idle";
-                        i.jobs_done += 1;
-                        i.jobs_done
-                    })
-                    .unwrap_or(0)
-            };
-            let worn_out = (recycle.max_jobs > 0 && done >= recycle.max_jobs)
-                || (recycle.max_rss_bytes > 0 && rss_bytes(w.pid) > recycle.max_rss_bytes);
-            if worn_out {
-                tracing::debug!(pid = w.pid, jobs = done, "recycling a worker");
-                self.reason = "recycled";
-                self.worker = Some(w);
-                return;
-            }
-            self.inner.push_idle(w);
-        }
-    }
-
-    /// Sends one request and reads its answer, passing progress reports on to `ctx`
-    /// (when given) as they come.
-    pub(super) async fn call(
-        &mut self,
-        request: &Request,
-        ctx: Option<&JobCtx>,
-    ) -> Result<Answer, TaskError> {
-        let w = self
-            .worker
-            .as_mut()
-            .expect("a lease holds a worker until given back");
-        self.used = true;
-        let mut line = serde_json::to_vec(request).expect("a request serializes");
-        line.push(b'\n');
-        if let Err(e) = w.stdin.write_all(&line).await {
-            return Err(TaskError::Crashed(format!("worker {} is gone: {e}", w.pid)));
-        }
-        while let Ok(Some(text)) = w.stdout.next_line().await {
-            match serde_json::from_str::<Answer>(&text) {
-                Ok(Answer::Progress(p)) => {
-                    if let Some(ctx) = ctx {
-                        ctx.set_progress(p);
-                    }
-                }
-                Ok(answer) => return Ok(answer),
-                Err(e) => return Err(TaskError::Crashed(format!("worker answered garbage: {e}"))),
-            }
-        }
-        // The pipe closed: the worker died mid-job.
-        let pid = w.pid;
-        let status = w.child.wait().await.ok();
-        self.reason = "crashed";
-        Err(TaskError::Crashed(format!(
-            "worker process {pid} died ({})",
-            status.map_or("unknown status".to_string(), |s| s.to_string())
-        )))
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            if !self.used {
-                self.inner.mark(w.pid, "idle");
-                self.inner.push_idle(w);
-                return;
-            }
-            let _ = w.child.start_kill();
-            self.inner.replace(w.pid, self.reason);
         }
     }
 }

@@ -5,13 +5,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::protocol::{Answer, Request};
+use super::protocol::{error_message, line, FromWorker, Ready, Run, ToWorker, PROTOCOL};
 use crate::config::Settings;
 use crate::task::{JobCtx, Registry, TaskError, TaskResult};
 
-fn write_line(out: &Mutex<std::io::Stdout>, answer: &Answer) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(answer).expect("an answer serializes");
-    line.push(b'\n');
+fn write_line(out: &Mutex<std::io::Stdout>, message: &FromWorker) -> std::io::Result<()> {
+    let line = line(message);
     let mut out = out.lock().expect("stdout lock");
     out.write_all(&line)?;
     out.flush()
@@ -34,7 +33,11 @@ impl ProgressReporter {
                 let p = ctx.progress();
                 if p != sent && !flag.load(std::sync::atomic::Ordering::Acquire) {
                     sent = p;
-                    if write_line(&out, &Answer::Progress(p)).is_err() {
+                    let progress = FromWorker::Progress {
+                        id: ctx.id.to_string(),
+                        value: p,
+                    };
+                    if write_line(&out, &progress).is_err() {
                         return;
                     }
                 }
@@ -76,17 +79,56 @@ pub fn run_worker_if_asked() -> Option<std::process::ExitCode> {
 }
 
 /// What a worker answers for a task's result (or its panic).
-fn answer_of(result: std::thread::Result<TaskResult>) -> Answer {
+fn answer_of(id: String, result: std::thread::Result<TaskResult>) -> FromWorker {
     match result {
-        Ok(Ok(v)) => Answer::Ok(v),
-        Ok(Err(TaskError::Permanent(m))) => Answer::Permanent(m),
-        Ok(Err(TaskError::Transient(m))) | Ok(Err(TaskError::Crashed(m))) => Answer::Transient(m),
-        Ok(Err(TaskError::Stopped)) => Answer::Transient("stopped".into()),
-        Err(_) => Answer::Crashed("the task panicked in the worker".into()),
+        Ok(Ok(result)) => FromWorker::Ok { id, result },
+        Ok(Err(e)) => error_message(id, &e, "TaskError"),
+        Err(_) => error_message(
+            id,
+            &TaskError::Crashed("the task panicked in the worker".into()),
+            "Panic",
+        ),
     }
 }
 
-/// The `offload worker` subcommand: runs jobs from stdin until stdin closes.
+/// Runs one `run` message with the built-in catalogue.
+fn run_one(registry: &Registry, out: &Arc<Mutex<std::io::Stdout>>, run: Run) -> FromWorker {
+    let Run {
+        id,
+        attempt,
+        task,
+        args,
+        part,
+        ..
+    } = run;
+    let ctx = JobCtx::new(id.parse().unwrap_or_default(), attempt);
+    let Some(t) = registry.get(&task) else {
+        let e = TaskError::Permanent(format!("task `{task}` is not in the worker"));
+        return error_message(id, &e, "UnknownTask");
+    };
+    if let Some([start, end]) = part {
+        let Some(split) = t.split() else {
+            let e = TaskError::Permanent(format!("task `{task}` does not split"));
+            return error_message(id, &e, "UnknownTask");
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            split.part(&ctx, &args, start as usize, end as usize)
+        }));
+        return answer_of(id, result);
+    }
+    // The job's span, carried across the process boundary by its id.
+    let span = tracing::info_span!("job", id = %id, task = %task, attempt,
+        worker = std::process::id());
+    let _enter = span.enter();
+    tracing::debug!("running in a worker process");
+    let reporter = ProgressReporter::start(ctx.clone(), out.clone());
+    let result = catch_unwind(AssertUnwindSafe(|| t.run_sync(&ctx, args)));
+    reporter.stop();
+    answer_of(id, result)
+}
+
+/// The `offload worker` subcommand: runs jobs from stdin until stdin closes or the server
+/// says `shutdown`. It speaks docs/worker-protocol.md, one job at a time.
 pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
     let log_format = match std::env::var("OFFLOAD_LOG_FORMAT").as_deref() {
         Ok("json") => crate::config::LogFormat::Json,
@@ -103,45 +145,28 @@ pub fn worker_main(data_dir: &Path, parent: u32) -> std::process::ExitCode {
     let stdin = std::io::stdin().lock();
     // Shared with the progress reporter thread: whole lines only, under the lock.
     let out = Arc::new(Mutex::new(std::io::stdout()));
-    // Until this line the server gives this worker no job.
-    if write_line(&out, &Answer::Ready(std::process::id())).is_err() {
+    // Until this line the server gives this worker no job. Built-in workers declare no
+    // tasks: the server has the same catalogue.
+    let ready = FromWorker::Ready(Ready {
+        protocol: PROTOCOL,
+        pid: std::process::id(),
+        concurrency: 1,
+        tasks: Vec::new(),
+    });
+    if write_line(&out, &ready).is_err() {
         return std::process::ExitCode::FAILURE;
     }
-    for line in stdin.lines() {
-        let Ok(line) = line else { break };
-        let answer = match serde_json::from_str::<Request>(&line) {
-            Err(e) => Answer::Permanent(format!("bad request to worker: {e}")),
-            Ok(Request {
-                id,
-                attempt,
-                task,
-                args,
-                part: Some([start, end]),
-            }) => match registry.get(&task).and_then(|t| t.split()) {
-                None => Answer::Permanent(format!("task `{task}` does not split")),
-                Some(split) => {
-                    let ctx = JobCtx::new(id.parse().unwrap_or_default(), attempt);
-                    answer_of(catch_unwind(AssertUnwindSafe(|| {
-                        split.part(&ctx, &args, start as usize, end as usize)
-                    })))
-                }
-            },
-            Ok(req) => match registry.get(&req.task) {
-                None => Answer::Permanent(format!("task `{}` is not in the worker", req.task)),
-                Some(task) => {
-                    let id = req.id.parse().unwrap_or_default();
-                    let ctx = JobCtx::new(id, req.attempt);
-                    // The job's span, carried across the process boundary by its id.
-                    let span = tracing::info_span!("job", id = %req.id, task = %req.task,
-                        attempt = req.attempt, worker = std::process::id());
-                    let _enter = span.enter();
-                    tracing::debug!("running in a worker process");
-                    let reporter = ProgressReporter::start(ctx.clone(), out.clone());
-                    let result = catch_unwind(AssertUnwindSafe(|| task.run_sync(&ctx, req.args)));
-                    reporter.stop();
-                    answer_of(result)
-                }
-            },
+    for text in stdin.lines() {
+        let Ok(text) = text else { break };
+        let answer = match serde_json::from_str::<ToWorker>(&text) {
+            Ok(ToWorker::Run(run)) => run_one(&registry, &out, run),
+            // A built-in worker runs cpu work only: the server kills it to stop a job.
+            Ok(ToWorker::Cancel { .. }) => continue,
+            Ok(ToWorker::Shutdown {}) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "a line from the server is not a protocol message");
+                return std::process::ExitCode::FAILURE;
+            }
         };
         if write_line(&out, &answer).is_err() {
             break;

@@ -1,0 +1,118 @@
+//! A live worker and its keeper: the task that owns the process, reads its stdout, hands
+//! each answer to the run it names (by job id, so one worker can run several io jobs), and is
+//! the first to know when the worker dies.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::io::{AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::{mpsc, Notify};
+
+use super::pool::Inner;
+use super::protocol::{line, result_of, FromWorker, ToWorker};
+use crate::task::{TaskError, TaskResult};
+
+/// What a run hears from its worker.
+pub(super) enum Event {
+    Progress(f64),
+    Done(TaskResult),
+}
+
+/// A live worker process, shared by the runs it serves and its keeper.
+pub(super) struct Worker {
+    /// The worker's own pid (as its `ready` said; for a program, not the shell's).
+    pub(super) pid: u32,
+    /// A tokio Mutex, held across the write: lines from concurrent runs must not interleave.
+    pub(super) stdin: tokio::sync::Mutex<ChildStdin>,
+    /// The runs waiting for an answer, by job id. A std Mutex: held for an insert or a remove.
+    pub(super) pending: Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>,
+    /// Tells the keeper to kill the process. `notify_one` keeps the signal if the keeper is
+    /// not waiting at that moment.
+    pub(super) kill: Notify,
+}
+
+impl Worker {
+    pub(super) async fn send(&self, message: &ToWorker) -> std::io::Result<()> {
+        let line = line(message);
+        let mut stdin = self.stdin.lock().await;
+        stdin.write_all(&line).await?;
+        stdin.flush().await
+    }
+
+    /// Hands an answer to the run it names; answers for runs no longer waiting (cancelled)
+    /// are dropped.
+    pub(super) fn deliver(&self, message: FromWorker) {
+        let Some(id) = message.id().map(str::to_string) else {
+            return;
+        };
+        let mut pending = self.pending.lock().expect("pending lock");
+        if let FromWorker::Progress { value, .. } = message {
+            if let Some(tx) = pending.get(&id) {
+                let _ = tx.send(Event::Progress(value));
+            }
+        } else if let (Some(tx), Some(result)) = (pending.remove(&id), result_of(message)) {
+            let _ = tx.send(Event::Done(result));
+        }
+    }
+}
+
+/// A worker's keeper: owns its process, hands each line it writes to the run it names, and,
+/// when it dies (or must be killed), fails the runs it had as `crashed` and has it replaced.
+pub(super) async fn keep(
+    pool: Weak<Inner>,
+    worker: Arc<Worker>,
+    mut child: Child,
+    mut stdout: Lines<BufReader<ChildStdout>>,
+    group: bool,
+) {
+    let pid = worker.pid;
+    let reason = loop {
+        // `next_line` is cancel-safe: a kill in between loses no line.
+        let text = tokio::select! {
+            text = stdout.next_line() => text,
+            _ = worker.kill.notified() => break None,
+        };
+        match text {
+            Ok(Some(text)) => match serde_json::from_str::<FromWorker>(&text) {
+                Ok(message) => worker.deliver(message),
+                Err(e) => {
+                    tracing::error!(pid, error = %e, line = %text.chars().take(200).collect::<String>(),
+                        "a worker wrote a line that is not a protocol message; killing it");
+                    break Some("protocol");
+                }
+            },
+            Ok(None) | Err(_) => break Some("crashed"),
+        }
+    };
+    if group {
+        if let Some(pgid) = child.id() {
+            crate::shm::kill_process_group(pgid);
+        }
+    }
+    let _ = child.start_kill();
+    let status = child
+        .wait()
+        .await
+        .map_or("unknown status".to_string(), |s| s.to_string());
+    // First out of the pool (so no new run is given to it), then its runs fail.
+    if let (Some(reason), Some(pool)) = (reason, pool.upgrade()) {
+        if pool.retire(pid, reason) {
+            tracing::warn!(pid, %status, program = pool.program.as_deref(),
+                "a worker process died; replacing it");
+        }
+    }
+    let runs: Vec<_> = worker
+        .pending
+        .lock()
+        .expect("pending lock")
+        .drain()
+        .collect();
+    for (_, tx) in runs {
+        let why = match reason {
+            Some("protocol") => format!("worker process {pid} broke the protocol ({status})"),
+            _ => format!("worker process {pid} died ({status})"),
+        };
+        let _ = tx.send(Event::Done(Err(TaskError::Crashed(why))));
+    }
+}

@@ -1,0 +1,137 @@
+//! Starting a worker process: the command (built-in or a task program's), its environment,
+//! and the handshake that makes it a worker (its `ready` line).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use super::protocol::{FromWorker, Ready, PROTOCOL};
+
+/// How long a new worker has to say it is ready before it counts as failing to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a pool's workers are started.
+pub(super) enum Launch {
+    /// `<exe> worker`: this binary (or `--worker-exe`), running the built-in catalogue.
+    Builtin { exe: PathBuf },
+    /// A task program: `sh -c <command>`, in a process group of its own, so that a kill
+    /// reaches the program and not only the shell that started it.
+    Program { command: String },
+}
+
+/// A started worker that has said ready, not yet in a pool.
+pub(super) struct Started {
+    pub(super) child: Child,
+    pub(super) stdin: ChildStdin,
+    pub(super) stdout: Lines<BufReader<ChildStdout>>,
+    pub(super) ready: Ready,
+}
+
+impl Started {
+    /// Kills a worker that will not join a pool: its process group (a program's) and itself.
+    pub(super) fn abandon(mut self) {
+        if let Some(pgid) = self.child.id() {
+            crate::shm::kill_process_group(pgid);
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Starts a worker process. It is not a [`Worker`] until [`handshake`] has heard from it.
+/// Built-in or program, it finds in its environment what docs/worker-protocol.md promises.
+pub(super) fn spawn_child(
+    launch: &Launch,
+    program: Option<&str>,
+    data_dir: &Path,
+) -> std::io::Result<Child> {
+    let parent = std::process::id().to_string();
+    let mut command = match launch {
+        Launch::Builtin { exe } => {
+            let mut c = Command::new(exe);
+            c.arg("worker")
+                .arg("--data-dir")
+                .arg(data_dir)
+                .arg("--parent")
+                .arg(&parent)
+                .stderr(Stdio::inherit());
+            c
+        }
+        Launch::Program { command } => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(command)
+                .process_group(0)
+                .stderr(Stdio::piped());
+            c
+        }
+    };
+    let mut child = command
+        .env("OFFLOAD_PROTOCOL", PROTOCOL.to_string())
+        .env("OFFLOAD_DATA_DIR", data_dir)
+        .env("OFFLOAD_PARENT_PID", &parent)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    if let (Some(stderr), Some(program)) = (child.stderr.take(), program) {
+        tokio::spawn(super::program::log_stderr(
+            program.to_string(),
+            child.id().unwrap_or(0),
+            stderr,
+        ));
+    }
+    Ok(child)
+}
+
+/// Waits for a new worker's `ready` line. A worker that exits first, answers something else,
+/// speaks another protocol version or says nothing within `START_TIMEOUT` failed to start
+/// (and is killed).
+pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
+    let pid = child.id().unwrap_or(0);
+    let stdin = child.stdin.take().expect("stdin is piped");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
+    let why = match first {
+        Ok(Ok(Some(line))) => match serde_json::from_str::<FromWorker>(&line) {
+            Ok(FromWorker::Ready(ready)) if ready.protocol != PROTOCOL => format!(
+                "worker {pid} speaks protocol {}; this server speaks {PROTOCOL}",
+                ready.protocol
+            ),
+            Ok(FromWorker::Ready(ready)) if ready.concurrency == 0 => {
+                format!("worker {pid} said concurrency 0")
+            }
+            Ok(FromWorker::Ready(ready)) => {
+                return Ok(Started {
+                    child,
+                    stdin,
+                    stdout,
+                    ready,
+                })
+            }
+            _ => format!(
+                "worker {pid} said {:?} instead of a ready message",
+                line.chars().take(200).collect::<String>()
+            ),
+        },
+        Ok(Ok(None)) => {
+            let status = child.wait().await;
+            format!(
+                "worker {pid} exited before it was ready ({})",
+                status.map_or("unknown status".to_string(), |s| s.to_string())
+            )
+        }
+        Ok(Err(e)) => format!("reading worker {pid}: {e}"),
+        Err(_) => format!(
+            "worker {pid} was not ready within {} s",
+            START_TIMEOUT.as_secs()
+        ),
+    };
+    if let Some(pgid) = child.id() {
+        crate::shm::kill_process_group(pgid);
+    }
+    let _ = child.start_kill();
+    Err(why)
+}

@@ -1,0 +1,394 @@
+//! Task programs (`--task-program`): a real python3 program (tests/programs/echo_tasks.py,
+//! standard library only) speaking docs/worker-protocol.md, its tasks in the catalogue, run,
+//! retried, cancelled and killed for real.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const ECHO: &str = concat!(
+    "python3 ",
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/programs/echo_tasks.py"
+);
+
+fn bad(mode: &str) -> String {
+    format!(
+        "python3 {}/tests/programs/bad_handshake.py {mode}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// The server with echo_tasks.py as its one task program, `workers` workers of it.
+async fn spawn_echo(workers: usize) -> TestApp {
+    spawn_with(move |s| {
+        s.task_programs = vec![ECHO.to_string()];
+        s.task_program_workers = workers;
+    })
+    .await
+}
+
+/// The pids of the program's live workers, sorted.
+async fn program_pids(app: &TestApp) -> Vec<u64> {
+    let stats = app.get("/v1/stats").await.body;
+    let mut pids: Vec<u64> = stats["executors"]["process"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["program"] == ECHO)
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// The program's pids once they differ from `before` and number `n`: a replacement is listed
+/// once it has said ready.
+async fn replaced(app: &TestApp, before: &[u64], n: usize) -> Vec<u64> {
+    for _ in 0..500 {
+        let pids = program_pids(app).await;
+        if pids.len() == n && pids != before {
+            return pids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the program's workers {before:?} were never replaced");
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+async fn gone(pid: u64) -> bool {
+    for _ in 0..200 {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_lists_a_programs_tasks_with_the_program() {
+    let server = Binary::start(&["--task-program", ECHO, "--task-program-workers", "1"]);
+    let tasks: Value = reqwest::get(format!("{}/v1/tasks", server.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let find = |name: &str| {
+        tasks["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} is not listed: {tasks}"))
+    };
+    let cpu = find("py_sum_squares");
+    assert_eq!(cpu["program"], ECHO);
+    assert_eq!(cpu["version"], "1");
+    assert_eq!(cpu["kinds"], json!(["cpu"]));
+    assert_eq!(cpu["executors"], json!({"cpu": "process"}));
+    assert_eq!(cpu["args_schema"]["required"], json!(["n"]));
+    let io = find("py_io_sleep");
+    assert_eq!(io["executors"], json!({"io": "process"}));
+    assert!(find("noop").get("program").is_none(), "built-ins have none");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_task_returns_its_exact_result_and_bad_args_are_refused() {
+    let app = spawn_echo(2).await;
+    let job = app
+        .submit(json!({"task": "py_sum_squares", "args": {"n": 1000}}))
+        .await;
+    assert_eq!(job["executor"], "process", "{job}");
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"], json!({"sum": 332833500}));
+
+    // Validated against the schema the program declared.
+    let a = app
+        .post(
+            "/v1/jobs",
+            json!({"task": "py_sum_squares", "args": {"n": "many"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_io_task_runs_on_the_programs_event_loop() {
+    let app = spawn_echo(1).await;
+    let jobs: Vec<String> = futures_util::future::join_all(
+        (0..5).map(|_| app.submit(json!({"task": "py_io_sleep", "args": {"ms": 300}}))),
+    )
+    .await
+    .iter()
+    .map(id_of)
+    .collect();
+    let pid = program_pids(&app).await[0];
+    for id in jobs {
+        let done = app.wait(&id, 30).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["executor"], "process");
+        assert_eq!(done["result"]["pid"], pid, "one worker ran them all");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_task_maps_its_blob_file() {
+    let app = spawn_echo(1).await;
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = bytes.iter().map(|&b| b as u64).sum();
+    let a = app
+        .call_raw(Method::POST, "/v1/blobs", "application/octet-stream", bytes)
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let blob = a.body["id"].as_str().unwrap().to_string();
+    let job = app
+        .submit(json!({"task": "py_blob_sum", "args": {"data": blob}}))
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"], json!({"sum": sum, "size": 100_000}));
+
+    // A blob argument names a stored blob, as for built-in tasks.
+    let a = app
+        .post(
+            "/v1/jobs",
+            json!({"task": "py_blob_sum", "args": {"data": "nope"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exception_is_a_transient_error_retried_to_success() {
+    let app = spawn_echo(1).await;
+    let job = app
+        .submit(json!({"task": "py_flaky", "args": {}, "max_attempts": 2}))
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2);
+    assert_eq!(done["result"], json!({"attempt": 2}));
+
+    let job = app
+        .submit(json!({"task": "py_flaky", "args": {}, "max_attempts": 1}))
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(message.contains("ValueError"), "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_timeout_and_cancel_kill_the_worker_and_it_is_replaced() {
+    let app = spawn_echo(1).await;
+    let before = program_pids(&app).await;
+    let job = app
+        .submit(
+            json!({"task": "py_spin", "args": {"secs": 60}, "timeout_ms": 500, "max_attempts": 1}),
+        )
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["error"]["type"], "timeout", "{done}");
+    let after = replaced(&app, &before, 1).await;
+    assert!(
+        gone(before[0]).await,
+        "the timed-out job's worker was killed"
+    );
+
+    let job = app
+        .submit(json!({"task": "py_spin", "args": {"secs": 60}, "max_attempts": 1}))
+        .await;
+    let id = id_of(&job);
+    app.wait_until(&id, 30, |j| j["status"] == "running").await;
+    let a = app.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(a.body["status"], "cancelled", "{}", a.body);
+    replaced(&app, &after, 1).await;
+    assert!(
+        gone(after[0]).await,
+        "the cancelled job's worker was killed"
+    );
+
+    // The fresh worker serves.
+    let ok = app
+        .submit(json!({"task": "py_sum_squares", "args": {"n": 10}}))
+        .await;
+    assert_eq!(app.wait(&id_of(&ok), 30).await["result"]["sum"], 285);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_io_cancel_leaves_the_worker_and_its_other_jobs_alone() {
+    let app = spawn_echo(1).await;
+    let pid = program_pids(&app).await;
+    let other = id_of(
+        &app.submit(json!({"task": "py_io_sleep", "args": {"ms": 1500}}))
+            .await,
+    );
+    let doomed = id_of(
+        &app.submit(json!({"task": "py_io_sleep", "args": {"ms": 60000}}))
+            .await,
+    );
+    app.wait_until(&doomed, 30, |j| j["status"] == "running")
+        .await;
+    app.wait_until(&other, 30, |j| j["status"] == "running")
+        .await;
+    let a = app
+        .post(&format!("/v1/jobs/{doomed}/cancel"), json!({}))
+        .await;
+    assert_eq!(a.body["status"], "cancelled", "{}", a.body);
+    let done = app.wait(&other, 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["pid"], pid[0]);
+    assert_eq!(program_pids(&app).await, pid, "the worker was not replaced");
+    assert!(alive(pid[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_io_worker_that_ignores_a_cancel_is_killed_after_its_grace() {
+    let app = spawn_echo(1).await;
+    let before = program_pids(&app).await;
+    let deaf = id_of(
+        &app.submit(json!({"task": "py_io_deaf", "args": {"ms": 60000}}))
+            .await,
+    );
+    app.wait_until(&deaf, 30, |j| j["status"] == "running")
+        .await;
+    let a = app
+        .post(&format!("/v1/jobs/{deaf}/cancel"), json!({}))
+        .await;
+    assert_eq!(a.body["status"], "cancelled", "{}", a.body);
+    // The job is over at once; the worker goes after the 5 s it had to answer.
+    assert_eq!(program_pids(&app).await, before);
+    replaced(&app, &before, 1).await;
+    assert!(gone(before[0]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_mid_job_fails_it_as_crashed_and_it_is_retried() {
+    let app = spawn_echo(1).await;
+    // Killed from outside (SIGKILL).
+    let before = program_pids(&app).await;
+    let job = app
+        .submit(
+            json!({"task": "py_spin", "args": {"secs": 60, "retry_secs": 0.1}, "max_attempts": 2}),
+        )
+        .await;
+    let id = id_of(&job);
+    app.wait_until(&id, 30, |j| j["status"] == "running").await;
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &before[0].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let done = app.wait(&id, 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2);
+    let after = replaced(&app, &before, 1).await;
+    assert_eq!(
+        done["result"]["pid"], after[0],
+        "the replacement ran attempt 2"
+    );
+
+    // Exits by itself mid-job (os._exit).
+    let job = app
+        .submit(json!({"task": "py_crash", "args": {}, "max_attempts": 1}))
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["type"], "crashed", "{done}");
+    let job = app
+        .submit(json!({"task": "py_crash", "args": {}, "max_attempts": 2}))
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    replaced(&app, &after, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_visible_while_the_job_runs() {
+    let app = spawn_echo(1).await;
+    let job = app
+        .submit(json!({"task": "py_progress", "args": {"steps": 40, "ms": 100}}))
+        .await;
+    let id = id_of(&job);
+    let running = app
+        .wait_until(&id, 30, |j| {
+            j["status"] == "running" && j["progress"].as_f64().unwrap_or(0.0) >= 0.2
+        })
+        .await;
+    assert!(running["progress"].as_f64().unwrap() < 1.0, "{running}");
+    let done = app.wait(&id, 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}
+
+/// Runs `offload serve` with one task program that must stop it at start; its exit status
+/// and stderr.
+async fn serve_must_fail(program: &str) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--process-workers", "1"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--task-program", program, "--task-program-workers", "1"])
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the server stops by itself")
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_fails_its_handshake_stops_the_server_naming_it() {
+    for (mode, says) in [
+        ("garbage", "instead of a ready message"),
+        ("protocol2", "speaks protocol 2"),
+        (
+            "taken",
+            "declares task `noop`, which the built-in catalogue already has",
+        ),
+    ] {
+        let program = bad(mode);
+        let (status, stderr) = serve_must_fail(&program).await;
+        assert!(!status.success(), "{mode}: {stderr}");
+        assert!(
+            stderr.contains(&program),
+            "{mode} names the program: {stderr}"
+        );
+        assert!(stderr.contains(says), "{mode}: {stderr}");
+    }
+    // The same task name from two programs: the second is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--process-workers", "1"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--task-program-workers", "1"])
+        .env("OFFLOAD_TASK_PROGRAMS", format!("{ECHO};cd / && {ECHO}"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the server stops by itself")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("which task program `{ECHO}` already has")),
+        "{stderr}"
+    );
+}
