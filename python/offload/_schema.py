@@ -35,6 +35,9 @@ def args_schema(fn: Callable[..., Any], blob_args: typing.Iterable[str] = ()) ->
     """
     blob_args = set(blob_args)
     signature = inspect.signature(fn)
+    missing = blob_args - signature.parameters.keys()
+    if missing:
+        raise TypeError(f"{fn.__qualname__}: blob args {sorted(missing)} are not parameters")
     try:
         hints = typing.get_type_hints(fn)
     except Exception as e:  # a forward reference that does not resolve
@@ -67,9 +70,6 @@ def args_schema(fn: Callable[..., Any], blob_args: typing.Iterable[str] = ()) ->
         elif _is_json(param.default):
             schema = {**schema, "default": param.default}
         properties[name] = schema
-    missing = blob_args - properties.keys()
-    if missing:
-        raise TypeError(f"{fn.__qualname__}: blob args {sorted(missing)} are not parameters")
     result: dict[str, Any] = {"type": "object", "properties": properties}
     if required:
         result["required"] = required
