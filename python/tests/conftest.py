@@ -30,11 +30,15 @@ class WorkerProcess:
         )
         self.lines: queue.Queue[bytes] = queue.Queue()
         self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump,
-                         args=(self.proc.stderr, lambda b: self.stderr.append(b.decode())),
-                         daemon=True).start()
+        self.pumps = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
+                             daemon=True),
+            threading.Thread(target=self._pump,
+                             args=(self.proc.stderr, lambda b: self.stderr.append(b.decode())),
+                             daemon=True),
+        ]
+        for pump in self.pumps:
+            pump.start()
 
     @staticmethod
     def _pump(stream: Any, put: Callable[[bytes], None]) -> None:
@@ -70,10 +74,14 @@ class WorkerProcess:
                 return message
 
     def close(self) -> int:
+        """Closes stdin, waits for the exit, and for stdout and stderr to be read to the end."""
         if self.proc.stdin and not self.proc.stdin.closed:
             self.proc.stdin.close()
         try:
-            return self.proc.wait(timeout=10)
+            code = self.proc.wait(timeout=10)
+            for pump in self.pumps:
+                pump.join(timeout=10)
+            return code
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
