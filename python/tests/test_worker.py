@@ -278,3 +278,15 @@ def test_the_example_program_starts_without_numpy(worker):
     assert {"primes_below", "column_mean", "sleep_then_echo"} <= names
     w.run("p", "primes_below", {"n": 1000})
     assert w.answer() == {"ok": {"id": "p", "result": {"count": 168}}}
+
+
+def test_the_example_column_mean_reads_a_blob_with_numpy(worker, tmp_path):
+    pytest.importorskip("numpy")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "python",
+                           "tasks.py")
+    with open(example) as f:
+        w = worker(f.read())
+    blob = tmp_path / "m"
+    blob.write_bytes(struct.pack("<6d", 1, 10, 2, 20, 3, 30))
+    w.run("m", "column_mean", {"data": "m", "columns": 2}, blobs={"data": str(blob)})
+    assert w.answer() == {"ok": {"id": "m", "result": {"rows": 3, "mean": [2.0, 20.0]}}}
