@@ -8,7 +8,8 @@
 #   bench/python.sh --scaling   the cpu and NumPy items (16 jobs, 256 MiB) for N = 1 2 4 8 16
 #
 # Environment: OFFLOAD_BIN (default target/release/offload; nothing is built), WORKERS (N,
-# default the core count), PYTHON (default python3; needs NumPy). The offload package comes
+# default the core count), PYTHON (default python3; needs NumPy), SCALING_NS (the N of
+# --scaling, default "1 2 4 8 16"). The offload package comes
 # from python/ through PYTHONPATH: no pip, no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,7 +74,7 @@ case "$MODE" in
     "$PY" bench/python_bench.py table "$TMP/results.jsonl"
     ;;
   --scaling)
-    for n in 1 2 4 8 16; do
+    for n in ${SCALING_NS:-1 2 4 8 16}; do
       echo "N = $n" >&2
       start_server "$n" 1
       bench --workers "$n" --items cpu,numpy --jobs 16 --mib 256
