@@ -30,6 +30,7 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 
 TMP=$(mktemp -d)
 SERVER=""
+BENCH=""
 stop_server() {
   [[ -n "$SERVER" ]] || return 0
   kill "$SERVER" 2>/dev/null || true
@@ -39,7 +40,7 @@ stop_server() {
   wait "$SERVER" 2>/dev/null || true
   SERVER=""
 }
-trap 'stop_server; rm -rf "$TMP"' EXIT
+trap '[[ -z "$BENCH" ]] || kill "$BENCH" 2>/dev/null; stop_server; rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
 
 # start_server N IO_CONCURRENCY: a server on a free loopback port and a fresh data dir,
@@ -60,7 +61,14 @@ start_server() {
   fi
 }
 
-bench() { "$PY" bench/python_bench.py run --url "$URL" --out "$TMP/results.jsonl" "$@"; }
+# In the background, and waited for: bash runs a trap only once the foreground command is
+# done, and a wait is cut short by a signal, so a TERM stops the run at once.
+bench() {
+  "$PY" bench/python_bench.py run --url "$URL" --out "$TMP/results.jsonl" "$@" &
+  BENCH=$!
+  wait "$BENCH"
+  BENCH=""
+}
 
 case "$MODE" in
   full | --smoke)
