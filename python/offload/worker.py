@@ -321,16 +321,15 @@ class _Worker:
             token = _current.set(job)
             views: list[_Mapped] = []
             try:
-                kwargs = _arguments(t, run, views)
-                result = t.fn(**kwargs)
-            except Exception as e:
-                self.wire.send_line(_failure(job_id, e))
-            else:
-                self.wire.send_line(_success(job_id, result))
+                try:
+                    answer = _success(job_id, t.fn(**_arguments(t, run, views)))
+                except Exception as e:
+                    answer = _failure(job_id, e)
+                finally:
+                    _unmap(views)
+                self.wire.send_line(answer)
             finally:
                 _current.reset(token)
-                for v in views:
-                    v.close()
                 self.lines.end_job(job_id)
 
     # -- io jobs, in the event loop's thread --------------------------------------------
@@ -376,17 +375,16 @@ class _Worker:
         _current.set(_Job(job_id, self.wire))  # this asyncio task's own context
         views: list[_Mapped] = []
         try:
-            assert self.io_slots is not None
-            async with self.io_slots:
-                kwargs = _arguments(t, run, views)
-                result = await t.fn(**kwargs)
-        except Exception as e:
-            self.wire.send_line(_failure(job_id, e))
-        else:
-            self.wire.send_line(_success(job_id, result))
-        finally:  # also when cancelled: the CancelledError goes on up, to io_done
-            for v in views:
-                v.close()
+            try:
+                assert self.io_slots is not None
+                async with self.io_slots:
+                    answer = _success(job_id, await t.fn(**_arguments(t, run, views)))
+            except Exception as e:
+                answer = _failure(job_id, e)
+            finally:  # also when cancelled: the CancelledError goes on up, to io_done
+                _unmap(views)
+            self.wire.send_line(answer)
+        finally:
             self.lines.end_job(job_id)
 
     async def drain(self) -> None:
@@ -439,6 +437,15 @@ def _arguments(t: Task, run: dict[str, Any], views: list[_Mapped]) -> dict[str, 
     except TypeError as e:
         raise InvalidArgs(f"{t.name}: {e}") from None
     return kwargs
+
+
+def _unmap(views: list[_Mapped]) -> None:
+    """Unmaps a run's blobs. Done before its answer is sent: the server reads the worker's
+    resident size when the answer comes (`--worker-max-rss-bytes`), and a mapped blob's
+    pages that the task touched count in it; a worker that read a 1 GiB blob would be
+    replaced after every job."""
+    for v in views:
+        v.close()
 
 
 class _Mapped:

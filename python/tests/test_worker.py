@@ -194,6 +194,23 @@ def test_a_blob_arg_is_a_read_only_memoryview_of_the_file(worker, tmp_path):
     assert w.answer()["ok"]["result"]["nbytes"] == 24
 
 
+def test_a_blob_is_unmapped_before_the_answer_is_sent(worker, tmp_path):
+    # The server reads the worker's resident size when the answer comes; a blob still
+    # mapped then would count in it (and get a worker that read a large blob replaced).
+    w = worker(TASKS)
+    blob = tmp_path / "blobs" / "big"
+    blob.parent.mkdir()
+    blob.write_bytes(struct.pack("<d", 1.0) * 4096)
+    maps = f"/proc/{w.ready['pid']}/maps"
+    if not os.path.exists(maps):
+        pytest.skip("no /proc here")
+    for i in range(20):  # the old order (answer, then unmap) lost this race most times
+        w.run(f"u{i}", "blob_info", {"data": "big"}, blobs={"data": str(blob)})
+        assert "ok" in w.answer()
+        with open(maps) as f:
+            assert str(blob) not in f.read()
+
+
 def test_io_jobs_run_concurrently_and_print_with_their_ids(worker):
     w = worker(TASKS)
     start = time.monotonic()
