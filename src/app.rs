@@ -53,13 +53,37 @@ pub enum AppError {
     Serve(std::io::Error),
 }
 
+/// The file of a `sqlite:` database URL (not an in-memory one).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+}
+
+/// Whether `dir` is the data dir (comparing real paths where both exist).
+fn same_dir(dir: Option<&std::path::Path>, data_dir: &std::path::Path) -> bool {
+    let Some(dir) = dir else { return false };
+    let dir = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    match (dir.canonicalize(), data_dir.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => dir == data_dir,
+    }
+}
+
 /// A built application: the database is open, recovery has run, the lanes are started and the
 /// port is bound. [`App::run`] serves until the shutdown future resolves.
 pub struct App {
     listener: TcpListener,
     state: AppState,
-    /// Held until [`App::run`] returns (or the process ends): one server per data dir.
-    _lock: DataDirLock,
+    /// Held until [`App::run`] returns (or the process ends): one server per data dir, and per
+    /// SQLite file where that lives elsewhere.
+    _lock: (DataDirLock, Option<DataDirLock>),
 }
 
 impl App {
@@ -73,6 +97,12 @@ impl App {
         // Before anything reads or writes the database or the blobs: a second server on this
         // data dir stops here, having touched nothing.
         let lock = DataDirLock::acquire(&settings.data_dir)?;
+        let db_lock = match sqlite_file(&settings.database_url) {
+            Some(file) if !same_dir(file.parent(), &settings.data_dir) => {
+                Some(DataDirLock::acquire_sqlite(&file)?)
+            }
+            _ => None,
+        };
         crate::observe::install();
         let blobs =
             BlobDir::open(settings.data_dir.join("blobs")).map_err(|source| AppError::DataDir {
@@ -158,7 +188,7 @@ impl App {
             (!addr.ip().is_unspecified()).then(|| format!("http://{addr}"))
         });
         Ok(App {
-            _lock: lock,
+            _lock: (lock, db_lock),
             listener,
             state: AppState {
                 origin,

@@ -25,10 +25,17 @@ pub const LOCK_FILE: &str = "offload.lock";
 pub enum LockError {
     /// Another server holds the lock: this one must not start.
     #[error(
-        "data dir {dir} is in use by another offload server ({}); stop it or pass another --data-dir",
+        "{what} {dir} is in use by another offload server ({}); stop it or pass another {flag}",
         holder.map_or("pid unknown".to_string(), |pid| format!("pid {pid}"))
     )]
-    InUse { dir: String, holder: Option<u32> },
+    InUse {
+        /// "data dir", or "SQLite file" for a database outside the data dir.
+        what: &'static str,
+        dir: String,
+        holder: Option<u32>,
+        /// The setting that picks another one.
+        flag: &'static str,
+    },
     #[error("cannot lock data dir {dir} ({path}): {source}")]
     Io {
         dir: String,
@@ -49,7 +56,32 @@ impl DataDirLock {
     /// Takes the lock on `data_dir` (which must exist) without waiting, and writes this
     /// process's pid into the lock file.
     pub fn acquire(data_dir: &Path) -> Result<DataDirLock, LockError> {
-        let path = data_dir.join(LOCK_FILE);
+        Self::acquire_file(
+            data_dir,
+            data_dir.join(LOCK_FILE),
+            ("data dir", "--data-dir"),
+        )
+    }
+
+    /// Takes the lock of a SQLite file that lives outside the data dir
+    /// (`--database-url sqlite:///elsewhere/jobs.db`): `<file>.offload-lock` beside it, so two
+    /// servers with different data dirs cannot share one SQLite file either (each would take
+    /// the other's running jobs for a dead process's).
+    pub fn acquire_sqlite(db_file: &Path) -> Result<DataDirLock, LockError> {
+        let mut name = db_file.as_os_str().to_owned();
+        name.push(".offload-lock");
+        Self::acquire_file(
+            db_file,
+            PathBuf::from(name),
+            ("SQLite file", "--database-url"),
+        )
+    }
+
+    fn acquire_file(
+        data_dir: &Path,
+        path: PathBuf,
+        (what, flag): (&'static str, &'static str),
+    ) -> Result<DataDirLock, LockError> {
         let io_error = |source| LockError::Io {
             dir: data_dir.display().to_string(),
             path: path.display().to_string(),
@@ -67,6 +99,8 @@ impl DataDirLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 return Err(LockError::InUse {
+                    what,
+                    flag,
                     dir: data_dir.display().to_string(),
                     holder: holder_pid(&path),
                 })

@@ -108,3 +108,21 @@ async fn a_server_killed_with_sigkill_leaves_no_stale_lock() {
     let stats = get(&reqwest::Client::new(), format!("{}/v1/stats", second.base)).await;
     assert!(stats["executors"].is_object(), "{stats}");
 }
+
+// Regression (review): two servers with data dirs of their own but one SQLite file (given with
+// --database-url) would each take the other's running jobs for a dead process's at start.
+#[tokio::test]
+async fn two_servers_cannot_share_one_sqlite_file_from_different_data_dirs() {
+    let shared = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", shared.path().join("jobs.db").display());
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let data_a = a.path().to_str().unwrap().to_string();
+    let _first = Binary::start(&["--data-dir", &data_a, "--database-url", &url]);
+    let second = run_to_exit(b.path(), &["--database-url", &url]);
+    assert!(!second.status.success(), "{:?}", second.status);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("jobs.db") && stderr.contains("is in use by another offload server"),
+        "{stderr}"
+    );
+}
