@@ -392,3 +392,24 @@ async fn a_program_that_fails_its_handshake_stops_the_server_naming_it() {
         "{stderr}"
     );
 }
+
+/// A program that closes its stdout but goes on running can never say ready: the server
+/// kills it and stops at start, naming it, at once (not after the start timeout, and without
+/// hanging on a process that does not exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_closes_its_stdout_and_lives_on_stops_the_server() {
+    let program = "exec 1>/dev/null && sleep 1000";
+    let started = std::time::Instant::now();
+    let (status, stderr) = serve_must_fail(program).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(program), "names the program: {stderr}");
+    assert!(
+        stderr.contains("closed its stdout before it was ready"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -88,12 +88,16 @@ pub(super) fn spawn_child(
 
 /// Waits for a new worker's `ready` line. A worker that exits first, answers something else,
 /// speaks another protocol version or says nothing within `START_TIMEOUT` failed to start
-/// (and is killed).
+/// (and is killed). A worker that closes its stdout but keeps running is killed too: it can
+/// never answer.
 pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
     let pid = child.id().unwrap_or(0);
     let stdin = child.stdin.take().expect("stdin is piped");
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
+    // A moment to exit by itself after its stdin closes (its exit status tells more than a
+    // kill's): only for a worker that closed its stdout, most likely exiting.
+    let mut grace = Duration::ZERO;
     let why = match first {
         Ok(Ok(Some(line))) => match serde_json::from_str::<FromWorker>(&line) {
             Ok(FromWorker::Ready(ready)) if ready.protocol != PROTOCOL => format!(
@@ -117,11 +121,8 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
             ),
         },
         Ok(Ok(None)) => {
-            let status = child.wait().await;
-            format!(
-                "worker {pid} exited before it was ready ({})",
-                status.map_or("unknown status".to_string(), |s| s.to_string())
-            )
+            grace = EXIT_GRACE;
+            format!("worker {pid} closed its stdout before it was ready")
         }
         Ok(Err(e)) => format!("reading worker {pid}: {e}"),
         Err(_) => format!(
@@ -129,9 +130,34 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
             START_TIMEOUT.as_secs()
         ),
     };
-    if let Some(pgid) = child.id() {
-        crate::shm::kill_process_group(pgid);
-    }
+    drop(stdin);
+    let status = end(&mut child, pid, grace).await;
+    Err(format!("{why} ({status})"))
+}
+
+/// How long a worker that failed its handshake has to exit by itself, and then to be reaped
+/// once killed.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// Ends a worker that failed its handshake (its stdin already closed): `grace` to exit by
+/// itself, then its process group (a program's) and itself are killed, and it is reaped, for
+/// at most `EXIT_GRACE` more (a process that cannot be reaped is left to `kill_on_drop`).
+/// Returns how it ended, for the message.
+async fn end(child: &mut Child, pid: u32, grace: Duration) -> String {
+    let exited = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => Some(status),
+        Err(_) => None,
+    };
+    // The group is killed even when the worker exited: its children may live on. (A
+    // program's worker leads its group, whose id is its pid; a built-in worker leads none.)
+    crate::shm::kill_process_group(pid);
     let _ = child.start_kill();
-    Err(why)
+    let status = match exited {
+        Some(status) => status.ok(),
+        None => tokio::time::timeout(EXIT_GRACE, child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok),
+    };
+    status.map_or("unknown status".to_string(), |s| s.to_string())
 }
