@@ -413,3 +413,18 @@ async fn a_program_that_closes_its_stdout_and_lives_on_stops_the_server() {
         started.elapsed()
     );
 }
+
+/// A worker that dies while a child it started keeps its stdout open is dead all the same:
+/// its job fails as `crashed` and it is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_with_children_holding_its_stdout_counts_as_dead() {
+    let app = spawn_echo(1).await;
+    let before = program_pids(&app).await;
+    let job = app
+        .submit(json!({"task": "py_fork_crash", "args": {}, "max_attempts": 1}))
+        .await;
+    let done = app.wait(&id_of(&job), 20).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["type"], "crashed", "{done}");
+    replaced(&app, &before, 1).await;
+}

@@ -67,10 +67,19 @@ pub(super) async fn keep(
     group: bool,
 ) {
     let pid = worker.pid;
+    // Its OS pid (the shell's, for a program: it leads the process group), known until reaped.
+    let os_pid = child.id();
+    let mut exited = None;
     let reason = loop {
-        // `next_line` is cancel-safe: a kill in between loses no line.
+        // `next_line` and `wait` are cancel-safe: a kill in between loses no line. The
+        // process's exit is watched as well as its stdout: children it forked may hold the
+        // pipe open long after it died.
         let text = tokio::select! {
             text = stdout.next_line() => text,
+            status = child.wait() => {
+                exited = Some(status);
+                break Some("crashed");
+            }
             _ = worker.kill.notified() => break None,
         };
         match text {
@@ -86,15 +95,28 @@ pub(super) async fn keep(
         }
     };
     if group {
-        if let Some(pgid) = child.id() {
+        if let Some(pgid) = os_pid {
             crate::shm::kill_process_group(pgid);
         }
     }
     let _ = child.start_kill();
-    let status = child
-        .wait()
-        .await
-        .map_or("unknown status".to_string(), |s| s.to_string());
+    if exited.is_some() {
+        // The answers it wrote before it died are still delivered (its group is dead now,
+        // so the pipe ends soon; a moment at most).
+        let drain = async {
+            while let Ok(Some(text)) = stdout.next_line().await {
+                if let Ok(message) = serde_json::from_str::<FromWorker>(&text) {
+                    worker.deliver(message);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
+    }
+    let status = match exited {
+        Some(status) => status,
+        None => child.wait().await,
+    }
+    .map_or("unknown status".to_string(), |s| s.to_string());
     // First out of the pool (so no new run is given to it), then its runs fail.
     if let (Some(reason), Some(pool)) = (reason, pool.upgrade()) {
         if pool.retire(pid, reason) {
