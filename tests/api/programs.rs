@@ -428,3 +428,26 @@ async fn a_worker_that_dies_with_children_holding_its_stdout_counts_as_dead() {
     assert_eq!(done["error"]["type"], "crashed", "{done}");
     replaced(&app, &before, 1).await;
 }
+
+/// Attempt 2 of an io job never shares a worker with attempt 1 while attempt 1 is still
+/// being cancelled (answers name only the job): here attempt 1 times out and answers late,
+/// within its cancel grace; attempt 2 waits for that, and gets its own answer (it used to
+/// take attempt 1's place in the worker's pending runs, and attempt 1's answer with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_shares_a_worker_with_its_attempt_being_cancelled() {
+    let app = spawn_echo(1).await;
+    let before = program_pids(&app).await;
+    let job = app
+        .submit(json!({"task": "py_io_deaf", "args": {"ms": 1500, "retry_ms": 100},
+            "timeout_ms": 1000, "max_attempts": 2}))
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(
+        done["result"],
+        json!({"slept_ms": 100, "pid": before[0], "attempt": 2}),
+        "attempt 2's own answer"
+    );
+    assert_eq!(program_pids(&app).await, before, "the worker answered: kept");
+}

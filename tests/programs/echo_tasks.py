@@ -47,8 +47,11 @@ TASKS = [
      "description": "sleeps ms on the worker's event loop; answers its pid",
      "args_schema": obj({"ms": {"type": "integer", "minimum": 0}}, ["ms"]), "blob_args": []},
     {"name": "py_io_deaf", "kind": "io", "version": "1",
-     "description": "like py_io_sleep, but ignores a cancel (the server must kill it)",
-     "args_schema": obj({"ms": {"type": "integer", "minimum": 0}}, ["ms"]), "blob_args": []},
+     "description": "like py_io_sleep (retry_ms on later attempts), but ignores a cancel "
+                    "(the server must kill it)",
+     "args_schema": obj({"ms": {"type": "integer", "minimum": 0},
+                         "retry_ms": {"type": "integer", "minimum": 0}}, ["ms"]),
+     "blob_args": []},
     {"name": "py_blob_sum", "kind": "cpu", "version": "1",
      "description": "maps a blob and sums its bytes",
      "args_schema": obj({"data": {"type": "string"}}, ["data"]), "blob_args": ["data"]},
@@ -119,8 +122,11 @@ RUNNING: dict = {}  # job id -> asyncio.Task, touched on LOOP's thread only
 
 
 async def io_job(run: dict) -> None:
-    await asyncio.sleep(run["args"]["ms"] / 1000)
-    send({"ok": {"id": run["id"], "result": {"slept_ms": run["args"]["ms"], "pid": os.getpid()}}})
+    args = run["args"]
+    ms = args["ms"] if run["attempt"] == 1 else args.get("retry_ms", args["ms"])
+    await asyncio.sleep(ms / 1000)
+    send({"ok": {"id": run["id"], "result": {"slept_ms": ms, "pid": os.getpid(),
+                                            "attempt": run["attempt"]}}})
 
 
 def start_io(run: dict) -> None:

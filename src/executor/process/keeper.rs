@@ -25,8 +25,10 @@ pub(super) struct Worker {
     pub(super) pid: u32,
     /// A tokio Mutex, held across the write: lines from concurrent runs must not interleave.
     pub(super) stdin: tokio::sync::Mutex<ChildStdin>,
-    /// The runs waiting for an answer, by job id. A std Mutex: held for an insert or a remove.
-    pub(super) pending: Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>,
+    /// The runs waiting for an answer, by job id (answers name only the job: a worker never
+    /// has two attempts of one job, see `Inner::try_take`), each with its run's token (so that
+    /// a run removes its own entry only). A std Mutex: held for an insert or a remove.
+    pub(super) pending: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Event>)>>,
     /// Tells the keeper to kill the process. `notify_one` keeps the signal if the keeper is
     /// not waiting at that moment.
     pub(super) kill: Notify,
@@ -48,10 +50,10 @@ impl Worker {
         };
         let mut pending = self.pending.lock().expect("pending lock");
         if let FromWorker::Progress { value, .. } = message {
-            if let Some(tx) = pending.get(&id) {
+            if let Some((_, tx)) = pending.get(&id) {
                 let _ = tx.send(Event::Progress(value));
             }
-        } else if let (Some(tx), Some(result)) = (pending.remove(&id), result_of(message)) {
+        } else if let (Some((_, tx)), Some(result)) = (pending.remove(&id), result_of(message)) {
             let _ = tx.send(Event::Done(result));
         }
     }
@@ -130,7 +132,7 @@ pub(super) async fn keep(
         .expect("pending lock")
         .drain()
         .collect();
-    for (_, tx) in runs {
+    for (_, (_, tx)) in runs {
         let why = match reason {
             Some("protocol") => format!("worker process {pid} broke the protocol ({status})"),
             _ => format!("worker process {pid} died ({status})"),

@@ -230,8 +230,9 @@ impl Executor for ProcessLane {
         };
         // A live worker first, then a core: a job that waits while the lane is short of
         // workers must not hold a core the rayon lane could use. Either wait ends on a stop.
+        let job = ctx.id.to_string();
         let worker = tokio::select! {
-            w = inner.take(exclusive) => w,
+            w = inner.take(exclusive, &job) => w,
             _ = ctx.stopped() => return Err(TaskError::Stopped),
         };
         let mut leases = vec![Lease::new(inner, worker, exclusive)];
@@ -250,7 +251,7 @@ impl Executor for ProcessLane {
         let split = task.split();
         if split.is_some() {
             while let Ok(extra) = inner.budget.clone().try_acquire_owned() {
-                match inner.try_take(true) {
+                match inner.try_take(true, &job) {
                     Some(w) => {
                         leases.push(Lease::new(inner, w, true));
                         cores.push(extra);

@@ -242,25 +242,37 @@ impl Inner {
     /// Takes a worker for one run: all of one (`exclusive`, a cpu run) or one of its
     /// `concurrency` places (an io run). Waits for one to come back, or for the supervisor
     /// to start one if none is live.
-    pub(super) async fn take(&self, exclusive: bool) -> Arc<Worker> {
+    /// Never a worker that still has a run of job `job` (an earlier attempt being cancelled):
+    /// answers name only the job.
+    pub(super) async fn take(&self, exclusive: bool, job: &str) -> Arc<Worker> {
         loop {
             let returned = self.returned.notified();
-            if let Some(w) = self.try_take(exclusive) {
+            if let Some(w) = self.try_take(exclusive, job) {
                 return w;
             }
             returned.await;
         }
     }
 
-    pub(super) fn try_take(&self, exclusive: bool) -> Option<Arc<Worker>> {
+    pub(super) fn try_take(&self, exclusive: bool, job: &str) -> Option<Arc<Worker>> {
         let mut slots = self.slots.lock().expect("slots lock");
+        // Lock order: slots, then a worker's pending.
+        let free_of_job = |s: &Slot| {
+            !s.worker
+                .pending
+                .lock()
+                .expect("pending lock")
+                .contains_key(job)
+        };
         let slot = if exclusive {
-            slots.values_mut().find(|s| s.in_flight == 0)
+            slots
+                .values_mut()
+                .find(|s| s.in_flight == 0 && free_of_job(s))
         } else {
             // The least busy: io runs spread over the workers.
             slots
                 .values_mut()
-                .filter(|s| !s.exclusive && s.in_flight < self.concurrency)
+                .filter(|s| !s.exclusive && s.in_flight < self.concurrency && free_of_job(s))
                 .min_by_key(|s| s.in_flight)
         }?;
         slot.in_flight += 1;
