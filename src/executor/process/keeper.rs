@@ -23,8 +23,10 @@ pub(super) enum Event {
 pub(super) struct Worker {
     /// The worker's own pid (as its `ready` said; for a program, not the shell's).
     pub(super) pid: u32,
-    /// A tokio Mutex, held across the write: lines from concurrent runs must not interleave.
-    pub(super) stdin: tokio::sync::Mutex<ChildStdin>,
+    /// Whole lines for its stdin, written in order by its writer task ([`write_lines`]):
+    /// enqueuing is synchronous, so a run dropped mid-send (cancelled, timed out) can never
+    /// leave half a line, and lines from concurrent runs never interleave.
+    pub(super) lines: mpsc::UnboundedSender<Vec<u8>>,
     /// The runs waiting for an answer, by job id (answers name only the job: a worker never
     /// has two attempts of one job, see `Inner::try_take`), each with its run's token (so that
     /// a run removes its own entry only). A std Mutex: held for an insert or a remove.
@@ -35,11 +37,12 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) async fn send(&self, message: &ToWorker) -> std::io::Result<()> {
-        let line = line(message);
-        let mut stdin = self.stdin.lock().await;
-        stdin.write_all(&line).await?;
-        stdin.flush().await
+    /// Queues a message for the worker's stdin. Fails only once its writer has stopped (the
+    /// pipe broke: the worker is dying).
+    pub(super) fn send(&self, message: &ToWorker) -> Result<(), String> {
+        self.lines
+            .send(line(message))
+            .map_err(|_| "its stdin is closed".to_string())
     }
 
     /// Hands an answer to the run it names; answers for runs no longer waiting (cancelled)
@@ -59,6 +62,19 @@ impl Worker {
     }
 }
 
+/// A worker's writer: writes the queued lines, whole and in order, to its stdin. Ends when the
+/// pipe breaks (its keeper then counts the worker as crashed) or the worker is dropped.
+pub(super) async fn write_lines(
+    mut stdin: ChildStdin,
+    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    while let Some(line) = lines.recv().await {
+        if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A worker's keeper: owns its process, hands each line it writes to the run it names, and,
 /// when it dies (or must be killed), fails the runs it had as `crashed` and has it replaced.
 pub(super) async fn keep(
@@ -66,6 +82,7 @@ pub(super) async fn keep(
     worker: Arc<Worker>,
     mut child: Child,
     mut stdout: Lines<BufReader<ChildStdout>>,
+    mut writer: tokio::task::JoinHandle<()>,
     group: bool,
 ) {
     let pid = worker.pid;
@@ -82,6 +99,8 @@ pub(super) async fn keep(
                 exited = Some(status);
                 break Some("crashed");
             }
+            // Its writer stops only when the pipe broke: it can take no more runs.
+            _ = &mut writer => break Some("crashed"),
             _ = worker.kill.notified() => break None,
         };
         match text {
@@ -96,6 +115,7 @@ pub(super) async fn keep(
             Ok(None) | Err(_) => break Some("crashed"),
         }
     };
+    writer.abort();
     if group {
         if let Some(pgid) = os_pid {
             crate::shm::kill_process_group(pgid);

@@ -63,7 +63,7 @@ impl Lease {
         }
         self.used = true;
         let (_, _, rx) = self.waiting.insert((id, token, rx));
-        if let Err(e) = self.worker.send(&ToWorker::Run(run)).await {
+        if let Err(e) = self.worker.send(&ToWorker::Run(run)) {
             return Err(TaskError::Crashed(format!(
                 "worker {} is gone: {e}",
                 self.worker.pid
@@ -118,8 +118,11 @@ async fn cancel_io(
     token: u64,
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) {
-    let sent = worker.send(&ToWorker::Cancel { id: id.clone() }).await;
+    // All of it within the grace: the send as well as the wait.
     let answered = async {
+        if worker.send(&ToWorker::Cancel { id: id.clone() }).is_err() {
+            return false;
+        }
         while let Some(event) = rx.recv().await {
             if let Event::Done(_) = event {
                 return true;
@@ -127,10 +130,9 @@ async fn cancel_io(
         }
         false
     };
-    let answered = sent.is_ok()
-        && tokio::time::timeout(CANCEL_GRACE, answered)
-            .await
-            .unwrap_or(false);
+    let answered = tokio::time::timeout(CANCEL_GRACE, answered)
+        .await
+        .unwrap_or(false);
     if answered {
         inner.release(worker.pid, true);
     } else {

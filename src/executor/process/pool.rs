@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::process::Child;
 use tokio::sync::{Notify, Semaphore};
 
-use super::keeper::{keep, Worker};
+use super::keeper::{keep, write_lines, Worker};
 use super::protocol::TaskDecl;
 use super::start::{handshake, spawn_child, Launch, Started};
 use super::{rss_bytes, Recycle, WorkerInfo};
@@ -167,9 +167,11 @@ impl Inner {
             0 => s.child.id().unwrap_or(0),
             pid => pid,
         };
+        let (lines, queued) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_lines(s.stdin, queued));
         let worker = Arc::new(Worker {
             pid,
-            stdin: tokio::sync::Mutex::new(s.stdin),
+            lines,
             pending: Mutex::default(),
             kill: Notify::new(),
         });
@@ -182,7 +184,14 @@ impl Inner {
                 jobs_done: 0,
             },
         );
-        tokio::spawn(keep(Arc::downgrade(self), worker, s.child, s.stdout, group));
+        tokio::spawn(keep(
+            Arc::downgrade(self),
+            worker,
+            s.child,
+            s.stdout,
+            writer,
+            group,
+        ));
         self.retry_ms
             .store(RETRY_MIN.as_millis() as u64, Ordering::Relaxed);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
