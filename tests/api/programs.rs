@@ -451,3 +451,16 @@ async fn a_retry_never_shares_a_worker_with_its_attempt_being_cancelled() {
     );
     assert_eq!(program_pids(&app).await, before, "the worker answered: kept");
 }
+
+/// A first line past 1 MiB is not read into memory to its end: the handshake fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_whose_first_line_is_endless_stops_the_server() {
+    let program = "head -c 3000000 /dev/zero | tr '\\0' x && sleep 1000";
+    let (status, stderr) = serve_must_fail(program).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(program), "names the program: {stderr}");
+    assert!(
+        stderr.contains("wrote a first line longer than 1 MiB"),
+        "{stderr}"
+    );
+}

@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use tokio::io::{AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, Notify};
 
 use super::pool::Inner;
 use super::protocol::{line, result_of, FromWorker, ToWorker};
+use super::start::{Line, LineReader};
 use crate::task::{TaskError, TaskResult};
 
 /// What a run hears from its worker.
@@ -81,7 +82,7 @@ pub(super) async fn keep(
     pool: Weak<Inner>,
     worker: Arc<Worker>,
     mut child: Child,
-    mut stdout: Lines<BufReader<ChildStdout>>,
+    mut stdout: LineReader,
     mut writer: tokio::task::JoinHandle<()>,
     group: bool,
 ) {
@@ -104,7 +105,12 @@ pub(super) async fn keep(
             _ = worker.kill.notified() => break None,
         };
         match text {
-            Ok(Some(text)) => match serde_json::from_str::<FromWorker>(&text) {
+            Ok(Line::TooLong) => {
+                tracing::error!(pid, max_bytes = stdout.max,
+                    "a worker wrote a line longer than a protocol message may be; killing it");
+                break Some("protocol");
+            }
+            Ok(Line::Text(text)) => match serde_json::from_str::<FromWorker>(&text) {
                 Ok(message) => worker.deliver(message),
                 Err(e) => {
                     tracing::error!(pid, error = %e, line = %text.chars().take(200).collect::<String>(),
@@ -112,7 +118,7 @@ pub(super) async fn keep(
                     break Some("protocol");
                 }
             },
-            Ok(None) | Err(_) => break Some("crashed"),
+            Ok(Line::Eof) | Err(_) => break Some("crashed"),
         }
     };
     writer.abort();
@@ -126,7 +132,7 @@ pub(super) async fn keep(
         // The answers it wrote before it died are still delivered (its group is dead now,
         // so the pipe ends soon; a moment at most).
         let drain = async {
-            while let Ok(Some(text)) = stdout.next_line().await {
+            while let Ok(Line::Text(text)) = stdout.next_line().await {
                 if let Ok(message) = serde_json::from_str::<FromWorker>(&text) {
                     worker.deliver(message);
                 }

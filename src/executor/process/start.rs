@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::protocol::{FromWorker, Ready, PROTOCOL};
@@ -26,7 +26,7 @@ pub(super) enum Launch {
 pub(super) struct Started {
     pub(super) child: Child,
     pub(super) stdin: ChildStdin,
-    pub(super) stdout: Lines<BufReader<ChildStdout>>,
+    pub(super) stdout: LineReader,
     pub(super) ready: Ready,
 }
 
@@ -93,13 +93,20 @@ pub(super) fn spawn_child(
 pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
     let pid = child.id().unwrap_or(0);
     let stdin = child.stdin.take().expect("stdin is piped");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let mut stdout = LineReader::new(
+        child.stdout.take().expect("stdout is piped"),
+        READY_MAX,
+    );
     let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
     // A moment to exit by itself after its stdin closes (its exit status tells more than a
     // kill's): only for a worker that closed its stdout, most likely exiting.
     let mut grace = Duration::ZERO;
     let why = match first {
-        Ok(Ok(Some(line))) => match serde_json::from_str::<FromWorker>(&line) {
+        Ok(Ok(Line::TooLong)) => format!(
+            "worker {pid} wrote a first line longer than {} MiB",
+            READY_MAX >> 20
+        ),
+        Ok(Ok(Line::Text(line))) => match serde_json::from_str::<FromWorker>(&line) {
             Ok(FromWorker::Ready(ready)) if ready.protocol != PROTOCOL => format!(
                 "worker {pid} speaks protocol {}; this server speaks {PROTOCOL}",
                 ready.protocol
@@ -108,6 +115,7 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
                 format!("worker {pid} said concurrency 0")
             }
             Ok(FromWorker::Ready(ready)) => {
+                stdout.max = ANSWER_MAX;
                 return Ok(Started {
                     child,
                     stdin,
@@ -120,7 +128,7 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
                 line.chars().take(200).collect::<String>()
             ),
         },
-        Ok(Ok(None)) => {
+        Ok(Ok(Line::Eof)) => {
             grace = EXIT_GRACE;
             format!("worker {pid} closed its stdout before it was ready")
         }
@@ -160,4 +168,68 @@ async fn end(child: &mut Child, pid: u32, grace: Duration) -> String {
             .and_then(Result::ok),
     };
     status.map_or("unknown status".to_string(), |s| s.to_string())
+}
+
+/// The longest `ready` line a worker may write (its tasks and their schemas).
+const READY_MAX: usize = 1 << 20;
+/// The longest line a worker may write after it: a run's answer, its result inline.
+const ANSWER_MAX: usize = 64 << 20;
+
+/// One line read from a worker's stdout.
+pub(super) enum Line {
+    /// A line, without its newline (the last one may have none).
+    Text(String),
+    /// Its stdout closed.
+    Eof,
+    /// Longer than the reader's `max`: what it wrote is not a protocol message, and the
+    /// rest of the line is not read (nor kept in memory).
+    TooLong,
+}
+
+/// Reads a worker's stdout line by line, never keeping more than `max` bytes of one line: a
+/// worker that writes endless bytes without a newline must not exhaust the server's memory.
+pub(super) struct LineReader {
+    reader: BufReader<ChildStdout>,
+    /// The line read so far: kept between calls, so that `next_line` is cancel-safe.
+    buf: Vec<u8>,
+    pub(super) max: usize,
+}
+
+impl LineReader {
+    pub(super) fn new(stdout: ChildStdout, max: usize) -> Self {
+        LineReader {
+            reader: BufReader::new(stdout),
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// The next line. Cancel-safe: bytes read before a cancel stay in `buf` for the next call.
+    pub(super) async fn next_line(&mut self) -> std::io::Result<Line> {
+        // One byte past `max`, to tell a line of exactly `max` bytes from a longer one.
+        let room = (self.max + 1).saturating_sub(self.buf.len()) as u64;
+        let n = (&mut self.reader)
+            .take(room)
+            .read_until(b'\n', &mut self.buf)
+            .await?;
+        let mut line = if self.buf.last() == Some(&b'\n') {
+            let mut line = std::mem::take(&mut self.buf);
+            line.pop();
+            line
+        } else if self.buf.len() > self.max {
+            self.buf = Vec::new();
+            return Ok(Line::TooLong);
+        } else if n == 0 && self.buf.is_empty() {
+            return Ok(Line::Eof);
+        } else {
+            // The end of its stdout, after a last line without a newline.
+            std::mem::take(&mut self.buf)
+        };
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        String::from_utf8(line)
+            .map(Line::Text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
 }
