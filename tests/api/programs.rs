@@ -361,6 +361,10 @@ async fn a_program_that_fails_its_handshake_stops_the_server_naming_it() {
             "taken",
             "declares task `noop`, which the built-in catalogue already has",
         ),
+        (
+            "cyclic",
+            "task `loop`: args_schema: schema too deep or cyclic",
+        ),
     ] {
         let program = bad(mode);
         let (status, stderr) = serve_must_fail(&program).await;
