@@ -375,12 +375,18 @@ mod tests {
             json!({"allOf": [{"$ref": "#/defs/a"}], "defs": {"a": {"anyOf": [{"$ref": "#"}]}}}),
             json!({"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}}),
         ] {
-            assert!(super::check(&s).unwrap_err().contains("too deep or cyclic"), "{s}");
+            assert!(
+                super::check(&s).unwrap_err().contains("too deep or cyclic"),
+                "{s}"
+            );
         }
         let e = check(json!({}), json!({"$ref": "#"})).unwrap_err();
         assert_eq!(e, "args: schema too deep or cyclic");
-        let e = check(json!({"x": {}}), json!({"properties": {"x": {"$ref": "#/properties/x"}}}))
-            .unwrap_err();
+        let e = check(
+            json!({"x": {}}),
+            json!({"properties": {"x": {"$ref": "#/properties/x"}}}),
+        )
+        .unwrap_err();
         assert!(e.contains("too deep or cyclic"), "{e}");
         // A tree is recursive through its items: fine, to a point.
         let tree = json!({"type": "array", "items": {"$ref": "#"}});

@@ -362,6 +362,10 @@ async fn a_program_that_fails_its_handshake_stops_the_server_naming_it() {
             "declares task `noop`, which the built-in catalogue already has",
         ),
         (
+            "greedy",
+            "said concurrency 1000000000000000000; it must be 1 to 10000",
+        ),
+        (
             "cyclic",
             "task `loop`: args_schema: schema too deep or cyclic",
         ),
@@ -442,8 +446,10 @@ async fn a_retry_never_shares_a_worker_with_its_attempt_being_cancelled() {
     let app = spawn_echo(1).await;
     let before = program_pids(&app).await;
     let job = app
-        .submit(json!({"task": "py_io_deaf", "args": {"ms": 1500, "retry_ms": 100},
-            "timeout_ms": 1000, "max_attempts": 2}))
+        .submit(
+            json!({"task": "py_io_deaf", "args": {"ms": 1500, "retry_ms": 100},
+            "timeout_ms": 1000, "max_attempts": 2}),
+        )
         .await;
     let done = app.wait(&id_of(&job), 30).await;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -453,7 +459,11 @@ async fn a_retry_never_shares_a_worker_with_its_attempt_being_cancelled() {
         json!({"slept_ms": 100, "pid": before[0], "attempt": 2}),
         "attempt 2's own answer"
     );
-    assert_eq!(program_pids(&app).await, before, "the worker answered: kept");
+    assert_eq!(
+        program_pids(&app).await,
+        before,
+        "the worker answered: kept"
+    );
 }
 
 /// A first line past 1 MiB is not read into memory to its end: the handshake fails at once.

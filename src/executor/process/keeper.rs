@@ -106,8 +106,11 @@ pub(super) async fn keep(
         };
         match text {
             Ok(Line::TooLong) => {
-                tracing::error!(pid, max_bytes = stdout.max,
-                    "a worker wrote a line longer than a protocol message may be; killing it");
+                tracing::error!(
+                    pid,
+                    max_bytes = stdout.max,
+                    "a worker wrote a line longer than a protocol message may be; killing it"
+                );
                 break Some("protocol");
             }
             Ok(Line::Text(text)) => match serde_json::from_str::<FromWorker>(&text) {

@@ -48,7 +48,13 @@ impl Lease {
         let token = TOKENS.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let id = run.id.clone();
-        match self.worker.pending.lock().expect("pending lock").entry(id.clone()) {
+        match self
+            .worker
+            .pending
+            .lock()
+            .expect("pending lock")
+            .entry(id.clone())
+        {
             // Never replaces another run's entry (an earlier attempt of this job still being
             // cancelled): `try_take` does not give such a worker, so this is a bug's guard.
             Entry::Occupied(_) => {

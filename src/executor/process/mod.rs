@@ -193,11 +193,18 @@ impl Executor for ProcessLane {
         ExecutorKind::Process
     }
     /// Built-in workers, plus each program's workers times the runs each takes at once.
+    /// Saturating, and at most what a semaphore holds: it sizes the lane's slots.
     fn capacity(&self) -> usize {
-        self.pools().map(|p| p.capacity * p.concurrency).sum()
+        self.pools()
+            .map(|p| p.capacity.saturating_mul(p.concurrency))
+            .fold(0, usize::saturating_add)
+            .min(Semaphore::MAX_PERMITS)
     }
     fn live_capacity(&self) -> usize {
-        self.pools().map(|p| p.live() * p.concurrency).sum()
+        self.pools()
+            .map(|p| p.live().saturating_mul(p.concurrency))
+            .fold(0, usize::saturating_add)
+            .min(Semaphore::MAX_PERMITS)
     }
     fn workers(&self) -> Option<Value> {
         let mut list: Vec<WorkerInfo> = self.pools().flat_map(|p| p.info()).collect();

@@ -13,6 +13,10 @@ use super::protocol::{FromWorker, Ready, PROTOCOL};
 /// How long a new worker has to say it is ready before it counts as failing to start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most runs one worker may say it takes at once: the lane's capacity is workers times
+/// this, and must stay a sane number of semaphore permits.
+pub(super) const MAX_CONCURRENCY: usize = 10_000;
+
 /// How a pool's workers are started.
 pub(super) enum Launch {
     /// `<exe> worker`: this binary (or `--worker-exe`), running the built-in catalogue.
@@ -93,10 +97,7 @@ pub(super) fn spawn_child(
 pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
     let pid = child.id().unwrap_or(0);
     let stdin = child.stdin.take().expect("stdin is piped");
-    let mut stdout = LineReader::new(
-        child.stdout.take().expect("stdout is piped"),
-        READY_MAX,
-    );
+    let mut stdout = LineReader::new(child.stdout.take().expect("stdout is piped"), READY_MAX);
     let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
     // A moment to exit by itself after its stdin closes (its exit status tells more than a
     // kill's): only for a worker that closed its stdout, most likely exiting.
@@ -111,8 +112,11 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
                 "worker {pid} speaks protocol {}; this server speaks {PROTOCOL}",
                 ready.protocol
             ),
-            Ok(FromWorker::Ready(ready)) if ready.concurrency == 0 => {
-                format!("worker {pid} said concurrency 0")
+            Ok(FromWorker::Ready(ready)) if !(1..=MAX_CONCURRENCY).contains(&ready.concurrency) => {
+                format!(
+                    "worker {pid} said concurrency {}; it must be 1 to {MAX_CONCURRENCY}",
+                    ready.concurrency
+                )
             }
             Ok(FromWorker::Ready(ready)) => {
                 stdout.max = ANSWER_MAX;
@@ -121,7 +125,7 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
                     stdin,
                     stdout,
                     ready,
-                })
+                });
             }
             _ => format!(
                 "worker {pid} said {:?} instead of a ready message",
