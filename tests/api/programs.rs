@@ -478,3 +478,41 @@ async fn a_program_whose_first_line_is_endless_stops_the_server() {
         "{stderr}"
     );
 }
+
+/// Workers are told apart by the server, not by the pid they say: a program in a pid
+/// namespace says pid 1 for each of its workers, and still has all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_all_say_pid_1_are_all_kept() {
+    let program = format!("{ECHO} --pid-1");
+    let app = spawn_with({
+        let program = program.clone();
+        move |s| {
+            s.task_programs = vec![program];
+            s.task_program_workers = 2;
+        }
+    })
+    .await;
+    let stats = app.get("/v1/stats").await.body;
+    let workers: Vec<&Value> = stats["executors"]["process"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["program"] == program.as_str())
+        .collect();
+    assert_eq!(workers.len(), 2, "{stats}");
+    // Both run at once: two cpu jobs of 1 s take about 1 s, not 2.
+    let started = std::time::Instant::now();
+    let jobs = futures_util::future::join_all(
+        (0..2).map(|_| app.submit(json!({"task": "py_spin", "args": {"secs": 1}}))),
+    )
+    .await;
+    for job in &jobs {
+        let done = app.wait(&id_of(job), 30).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -167,7 +167,9 @@ def main() -> None:
     assert os.path.isdir(os.environ["OFFLOAD_DATA_DIR"])
     threading.Thread(target=watch_parent, daemon=True).start()
     threading.Thread(target=LOOP.run_forever, daemon=True).start()
-    send({"ready": {"protocol": 1, "pid": os.getpid(), "concurrency": 10, "tasks": TASKS}})
+    # `--pid-1`: says pid 1, as a program in a pid namespace of its own would, every worker.
+    pid = 1 if "--pid-1" in sys.argv else os.getpid()
+    send({"ready": {"protocol": 1, "pid": pid, "concurrency": 10, "tasks": TASKS}})
     kinds = {t["name"]: t["kind"] for t in TASKS}
     for line in sys.stdin:
         message = json.loads(line)

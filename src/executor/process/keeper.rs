@@ -22,7 +22,10 @@ pub(super) enum Event {
 
 /// A live worker process, shared by the runs it serves and its keeper.
 pub(super) struct Worker {
-    /// The worker's own pid (as its `ready` said; for a program, not the shell's).
+    /// Its key in its pool, given by the server: unique, whatever the worker says.
+    pub(super) key: u64,
+    /// The worker's own pid (as its `ready` said; for a program, not the shell's), for
+    /// display and RSS only: a program in a pid namespace says the same pid for each worker.
     pub(super) pid: u32,
     /// Whole lines for its stdin, written in order by its writer task ([`write_lines`]):
     /// enqueuing is synchronous, so a run dropped mid-send (cancelled, timed out) can never
@@ -150,7 +153,7 @@ pub(super) async fn keep(
     .map_or("unknown status".to_string(), |s| s.to_string());
     // First out of the pool (so no new run is given to it), then its runs fail.
     if let (Some(reason), Some(pool)) = (reason, pool.upgrade()) {
-        if pool.retire(pid, reason) {
+        if pool.retire(worker.key, reason) {
             tracing::warn!(pid, %status, program = pool.program.as_deref(),
                 "a worker process died; replacing it");
         }

@@ -97,10 +97,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let pid = self.worker.pid;
+        let key = self.worker.key;
         match self.waiting.take() {
-            None => self.inner.release(pid, self.used),
-            Some(_) if self.exclusive => self.inner.kill(pid, "killed"),
+            None => self.inner.release(key, self.used),
+            Some(_) if self.exclusive => self.inner.kill(key, "killed"),
             Some((id, token, rx)) => {
                 tokio::spawn(cancel_io(
                     self.inner.clone(),
@@ -140,7 +140,7 @@ async fn cancel_io(
         .await
         .unwrap_or(false);
     if answered {
-        inner.release(worker.pid, true);
+        inner.release(worker.key, true);
     } else {
         // Only its own entry: never another run's.
         let mut pending = worker.pending.lock().expect("pending lock");
@@ -150,6 +150,6 @@ async fn cancel_io(
         drop(pending);
         tracing::warn!(pid = worker.pid, job = %id, program = inner.program.as_deref(),
             "an io worker did not answer a cancel in time; killing it");
-        inner.kill(worker.pid, "cancel_ignored");
+        inner.kill(worker.key, "cancel_ignored");
     }
 }

@@ -47,9 +47,9 @@ pub(super) struct Inner {
     /// Cores for cpu work, shared with the rayon lane: a cpu run holds one per process it
     /// keeps busy, so the lanes together never run more cpu work than there are cores.
     pub(super) budget: Arc<Semaphore>,
-    /// The live workers (said ready, not known dead), by pid. A std Mutex: never held
-    /// across an await.
-    slots: Mutex<HashMap<u32, Slot>>,
+    /// The live workers (said ready, not known dead), by their key (`Worker::key`, the
+    /// server's, not the pid a worker says). A std Mutex: never held across an await.
+    slots: Mutex<HashMap<u64, Slot>>,
     /// Signalled (all waiters) whenever a run gives a worker back or a worker joins.
     returned: Notify,
     /// Workers the pool lacks because starting them failed; the supervisor starts them again.
@@ -126,8 +126,8 @@ impl Inner {
         self.slots
             .lock()
             .expect("slots lock")
-            .keys()
-            .copied()
+            .values()
+            .map(|s| s.worker.pid)
             .collect()
     }
 
@@ -169,14 +169,17 @@ impl Inner {
         };
         let (lines, queued) = tokio::sync::mpsc::unbounded_channel();
         let writer = tokio::spawn(write_lines(s.stdin, queued));
+        static KEYS: AtomicU64 = AtomicU64::new(0);
+        let key = KEYS.fetch_add(1, Ordering::Relaxed);
         let worker = Arc::new(Worker {
+            key,
             pid,
             lines,
             pending: Mutex::default(),
             kill: Notify::new(),
         });
         self.slots.lock().expect("slots lock").insert(
-            pid,
+            key,
             Slot {
                 worker: worker.clone(),
                 in_flight: 0,
@@ -224,11 +227,12 @@ impl Inner {
         }
     }
 
-    /// Takes worker `pid` out of the pool and starts its replacement, once: whoever sees it
+    /// Takes worker `key` out of the pool and starts its replacement, once: whoever sees it
     /// gone first (a kill, its keeper) does it. Returns whether it was still in the pool.
-    pub(super) fn retire(self: &Arc<Self>, pid: u32, reason: &'static str) -> bool {
-        let gone = self.slots.lock().expect("slots lock").remove(&pid);
+    pub(super) fn retire(self: &Arc<Self>, key: u64, reason: &'static str) -> bool {
+        let gone = self.slots.lock().expect("slots lock").remove(&key);
         let Some(slot) = gone else { return false };
+        let pid = slot.worker.pid;
         metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
         tracing::debug!(
@@ -242,10 +246,10 @@ impl Inner {
         true
     }
 
-    /// Kills worker `pid` (SIGKILL, by its keeper) and starts a fresh one. The pool forgets
+    /// Kills worker `key` (SIGKILL, by its keeper) and starts a fresh one. The pool forgets
     /// it at once, so that `/v1/stats` and the next run never see it again.
-    pub(super) fn kill(self: &Arc<Self>, pid: u32, reason: &'static str) {
-        self.retire(pid, reason);
+    pub(super) fn kill(self: &Arc<Self>, key: u64, reason: &'static str) {
+        self.retire(key, reason);
     }
 
     /// Takes a worker for one run: all of one (`exclusive`, a cpu run) or one of its
@@ -291,10 +295,11 @@ impl Inner {
 
     /// A run gives its worker back. After a finished job (`done`) a worker past its job or
     /// memory allowance, with no other run, is replaced by a fresh one.
-    pub(super) fn release(self: &Arc<Self>, pid: u32, done: bool) {
+    pub(super) fn release(self: &Arc<Self>, key: u64, done: bool) {
         let worn_out = {
             let mut slots = self.slots.lock().expect("slots lock");
-            let Some(s) = slots.get_mut(&pid) else { return };
+            let Some(s) = slots.get_mut(&key) else { return };
+            let pid = s.worker.pid;
             s.in_flight = s.in_flight.saturating_sub(1);
             if s.in_flight == 0 {
                 s.exclusive = false;
@@ -308,8 +313,8 @@ impl Inner {
                     || (recycle.max_rss_bytes > 0 && rss_bytes(pid) > recycle.max_rss_bytes))
         };
         if worn_out {
-            tracing::debug!(pid, "recycling a worker");
-            self.kill(pid, "recycled");
+            tracing::debug!(key, "recycling a worker");
+            self.kill(key, "recycled");
         }
         self.returned.notify_waiters();
     }
