@@ -479,27 +479,36 @@ async fn a_program_whose_first_line_is_endless_stops_the_server() {
     );
 }
 
+/// The stats' workers of task program `program`.
+async fn workers_of(app: &TestApp, program: &str) -> Vec<Value> {
+    let stats = app.get("/v1/stats").await.body;
+    stats["executors"]["process"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["program"] == program)
+        .cloned()
+        .collect()
+}
+
+/// The server with task program `program`, `workers` workers of it.
+async fn spawn_program(program: &str, workers: usize) -> TestApp {
+    let program = program.to_string();
+    spawn_with(move |s| {
+        s.task_programs = vec![program];
+        s.task_program_workers = workers;
+    })
+    .await
+}
+
 /// Workers are told apart by the server, not by the pid they say: a program in a pid
 /// namespace says pid 1 for each of its workers, and still has all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_that_all_say_pid_1_are_all_kept() {
     let program = format!("{ECHO} --pid-1");
-    let app = spawn_with({
-        let program = program.clone();
-        move |s| {
-            s.task_programs = vec![program];
-            s.task_program_workers = 2;
-        }
-    })
-    .await;
-    let stats = app.get("/v1/stats").await.body;
-    let workers: Vec<&Value> = stats["executors"]["process"]["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| w["program"] == program.as_str())
-        .collect();
-    assert_eq!(workers.len(), 2, "{stats}");
+    let app = spawn_program(&program, 2).await;
+    let workers = workers_of(&app, &program).await;
+    assert_eq!(workers.len(), 2, "{workers:?}");
     // Both run at once: two cpu jobs of 1 s take about 1 s, not 2.
     let started = std::time::Instant::now();
     let jobs = futures_util::future::join_all(
@@ -515,4 +524,13 @@ async fn workers_that_all_say_pid_1_are_all_kept() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A worker that declares the program's tasks in another order is one of its workers all the
+/// same (it used to be refused, and started again forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_may_declare_their_tasks_in_any_order() {
+    let program = format!("{ECHO} --reorder");
+    let app = spawn_program(&program, 3).await;
+    assert_eq!(workers_of(&app, &program).await.len(), 3);
 }

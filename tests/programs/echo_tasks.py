@@ -169,7 +169,15 @@ def main() -> None:
     threading.Thread(target=LOOP.run_forever, daemon=True).start()
     # `--pid-1`: says pid 1, as a program in a pid namespace of its own would, every worker.
     pid = 1 if "--pid-1" in sys.argv else os.getpid()
-    send({"ready": {"protocol": 1, "pid": pid, "concurrency": 10, "tasks": TASKS}})
+    # `--reorder`: every worker but the first declares the tasks in reverse order.
+    tasks = TASKS
+    if "--reorder" in sys.argv:
+        try:
+            os.close(os.open(os.path.join(os.environ["OFFLOAD_DATA_DIR"], "first-worker"),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            tasks = TASKS[::-1]
+    send({"ready": {"protocol": 1, "pid": pid, "concurrency": 10, "tasks": tasks}})
     kinds = {t["name"]: t["kind"] for t in TASKS}
     for line in sys.stdin:
         message = json.loads(line)

@@ -153,7 +153,13 @@ impl Inner {
 
     /// A worker that said ready joins the pool, if it declares what the pool serves.
     fn adopt(self: &Arc<Self>, s: Started) {
-        if s.ready.tasks != self.tasks {
+        // The same tasks, in any order.
+        let by_name = |tasks: &[TaskDecl]| {
+            let mut tasks: Vec<TaskDecl> = tasks.to_vec();
+            tasks.sort_by(|a, b| a.name.cmp(&b.name));
+            tasks
+        };
+        if by_name(&s.ready.tasks) != by_name(&self.tasks) {
             let why = format!(
                 "worker {} declared other tasks than the program's first worker",
                 s.ready.pid
