@@ -49,6 +49,7 @@ import mmap
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -463,8 +464,14 @@ class _Mapped:
 
 
 def _parent_watch(parent: int) -> None:
-    """Exits the process once the server that started it is gone."""
+    """Ends the process once the server that started it is gone: with its whole process group
+    (the task's children too) when the group is its own, not the server's (offload starts
+    each program worker in a group of its own); else the process alone."""
     ppid = os.getppid()
+    try:
+        own_group = os.getpgrp() != os.getpgid(parent)
+    except OSError:
+        own_group = os.getpgrp() == os.getpid()
     while True:
         time.sleep(PARENT_CHECK_INTERVAL_S)
         try:
@@ -475,6 +482,8 @@ def _parent_watch(parent: int) -> None:
         except PermissionError:
             gone = False  # it exists, as another user's process
         if gone:
+            if own_group:
+                os.killpg(0, signal.SIGKILL)
             os._exit(0)
 
 
