@@ -534,3 +534,58 @@ async fn workers_may_declare_their_tasks_in_any_order() {
     let app = spawn_program(&program, 3).await;
     assert_eq!(workers_of(&app, &program).await.len(), 3);
 }
+
+/// When the server stops, its program workers' process groups go with it: a child a task
+/// started does not outlive the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_children_do_not_outlive_the_server() {
+    let mut server = Binary::start(&["--task-program", ECHO, "--task-program-workers", "1"]);
+    let client = reqwest::Client::new();
+    let job: Value = client
+        .post(format!("{}/v1/jobs", server.base))
+        .json(&json!({"task": "py_spawn", "args": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = id_of(&job);
+    let mut child = None;
+    for _ in 0..300 {
+        let j: Value = client
+            .get(format!("{}/v1/jobs/{id}", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "succeeded" {
+            child = j["result"]["child"].as_u64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let child = child.expect("the job succeeds");
+    assert!(alive(child));
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    for _ in 0..300 {
+        if server.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        server.child.try_wait().unwrap().is_some(),
+        "the server stopped"
+    );
+    assert!(
+        gone(child).await,
+        "the task's child {child} outlived the server"
+    );
+}

@@ -65,6 +65,9 @@ TASKS = [
     {"name": "py_crash", "kind": "cpu", "version": "1",
      "description": "exits its process on attempt 1, succeeds on attempt 2",
      "args_schema": obj({}, []), "blob_args": []},
+    {"name": "py_spawn", "kind": "cpu", "version": "1",
+     "description": "starts a child that sleeps on, and answers its pid",
+     "args_schema": obj({}, []), "blob_args": []},
     {"name": "py_fork_crash", "kind": "cpu", "version": "1",
      "description": "starts a child that keeps stdout open, then exits its process",
      "args_schema": obj({}, []), "blob_args": []},
@@ -101,6 +104,10 @@ def cpu_body(run: dict):
             log(job, "exiting mid-job")
             os._exit(1)
         return {"attempt": attempt}
+    if task == "py_spawn":
+        child = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return {"child": child.pid}
     if task == "py_fork_crash":
         child = subprocess.Popen(["sleep", "1000"])  # inherits stdout: the pipe stays open
         log(job, f"child {child.pid} holds stdout; exiting")

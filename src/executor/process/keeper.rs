@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::pool::Inner;
 use super::protocol::{line, result_of, FromWorker, ToWorker};
-use super::start::{Line, LineReader};
+use super::start::{KillGroupOnDrop, Line, LineReader};
 use crate::task::{TaskError, TaskResult};
 
 /// What a run hears from its worker.
@@ -27,6 +27,8 @@ pub(super) struct Worker {
     /// The worker's own pid (as its `ready` said; for a program, not the shell's), for
     /// display and RSS only: a program in a pid namespace says the same pid for each worker.
     pub(super) pid: u32,
+    /// Its process group (a program's: the shell's pid, which leads it), to kill at shutdown.
+    pub(super) group: Option<u32>,
     /// Whole lines for its stdin, written in order by its writer task ([`write_lines`]):
     /// enqueuing is synchronous, so a run dropped mid-send (cancelled, timed out) can never
     /// leave half a line, and lines from concurrent runs never interleave.
@@ -92,6 +94,8 @@ pub(super) async fn keep(
     let pid = worker.pid;
     // Its OS pid (the shell's, for a program: it leads the process group), known until reaped.
     let os_pid = child.id();
+    // Should this task be dropped (the runtime ends), the group goes with it.
+    let mut guard = KillGroupOnDrop(worker.group);
     let mut exited = None;
     let reason = loop {
         // `next_line` and `wait` are cancel-safe: a kill in between loses no line. The
@@ -133,6 +137,7 @@ pub(super) async fn keep(
             crate::shm::kill_process_group(pgid);
         }
     }
+    guard.0 = None;
     let _ = child.start_kill();
     if exited.is_some() {
         // The answers it wrote before it died are still delivered (its group is dead now,
@@ -153,7 +158,7 @@ pub(super) async fn keep(
     .map_or("unknown status".to_string(), |s| s.to_string());
     // First out of the pool (so no new run is given to it), then its runs fail.
     if let (Some(reason), Some(pool)) = (reason, pool.upgrade()) {
-        if pool.retire(worker.key, reason) {
+        if pool.retire(worker.key, reason) && !pool.is_closed() {
             tracing::warn!(pid, %status, program = pool.program.as_deref(),
                 "a worker process died; replacing it");
         }

@@ -206,6 +206,13 @@ impl Executor for ProcessLane {
             .fold(0, usize::saturating_add)
             .min(Semaphore::MAX_PERMITS)
     }
+    /// Kills every worker, with its process group (a program's): the task's children too.
+    /// No worker is started again.
+    fn shutdown(&self) {
+        for pool in self.pools() {
+            pool.shutdown();
+        }
+    }
     fn workers(&self) -> Option<Value> {
         let mut list: Vec<WorkerInfo> = self.pools().flat_map(|p| p.info()).collect();
         for w in &mut list {

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -56,6 +56,8 @@ pub(super) struct Inner {
     missing: AtomicUsize,
     /// The supervisor's next wait before starting them, in ms.
     retry_ms: AtomicU64,
+    /// The server stops: no worker is started any more.
+    closed: AtomicBool,
     /// Wakes the supervisor. An Arc of its own: the supervisor holds it, and only a weak
     /// reference to the pool, so that dropping the lane ends it.
     wake: Arc<Notify>,
@@ -92,6 +94,7 @@ impl Inner {
             returned: Notify::new(),
             missing: AtomicUsize::new(0),
             retry_ms: AtomicU64::new(RETRY_MIN.as_millis() as u64),
+            closed: AtomicBool::new(false),
             wake: wake.clone(),
         });
         if let Some(first) = first {
@@ -169,6 +172,10 @@ impl Inner {
             return;
         }
         let group = matches!(self.launch, Launch::Program { .. });
+        if self.closed.load(Ordering::Acquire) {
+            s.abandon();
+            return;
+        }
         let pid = match s.ready.pid {
             0 => s.child.id().unwrap_or(0),
             pid => pid,
@@ -180,6 +187,7 @@ impl Inner {
         let worker = Arc::new(Worker {
             key,
             pid,
+            group: if group { s.child.id() } else { None },
             lines,
             pending: Mutex::default(),
             kill: Notify::new(),
@@ -209,6 +217,9 @@ impl Inner {
 
     /// A worker could not be started: the supervisor tries again after its backoff.
     fn start_failed(&self, why: String) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         metrics::counter!("offload_worker_start_failures_total").increment(1);
         let missing = self.missing.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::error!(error = %why, program = self.program.as_deref(), missing,
@@ -219,6 +230,9 @@ impl Inner {
     /// Starts a worker; it joins the pool once it says ready. A failure, now or at its
     /// handshake, leaves it to the supervisor.
     fn launch(self: &Arc<Self>) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         match self.spawn() {
             Err(e) => self.start_failed(e.to_string()),
             Ok(child) => {
@@ -323,6 +337,24 @@ impl Inner {
             self.kill(key, "recycled");
         }
         self.returned.notify_waiters();
+    }
+}
+
+impl Inner {
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The server stops: every worker is killed, its process group (a program's) at once,
+    /// here, so that none outlives the server; none is started again.
+    pub(super) fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        for slot in self.slots.lock().expect("slots lock").values() {
+            if let Some(pgid) = slot.worker.group {
+                crate::shm::kill_process_group(pgid);
+            }
+            slot.worker.kill.notify_one();
+        }
     }
 }
 

@@ -44,6 +44,18 @@ impl Started {
     }
 }
 
+/// Kills a process group when dropped (unless its id is taken out first): a worker's group
+/// must not outlive the task that owns the worker, however that task ends.
+pub(super) struct KillGroupOnDrop(pub(super) Option<u32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            crate::shm::kill_process_group(pgid);
+        }
+    }
+}
+
 /// Starts a worker process. It is not a [`Worker`] until [`handshake`] has heard from it.
 /// Built-in or program, it finds in its environment what docs/worker-protocol.md promises.
 pub(super) fn spawn_child(
@@ -96,6 +108,9 @@ pub(super) fn spawn_child(
 /// never answer.
 pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
     let pid = child.id().unwrap_or(0);
+    // A handshake dropped half-way (the server stops while a worker starts) takes the
+    // worker's group along (a built-in worker leads none: the kill finds nothing).
+    let mut guard = KillGroupOnDrop(Some(pid));
     let stdin = child.stdin.take().expect("stdin is piped");
     let mut stdout = LineReader::new(child.stdout.take().expect("stdout is piped"), READY_MAX);
     let first = tokio::time::timeout(START_TIMEOUT, stdout.next_line()).await;
@@ -119,6 +134,7 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
                 )
             }
             Ok(FromWorker::Ready(ready)) => {
+                guard.0 = None;
                 stdout.max = ANSWER_MAX;
                 return Ok(Started {
                     child,
@@ -144,6 +160,7 @@ pub(super) async fn handshake(mut child: Child) -> Result<Started, String> {
     };
     drop(stdin);
     let status = end(&mut child, pid, grace).await;
+    guard.0 = None;
     Err(format!("{why} ({status})"))
 }
 
