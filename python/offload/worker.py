@@ -367,6 +367,11 @@ class _Worker:
         self.io_jobs.pop(job_id, None)
         if job.cancelled():
             self.wire.send(_error(job_id, "permanent", "Cancelled", "cancelled by the server"))
+        elif (e := job.exception()) is not None:
+            # Not an Exception (run_io answers those): a BaseException of the task's own. The
+            # server still gets an answer, else it would wait for this job forever.
+            traceback.print_exception(type(e), e, e.__traceback__)
+            self.wire.send(_error(job_id, "transient", type(e).__name__, str(e)))
 
     def cancel_io(self, job_id: str) -> None:
         job = self.io_jobs.get(job_id)

@@ -285,6 +285,30 @@ def test_takes_its_process_group_along_when_its_parent_is_gone(worker):
         raise AssertionError(f"the task's child {child} outlived its worker")
 
 
+def test_an_io_task_raising_a_base_exception_is_still_answered(worker):
+    w = worker("""
+        from offload.worker import run, task
+
+        class Abort(BaseException):
+            pass
+
+        @task(kind="io")
+        async def abort(why: str) -> int:
+            raise Abort(why)
+
+        @task(kind="io")
+        async def fine() -> int:
+            return 1
+
+        run()
+    """)
+    w.run("a", "abort", {"why": "no"})
+    assert w.answer() == {"error": {"id": "a", "kind": "transient", "type": "Abort",
+                                    "message": "no"}}
+    w.run("b", "fine", {})
+    assert w.answer() == {"ok": {"id": "b", "result": 1}}
+
+
 def test_print_at_import_time_does_not_reach_the_protocol(worker):
     w = worker("""
         import sys
