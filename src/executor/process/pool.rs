@@ -252,6 +252,12 @@ impl Inner {
     pub(super) fn retire(self: &Arc<Self>, key: u64, reason: &'static str) -> bool {
         let gone = self.slots.lock().expect("slots lock").remove(&key);
         let Some(slot) = gone else { return false };
+        self.replace(slot, reason);
+        true
+    }
+
+    /// A worker taken out of the pool is killed (by its keeper) and a fresh one started.
+    fn replace(self: &Arc<Self>, slot: Slot, reason: &'static str) {
         let pid = slot.worker.pid;
         metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
@@ -263,7 +269,6 @@ impl Inner {
         );
         slot.worker.kill.notify_one();
         self.launch();
-        true
     }
 
     /// Kills worker `key` (SIGKILL, by its keeper) and starts a fresh one. The pool forgets
@@ -328,13 +333,21 @@ impl Inner {
                 s.jobs_done += 1;
             }
             let recycle = self.recycle;
-            done && s.in_flight == 0
+            let worn_out = done
+                && s.in_flight == 0
                 && ((recycle.max_jobs > 0 && s.jobs_done >= recycle.max_jobs)
-                    || (recycle.max_rss_bytes > 0 && rss_bytes(pid) > recycle.max_rss_bytes))
+                    || (recycle.max_rss_bytes > 0 && rss_bytes(pid) > recycle.max_rss_bytes));
+            // Out of the pool in the same critical section as the decision: no run can take
+            // it in between and be killed with it.
+            if worn_out {
+                slots.remove(&key)
+            } else {
+                None
+            }
         };
-        if worn_out {
+        if let Some(slot) = worn_out {
             tracing::debug!(key, "recycling a worker");
-            self.kill(key, "recycled");
+            self.replace(slot, "recycled");
         }
         self.returned.notify_waiters();
     }
