@@ -193,6 +193,10 @@ impl Executor for ProcessLane {
         ExecutorKind::Process
     }
     /// Built-in workers, plus each program's workers times the runs each takes at once.
+    // Known limit: the dispatcher has one lane (one slot semaphore, one queue) for all the
+    // pools here, built-in and programs'. Jobs waiting in `Inner::take` for a busy pool hold
+    // lane slots, so a backlog for one program can starve the others' jobs of slots while
+    // their workers sit idle.
     /// Saturating, and at most what a semaphore holds: it sizes the lane's slots.
     fn capacity(&self) -> usize {
         self.pools()

@@ -302,6 +302,9 @@ impl Inner {
                 .expect("pending lock")
                 .contains_key(job)
         };
+        // Known limit: a cpu run needs a worker with no run at all, and io runs go to the
+        // least busy worker; under a steady io load on a program with both kinds, no worker
+        // may ever be idle, so its cpu jobs can wait indefinitely.
         let slot = if exclusive {
             slots
                 .values_mut()

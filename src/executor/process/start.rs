@@ -173,10 +173,7 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// at most `EXIT_GRACE` more (a process that cannot be reaped is left to `kill_on_drop`).
 /// Returns how it ended, for the message.
 async fn end(child: &mut Child, pid: u32, grace: Duration) -> String {
-    let exited = match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => Some(status),
-        Err(_) => None,
-    };
+    let exited = tokio::time::timeout(grace, child.wait()).await.ok();
     // The group is killed even when the worker exited: its children may live on. (A
     // program's worker leads its group, whose id is its pid; a built-in worker leads none.)
     crate::shm::kill_process_group(pid);
