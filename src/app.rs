@@ -266,6 +266,7 @@ impl App {
                 "shutting down: draining running jobs"
             );
             dispatcher.drain(drain_timeout).await;
+            dispatcher.shutdown_lanes();
             dispatcher.events().close();
             let _ = stopped_tx.send(());
         });

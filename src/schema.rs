@@ -12,6 +12,27 @@ use serde_json::Value;
 /// Checks `value` against `schema`. `root` resolves `$ref`s (pass the schema itself when it has
 /// none). Returns the first problem found, as `"args.n: must be at most 10000000000"`.
 pub fn validate(value: &Value, schema: &Value, root: &Value, path: &str) -> Result<(), String> {
+    validate_at(value, schema, root, path, 0)
+}
+
+/// How deep `validate` follows schemas (`$ref`s, combinators, and the value's own nesting)
+/// before it gives up: a `$ref` cycle such as `{"$ref": "#"}` must be an error, not a stack
+/// overflow.
+const MAX_DEPTH: usize = 64;
+
+fn validate_at(
+    value: &Value,
+    schema: &Value,
+    root: &Value,
+    path: &str,
+    depth: usize,
+) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("{}: schema too deep or cyclic", label(path)));
+    }
+    let validate = |value: &Value, schema: &Value, root: &Value, path: &str| {
+        validate_at(value, schema, root, path, depth + 1)
+    };
     let Some(obj) = schema.as_object() else {
         // `true` accepts everything, `false` nothing.
         return match schema {
@@ -175,6 +196,81 @@ pub fn validate(value: &Value, schema: &Value, root: &Value, path: &str) -> Resu
 }
 
 /// Follows a local JSON pointer such as `#/components/schemas/Job`.
+/// Checks a schema itself (one a task program declares), once, before any value meets it:
+/// every `$ref` resolves, and no chain of `$ref`s and `allOf`/`anyOf`/`oneOf` leads back to
+/// where it started without descending into the value (`{"$ref": "#"}`), which no value could
+/// ever get through. Recursion through `properties` or `items` (a tree) is fine.
+pub fn check(root: &Value) -> Result<(), String> {
+    use std::collections::HashSet;
+    /// The schemas reachable from `s`, by any keyword.
+    fn children<'a>(s: &'a Value, root: &'a Value) -> Result<Vec<&'a Value>, String> {
+        let Some(obj) = s.as_object() else {
+            return Ok(Vec::new());
+        };
+        let mut out = same_value(s, root)?;
+        for key in ["properties", "patternProperties"] {
+            if let Some(Value::Object(map)) = obj.get(key) {
+                out.extend(map.values());
+            }
+        }
+        for key in ["items", "additionalProperties", "not"] {
+            if let Some(s) = obj.get(key) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+    /// The schemas `s` applies to the same value: its `$ref` and combinators.
+    fn same_value<'a>(s: &'a Value, root: &'a Value) -> Result<Vec<&'a Value>, String> {
+        let Some(obj) = s.as_object() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        if let Some(Value::String(r)) = obj.get("$ref") {
+            out.push(resolve(root, r).ok_or_else(|| format!("schema error: bad $ref {r}"))?);
+        }
+        for key in ["allOf", "anyOf", "oneOf"] {
+            if let Some(Value::Array(list)) = obj.get(key) {
+                out.extend(list);
+            }
+        }
+        Ok(out)
+    }
+    /// Depth-first along same-value edges; `ok` holds the schemas known to end.
+    fn acyclic<'a>(
+        s: &'a Value,
+        root: &'a Value,
+        stack: &mut Vec<*const Value>,
+        ok: &mut HashSet<*const Value>,
+    ) -> Result<(), String> {
+        let me = s as *const Value;
+        if ok.contains(&me) {
+            return Ok(());
+        }
+        if stack.contains(&me) || stack.len() > MAX_DEPTH {
+            return Err("schema too deep or cyclic".to_string());
+        }
+        stack.push(me);
+        for next in same_value(s, root)? {
+            acyclic(next, root, stack, ok)?;
+        }
+        stack.pop();
+        ok.insert(me);
+        Ok(())
+    }
+    let mut seen: HashSet<*const Value> = HashSet::new();
+    let mut ok = HashSet::new();
+    let mut todo = vec![root];
+    while let Some(s) = todo.pop() {
+        if !seen.insert(s as *const Value) {
+            continue;
+        }
+        acyclic(s, root, &mut Vec::new(), &mut ok)?;
+        todo.extend(children(s, root)?);
+    }
+    Ok(())
+}
+
 pub fn resolve<'a>(root: &'a Value, reference: &str) -> Option<&'a Value> {
     let pointer = reference.strip_prefix('#')?;
     root.pointer(pointer)
@@ -269,6 +365,41 @@ mod tests {
             "args.n: must be an integer, not a string"
         );
         assert!(check(json!({"n": 3}), s).is_ok());
+    }
+
+    /// Broke: `{"$ref": "#"}` recursed until the stack overflowed, aborting the server.
+    #[test]
+    fn a_ref_cycle_is_an_error_not_a_stack_overflow() {
+        for s in [
+            json!({"$ref": "#"}),
+            json!({"allOf": [{"$ref": "#/defs/a"}], "defs": {"a": {"anyOf": [{"$ref": "#"}]}}}),
+            json!({"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}}),
+        ] {
+            assert!(
+                super::check(&s).unwrap_err().contains("too deep or cyclic"),
+                "{s}"
+            );
+        }
+        let e = check(json!({}), json!({"$ref": "#"})).unwrap_err();
+        assert_eq!(e, "args: schema too deep or cyclic");
+        let e = check(
+            json!({"x": {}}),
+            json!({"properties": {"x": {"$ref": "#/properties/x"}}}),
+        )
+        .unwrap_err();
+        assert!(e.contains("too deep or cyclic"), "{e}");
+        // A tree is recursive through its items: fine, to a point.
+        let tree = json!({"type": "array", "items": {"$ref": "#"}});
+        assert!(super::check(&tree).is_ok());
+        assert!(check(json!([[[]], []]), tree.clone()).is_ok());
+        let mut deep = json!([]);
+        for _ in 0..100 {
+            deep = json!([deep]);
+        }
+        assert!(check(deep, tree).unwrap_err().contains("too deep"));
+        assert!(super::check(&json!({"$ref": "#/nowhere"}))
+            .unwrap_err()
+            .contains("bad $ref"));
     }
 
     #[test]

@@ -49,6 +49,7 @@ import mmap
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -365,6 +366,11 @@ class _Worker:
         self.io_jobs.pop(job_id, None)
         if job.cancelled():
             self.wire.send(_error(job_id, "permanent", "Cancelled", "cancelled by the server"))
+        elif (e := job.exception()) is not None:
+            # Not an Exception (run_io answers those): a BaseException of the task's own. The
+            # server still gets an answer, else it would wait for this job forever.
+            traceback.print_exception(type(e), e, e.__traceback__)
+            self.wire.send(_error(job_id, "transient", type(e).__name__, str(e)))
 
     def cancel_io(self, job_id: str) -> None:
         job = self.io_jobs.get(job_id)
@@ -470,8 +476,14 @@ class _Mapped:
 
 
 def _parent_watch(parent: int) -> None:
-    """Exits the process once the server that started it is gone."""
+    """Ends the process once the server that started it is gone: with its whole process group
+    (the task's children too) when the group is its own, not the server's (offload starts
+    each program worker in a group of its own); else the process alone."""
     ppid = os.getppid()
+    try:
+        own_group = os.getpgrp() != os.getpgid(parent)
+    except OSError:
+        own_group = os.getpgrp() == os.getpid()
     while True:
         time.sleep(PARENT_CHECK_INTERVAL_S)
         try:
@@ -482,6 +494,8 @@ def _parent_watch(parent: int) -> None:
         except PermissionError:
             gone = False  # it exists, as another user's process
         if gone:
+            if own_group:
+                os.killpg(0, signal.SIGKILL)
             os._exit(0)
 
 

@@ -269,6 +269,63 @@ def test_exits_when_its_parent_is_gone(worker):
     assert w.proc.wait(timeout=10) == 0  # within a couple of checks, stdin still open
 
 
+def test_takes_its_process_group_along_when_its_parent_is_gone(worker):
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    w = worker("""
+        import os
+        import subprocess
+        from offload.worker import run, task
+
+        os.setpgrp()  # a group of its own, as the server starts it
+
+        @task
+        def spawn() -> int:
+            return subprocess.Popen(["sleep", "60"]).pid
+
+        run()
+    """, OFFLOAD_PARENT_PID=str(parent.pid))
+    w.run("a", "spawn", {})
+    child = w.answer()["ok"]["result"]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    assert w.proc.wait(timeout=10) == -signal.SIGKILL
+    for _ in range(100):  # the child, reparented, is reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if ") Z " in f.read():
+                break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the task's child {child} outlived its worker")
+
+
+def test_an_io_task_raising_a_base_exception_is_still_answered(worker):
+    w = worker("""
+        from offload.worker import run, task
+
+        class Abort(BaseException):
+            pass
+
+        @task(kind="io")
+        async def abort(why: str) -> int:
+            raise Abort(why)
+
+        @task(kind="io")
+        async def fine() -> int:
+            return 1
+
+        run()
+    """)
+    w.run("a", "abort", {"why": "no"})
+    assert w.answer() == {"error": {"id": "a", "kind": "transient", "type": "Abort",
+                                    "message": "no"}}
+    w.run("b", "fine", {})
+    assert w.answer() == {"ok": {"id": "b", "result": 1}}
+
+
 def test_print_at_import_time_does_not_reach_the_protocol(worker):
     w = worker("""
         import sys

@@ -567,6 +567,13 @@ impl Dispatcher {
         }
     }
 
+    /// After the drain: each lane ends what would outlive the server (worker processes).
+    pub fn shutdown_lanes(&self) {
+        for lane in self.lanes.values() {
+            lane.executor.shutdown();
+        }
+    }
+
     pub fn store(&self) -> &Arc<dyn JobStore> {
         &self.store
     }

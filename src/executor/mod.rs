@@ -42,6 +42,9 @@ pub trait Executor: Send + Sync + 'static {
         self.capacity()
     }
     /// Per-worker figures, for lanes that have workers (the process lane).
+    /// The server stops (after the dispatcher's drain): end what the lane started that
+    /// would outlive it. Nothing by default.
+    fn shutdown(&self) {}
     fn workers(&self) -> Option<Value> {
         None
     }

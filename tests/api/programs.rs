@@ -361,6 +361,14 @@ async fn a_program_that_fails_its_handshake_stops_the_server_naming_it() {
             "taken",
             "declares task `noop`, which the built-in catalogue already has",
         ),
+        (
+            "greedy",
+            "said concurrency 1000000000000000000; it must be 1 to 10000",
+        ),
+        (
+            "cyclic",
+            "task `loop`: args_schema: schema too deep or cyclic",
+        ),
     ] {
         let program = bad(mode);
         let (status, stderr) = serve_must_fail(&program).await;
@@ -390,5 +398,194 @@ async fn a_program_that_fails_its_handshake_stops_the_server_naming_it() {
     assert!(
         stderr.contains(&format!("which task program `{ECHO}` already has")),
         "{stderr}"
+    );
+}
+
+/// A program that closes its stdout but goes on running can never say ready: the server
+/// kills it and stops at start, naming it, at once (not after the start timeout, and without
+/// hanging on a process that does not exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_closes_its_stdout_and_lives_on_stops_the_server() {
+    let program = "exec 1>/dev/null && sleep 1000";
+    let started = std::time::Instant::now();
+    let (status, stderr) = serve_must_fail(program).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(program), "names the program: {stderr}");
+    assert!(
+        stderr.contains("closed its stdout before it was ready"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A worker that dies while a child it started keeps its stdout open is dead all the same:
+/// its job fails as `crashed` and it is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_with_children_holding_its_stdout_counts_as_dead() {
+    let app = spawn_echo(1).await;
+    let before = program_pids(&app).await;
+    let job = app
+        .submit(json!({"task": "py_fork_crash", "args": {}, "max_attempts": 1}))
+        .await;
+    let done = app.wait(&id_of(&job), 20).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["type"], "crashed", "{done}");
+    replaced(&app, &before, 1).await;
+}
+
+/// Attempt 2 of an io job never shares a worker with attempt 1 while attempt 1 is still
+/// being cancelled (answers name only the job): here attempt 1 times out and answers late,
+/// within its cancel grace; attempt 2 waits for that, and gets its own answer (it used to
+/// take attempt 1's place in the worker's pending runs, and attempt 1's answer with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_shares_a_worker_with_its_attempt_being_cancelled() {
+    let app = spawn_echo(1).await;
+    let before = program_pids(&app).await;
+    let job = app
+        .submit(
+            json!({"task": "py_io_deaf", "args": {"ms": 1500, "retry_ms": 100},
+            "timeout_ms": 1000, "max_attempts": 2}),
+        )
+        .await;
+    let done = app.wait(&id_of(&job), 30).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(
+        done["result"],
+        json!({"slept_ms": 100, "pid": before[0], "attempt": 2}),
+        "attempt 2's own answer"
+    );
+    assert_eq!(
+        program_pids(&app).await,
+        before,
+        "the worker answered: kept"
+    );
+}
+
+/// A first line past 1 MiB is not read into memory to its end: the handshake fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_whose_first_line_is_endless_stops_the_server() {
+    let program = "head -c 3000000 /dev/zero | tr '\\0' x && sleep 1000";
+    let (status, stderr) = serve_must_fail(program).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(program), "names the program: {stderr}");
+    assert!(
+        stderr.contains("wrote a first line longer than 1 MiB"),
+        "{stderr}"
+    );
+}
+
+/// The stats' workers of task program `program`.
+async fn workers_of(app: &TestApp, program: &str) -> Vec<Value> {
+    let stats = app.get("/v1/stats").await.body;
+    stats["executors"]["process"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["program"] == program)
+        .cloned()
+        .collect()
+}
+
+/// The server with task program `program`, `workers` workers of it.
+async fn spawn_program(program: &str, workers: usize) -> TestApp {
+    let program = program.to_string();
+    spawn_with(move |s| {
+        s.task_programs = vec![program];
+        s.task_program_workers = workers;
+    })
+    .await
+}
+
+/// Workers are told apart by the server, not by the pid they say: a program in a pid
+/// namespace says pid 1 for each of its workers, and still has all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_all_say_pid_1_are_all_kept() {
+    let program = format!("{ECHO} --pid-1");
+    let app = spawn_program(&program, 2).await;
+    let workers = workers_of(&app, &program).await;
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    // Both run at once: two cpu jobs of 1 s take about 1 s, not 2.
+    let started = std::time::Instant::now();
+    let jobs = futures_util::future::join_all(
+        (0..2).map(|_| app.submit(json!({"task": "py_spin", "args": {"secs": 1}}))),
+    )
+    .await;
+    for job in &jobs {
+        let done = app.wait(&id_of(job), 30).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A worker that declares the program's tasks in another order is one of its workers all the
+/// same (it used to be refused, and started again forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_may_declare_their_tasks_in_any_order() {
+    let program = format!("{ECHO} --reorder");
+    let app = spawn_program(&program, 3).await;
+    assert_eq!(workers_of(&app, &program).await.len(), 3);
+}
+
+/// When the server stops, its program workers' process groups go with it: a child a task
+/// started does not outlive the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_children_do_not_outlive_the_server() {
+    let mut server = Binary::start(&["--task-program", ECHO, "--task-program-workers", "1"]);
+    let client = reqwest::Client::new();
+    let job: Value = client
+        .post(format!("{}/v1/jobs", server.base))
+        .json(&json!({"task": "py_spawn", "args": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = id_of(&job);
+    let mut child = None;
+    for _ in 0..300 {
+        let j: Value = client
+            .get(format!("{}/v1/jobs/{id}", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "succeeded" {
+            child = j["result"]["child"].as_u64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let child = child.expect("the job succeeds");
+    assert!(alive(child));
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    for _ in 0..300 {
+        if server.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        server.child.try_wait().unwrap().is_some(),
+        "the server stopped"
+    );
+    assert!(
+        gone(child).await,
+        "the task's child {child} outlived the server"
     );
 }

@@ -11,6 +11,7 @@ import asyncio
 import json
 import mmap
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -46,8 +47,11 @@ TASKS = [
      "description": "sleeps ms on the worker's event loop; answers its pid",
      "args_schema": obj({"ms": {"type": "integer", "minimum": 0}}, ["ms"]), "blob_args": []},
     {"name": "py_io_deaf", "kind": "io", "version": "1",
-     "description": "like py_io_sleep, but ignores a cancel (the server must kill it)",
-     "args_schema": obj({"ms": {"type": "integer", "minimum": 0}}, ["ms"]), "blob_args": []},
+     "description": "like py_io_sleep (retry_ms on later attempts), but ignores a cancel "
+                    "(the server must kill it)",
+     "args_schema": obj({"ms": {"type": "integer", "minimum": 0},
+                         "retry_ms": {"type": "integer", "minimum": 0}}, ["ms"]),
+     "blob_args": []},
     {"name": "py_blob_sum", "kind": "cpu", "version": "1",
      "description": "maps a blob and sums its bytes",
      "args_schema": obj({"data": {"type": "string"}}, ["data"]), "blob_args": ["data"]},
@@ -60,6 +64,12 @@ TASKS = [
                         ["steps", "ms"]), "blob_args": []},
     {"name": "py_crash", "kind": "cpu", "version": "1",
      "description": "exits its process on attempt 1, succeeds on attempt 2",
+     "args_schema": obj({}, []), "blob_args": []},
+    {"name": "py_spawn", "kind": "cpu", "version": "1",
+     "description": "starts a child that sleeps on, and answers its pid",
+     "args_schema": obj({}, []), "blob_args": []},
+    {"name": "py_fork_crash", "kind": "cpu", "version": "1",
+     "description": "starts a child that keeps stdout open, then exits its process",
      "args_schema": obj({}, []), "blob_args": []},
 ]
 
@@ -94,6 +104,14 @@ def cpu_body(run: dict):
             log(job, "exiting mid-job")
             os._exit(1)
         return {"attempt": attempt}
+    if task == "py_spawn":
+        child = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return {"child": child.pid}
+    if task == "py_fork_crash":
+        child = subprocess.Popen(["sleep", "1000"])  # inherits stdout: the pipe stays open
+        log(job, f"child {child.pid} holds stdout; exiting")
+        os._exit(1)
     raise LookupError(f"no task {task}")
 
 
@@ -111,8 +129,11 @@ RUNNING: dict = {}  # job id -> asyncio.Task, touched on LOOP's thread only
 
 
 async def io_job(run: dict) -> None:
-    await asyncio.sleep(run["args"]["ms"] / 1000)
-    send({"ok": {"id": run["id"], "result": {"slept_ms": run["args"]["ms"], "pid": os.getpid()}}})
+    args = run["args"]
+    ms = args["ms"] if run["attempt"] == 1 else args.get("retry_ms", args["ms"])
+    await asyncio.sleep(ms / 1000)
+    send({"ok": {"id": run["id"], "result": {"slept_ms": ms, "pid": os.getpid(),
+                                            "attempt": run["attempt"]}}})
 
 
 def start_io(run: dict) -> None:
@@ -153,7 +174,17 @@ def main() -> None:
     assert os.path.isdir(os.environ["OFFLOAD_DATA_DIR"])
     threading.Thread(target=watch_parent, daemon=True).start()
     threading.Thread(target=LOOP.run_forever, daemon=True).start()
-    send({"ready": {"protocol": 1, "pid": os.getpid(), "concurrency": 10, "tasks": TASKS}})
+    # `--pid-1`: says pid 1, as a program in a pid namespace of its own would, every worker.
+    pid = 1 if "--pid-1" in sys.argv else os.getpid()
+    # `--reorder`: every worker but the first declares the tasks in reverse order.
+    tasks = TASKS
+    if "--reorder" in sys.argv:
+        try:
+            os.close(os.open(os.path.join(os.environ["OFFLOAD_DATA_DIR"], "first-worker"),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            tasks = TASKS[::-1]
+    send({"ready": {"protocol": 1, "pid": pid, "concurrency": 10, "tasks": tasks}})
     kinds = {t["name"]: t["kind"] for t in TASKS}
     for line in sys.stdin:
         message = json.loads(line)

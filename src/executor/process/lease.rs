@@ -1,5 +1,7 @@
 //! A worker taken for one run, and what happens when the run is dropped before its answer.
 
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +26,9 @@ pub(super) struct Lease {
     /// Whether a run was sent. A lease dropped before that (a job stopped while waiting for
     /// a core) gives its worker back untouched.
     used: bool,
-    /// The run sent and not yet answered: its job id and where its answer comes.
-    waiting: Option<(String, mpsc::UnboundedReceiver<Event>)>,
+    /// The run sent and not yet answered: its job id, its token in the worker's `pending`,
+    /// and where its answer comes.
+    waiting: Option<(String, u64, mpsc::UnboundedReceiver<Event>)>,
 }
 
 impl Lease {
@@ -41,16 +44,32 @@ impl Lease {
 
     /// Sends one run and waits for its answer, passing progress on to `ctx` (when given).
     pub(super) async fn call(&mut self, run: Run, ctx: Option<&JobCtx>) -> TaskResult {
+        static TOKENS: AtomicU64 = AtomicU64::new(0);
+        let token = TOKENS.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let id = run.id.clone();
-        self.worker
+        match self
+            .worker
             .pending
             .lock()
             .expect("pending lock")
-            .insert(id.clone(), tx);
+            .entry(id.clone())
+        {
+            // Never replaces another run's entry (an earlier attempt of this job still being
+            // cancelled): `try_take` does not give such a worker, so this is a bug's guard.
+            Entry::Occupied(_) => {
+                return Err(TaskError::Transient(format!(
+                    "worker {} still has another attempt of job {id}",
+                    self.worker.pid
+                )))
+            }
+            Entry::Vacant(place) => {
+                place.insert((token, tx));
+            }
+        }
         self.used = true;
-        let (_, rx) = self.waiting.insert((id, rx));
-        if let Err(e) = self.worker.send(&ToWorker::Run(run)).await {
+        let (_, _, rx) = self.waiting.insert((id, token, rx));
+        if let Err(e) = self.worker.send(&ToWorker::Run(run)) {
             return Err(TaskError::Crashed(format!(
                 "worker {} is gone: {e}",
                 self.worker.pid
@@ -78,12 +97,18 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let pid = self.worker.pid;
+        let key = self.worker.key;
         match self.waiting.take() {
-            None => self.inner.release(pid, self.used),
-            Some(_) if self.exclusive => self.inner.kill(pid, "killed"),
-            Some((id, rx)) => {
-                tokio::spawn(cancel_io(self.inner.clone(), self.worker.clone(), id, rx));
+            None => self.inner.release(key, self.used),
+            Some(_) if self.exclusive => self.inner.kill(key, "killed"),
+            Some((id, token, rx)) => {
+                tokio::spawn(cancel_io(
+                    self.inner.clone(),
+                    self.worker.clone(),
+                    id,
+                    token,
+                    rx,
+                ));
             }
         }
     }
@@ -96,10 +121,14 @@ async fn cancel_io(
     inner: Arc<Inner>,
     worker: Arc<Worker>,
     id: String,
+    token: u64,
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) {
-    let sent = worker.send(&ToWorker::Cancel { id: id.clone() }).await;
+    // All of it within the grace: the send as well as the wait.
     let answered = async {
+        if worker.send(&ToWorker::Cancel { id: id.clone() }).is_err() {
+            return false;
+        }
         while let Some(event) = rx.recv().await {
             if let Event::Done(_) = event {
                 return true;
@@ -107,16 +136,20 @@ async fn cancel_io(
         }
         false
     };
-    let answered = sent.is_ok()
-        && tokio::time::timeout(CANCEL_GRACE, answered)
-            .await
-            .unwrap_or(false);
+    let answered = tokio::time::timeout(CANCEL_GRACE, answered)
+        .await
+        .unwrap_or(false);
     if answered {
-        inner.release(worker.pid, true);
+        inner.release(worker.key, true);
     } else {
-        worker.pending.lock().expect("pending lock").remove(&id);
+        // Only its own entry: never another run's.
+        let mut pending = worker.pending.lock().expect("pending lock");
+        if pending.get(&id).is_some_and(|(t, _)| *t == token) {
+            pending.remove(&id);
+        }
+        drop(pending);
         tracing::warn!(pid = worker.pid, job = %id, program = inner.program.as_deref(),
             "an io worker did not answer a cancel in time; killing it");
-        inner.kill(worker.pid, "cancel_ignored");
+        inner.kill(worker.key, "cancel_ignored");
     }
 }

@@ -193,11 +193,29 @@ impl Executor for ProcessLane {
         ExecutorKind::Process
     }
     /// Built-in workers, plus each program's workers times the runs each takes at once.
+    // Known limit: the dispatcher has one lane (one slot semaphore, one queue) for all the
+    // pools here, built-in and programs'. Jobs waiting in `Inner::take` for a busy pool hold
+    // lane slots, so a backlog for one program can starve the others' jobs of slots while
+    // their workers sit idle.
+    /// Saturating, and at most what a semaphore holds: it sizes the lane's slots.
     fn capacity(&self) -> usize {
-        self.pools().map(|p| p.capacity * p.concurrency).sum()
+        self.pools()
+            .map(|p| p.capacity.saturating_mul(p.concurrency))
+            .fold(0, usize::saturating_add)
+            .min(Semaphore::MAX_PERMITS)
     }
     fn live_capacity(&self) -> usize {
-        self.pools().map(|p| p.live() * p.concurrency).sum()
+        self.pools()
+            .map(|p| p.live().saturating_mul(p.concurrency))
+            .fold(0, usize::saturating_add)
+            .min(Semaphore::MAX_PERMITS)
+    }
+    /// Kills every worker, with its process group (a program's): the task's children too.
+    /// No worker is started again.
+    fn shutdown(&self) {
+        for pool in self.pools() {
+            pool.shutdown();
+        }
     }
     fn workers(&self) -> Option<Value> {
         let mut list: Vec<WorkerInfo> = self.pools().flat_map(|p| p.info()).collect();
@@ -230,8 +248,9 @@ impl Executor for ProcessLane {
         };
         // A live worker first, then a core: a job that waits while the lane is short of
         // workers must not hold a core the rayon lane could use. Either wait ends on a stop.
+        let job = ctx.id.to_string();
         let worker = tokio::select! {
-            w = inner.take(exclusive) => w,
+            w = inner.take(exclusive, &job) => w,
             _ = ctx.stopped() => return Err(TaskError::Stopped),
         };
         let mut leases = vec![Lease::new(inner, worker, exclusive)];
@@ -250,7 +269,7 @@ impl Executor for ProcessLane {
         let split = task.split();
         if split.is_some() {
             while let Ok(extra) = inner.budget.clone().try_acquire_owned() {
-                match inner.try_take(true) {
+                match inner.try_take(true, &job) {
                     Some(w) => {
                         leases.push(Lease::new(inner, w, true));
                         cores.push(extra);

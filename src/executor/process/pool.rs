@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::process::Child;
 use tokio::sync::{Notify, Semaphore};
 
-use super::keeper::{keep, Worker};
+use super::keeper::{keep, write_lines, Worker};
 use super::protocol::TaskDecl;
 use super::start::{handshake, spawn_child, Launch, Started};
 use super::{rss_bytes, Recycle, WorkerInfo};
@@ -47,15 +47,17 @@ pub(super) struct Inner {
     /// Cores for cpu work, shared with the rayon lane: a cpu run holds one per process it
     /// keeps busy, so the lanes together never run more cpu work than there are cores.
     pub(super) budget: Arc<Semaphore>,
-    /// The live workers (said ready, not known dead), by pid. A std Mutex: never held
-    /// across an await.
-    slots: Mutex<HashMap<u32, Slot>>,
+    /// The live workers (said ready, not known dead), by their key (`Worker::key`, the
+    /// server's, not the pid a worker says). A std Mutex: never held across an await.
+    slots: Mutex<HashMap<u64, Slot>>,
     /// Signalled (all waiters) whenever a run gives a worker back or a worker joins.
     returned: Notify,
     /// Workers the pool lacks because starting them failed; the supervisor starts them again.
     missing: AtomicUsize,
     /// The supervisor's next wait before starting them, in ms.
     retry_ms: AtomicU64,
+    /// The server stops: no worker is started any more.
+    closed: AtomicBool,
     /// Wakes the supervisor. An Arc of its own: the supervisor holds it, and only a weak
     /// reference to the pool, so that dropping the lane ends it.
     wake: Arc<Notify>,
@@ -92,6 +94,7 @@ impl Inner {
             returned: Notify::new(),
             missing: AtomicUsize::new(0),
             retry_ms: AtomicU64::new(RETRY_MIN.as_millis() as u64),
+            closed: AtomicBool::new(false),
             wake: wake.clone(),
         });
         if let Some(first) = first {
@@ -126,8 +129,8 @@ impl Inner {
         self.slots
             .lock()
             .expect("slots lock")
-            .keys()
-            .copied()
+            .values()
+            .map(|s| s.worker.pid)
             .collect()
     }
 
@@ -153,7 +156,13 @@ impl Inner {
 
     /// A worker that said ready joins the pool, if it declares what the pool serves.
     fn adopt(self: &Arc<Self>, s: Started) {
-        if s.ready.tasks != self.tasks {
+        // The same tasks, in any order.
+        let by_name = |tasks: &[TaskDecl]| {
+            let mut tasks: Vec<TaskDecl> = tasks.to_vec();
+            tasks.sort_by(|a, b| a.name.cmp(&b.name));
+            tasks
+        };
+        if by_name(&s.ready.tasks) != by_name(&self.tasks) {
             let why = format!(
                 "worker {} declared other tasks than the program's first worker",
                 s.ready.pid
@@ -163,18 +172,28 @@ impl Inner {
             return;
         }
         let group = matches!(self.launch, Launch::Program { .. });
+        if self.closed.load(Ordering::Acquire) {
+            s.abandon();
+            return;
+        }
         let pid = match s.ready.pid {
             0 => s.child.id().unwrap_or(0),
             pid => pid,
         };
+        let (lines, queued) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_lines(s.stdin, queued));
+        static KEYS: AtomicU64 = AtomicU64::new(0);
+        let key = KEYS.fetch_add(1, Ordering::Relaxed);
         let worker = Arc::new(Worker {
+            key,
             pid,
-            stdin: tokio::sync::Mutex::new(s.stdin),
+            group: if group { s.child.id() } else { None },
+            lines,
             pending: Mutex::default(),
             kill: Notify::new(),
         });
         self.slots.lock().expect("slots lock").insert(
-            pid,
+            key,
             Slot {
                 worker: worker.clone(),
                 in_flight: 0,
@@ -182,7 +201,14 @@ impl Inner {
                 jobs_done: 0,
             },
         );
-        tokio::spawn(keep(Arc::downgrade(self), worker, s.child, s.stdout, group));
+        tokio::spawn(keep(
+            Arc::downgrade(self),
+            worker,
+            s.child,
+            s.stdout,
+            writer,
+            group,
+        ));
         self.retry_ms
             .store(RETRY_MIN.as_millis() as u64, Ordering::Relaxed);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
@@ -191,6 +217,9 @@ impl Inner {
 
     /// A worker could not be started: the supervisor tries again after its backoff.
     fn start_failed(&self, why: String) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         metrics::counter!("offload_worker_start_failures_total").increment(1);
         let missing = self.missing.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::error!(error = %why, program = self.program.as_deref(), missing,
@@ -201,6 +230,9 @@ impl Inner {
     /// Starts a worker; it joins the pool once it says ready. A failure, now or at its
     /// handshake, leaves it to the supervisor.
     fn launch(self: &Arc<Self>) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         match self.spawn() {
             Err(e) => self.start_failed(e.to_string()),
             Ok(child) => {
@@ -215,11 +247,18 @@ impl Inner {
         }
     }
 
-    /// Takes worker `pid` out of the pool and starts its replacement, once: whoever sees it
+    /// Takes worker `key` out of the pool and starts its replacement, once: whoever sees it
     /// gone first (a kill, its keeper) does it. Returns whether it was still in the pool.
-    pub(super) fn retire(self: &Arc<Self>, pid: u32, reason: &'static str) -> bool {
-        let gone = self.slots.lock().expect("slots lock").remove(&pid);
+    pub(super) fn retire(self: &Arc<Self>, key: u64, reason: &'static str) -> bool {
+        let gone = self.slots.lock().expect("slots lock").remove(&key);
         let Some(slot) = gone else { return false };
+        self.replace(slot, reason);
+        true
+    }
+
+    /// A worker taken out of the pool is killed (by its keeper) and a fresh one started.
+    fn replace(self: &Arc<Self>, slot: Slot, reason: &'static str) {
+        let pid = slot.worker.pid;
         metrics::counter!("offload_worker_restarts_total", "reason" => reason).increment(1);
         metrics::gauge!("offload_workers_live").set(self.live() as f64);
         tracing::debug!(
@@ -230,37 +269,51 @@ impl Inner {
         );
         slot.worker.kill.notify_one();
         self.launch();
-        true
     }
 
-    /// Kills worker `pid` (SIGKILL, by its keeper) and starts a fresh one. The pool forgets
+    /// Kills worker `key` (SIGKILL, by its keeper) and starts a fresh one. The pool forgets
     /// it at once, so that `/v1/stats` and the next run never see it again.
-    pub(super) fn kill(self: &Arc<Self>, pid: u32, reason: &'static str) {
-        self.retire(pid, reason);
+    pub(super) fn kill(self: &Arc<Self>, key: u64, reason: &'static str) {
+        self.retire(key, reason);
     }
 
     /// Takes a worker for one run: all of one (`exclusive`, a cpu run) or one of its
     /// `concurrency` places (an io run). Waits for one to come back, or for the supervisor
     /// to start one if none is live.
-    pub(super) async fn take(&self, exclusive: bool) -> Arc<Worker> {
+    /// Never a worker that still has a run of job `job` (an earlier attempt being cancelled):
+    /// answers name only the job.
+    pub(super) async fn take(&self, exclusive: bool, job: &str) -> Arc<Worker> {
         loop {
             let returned = self.returned.notified();
-            if let Some(w) = self.try_take(exclusive) {
+            if let Some(w) = self.try_take(exclusive, job) {
                 return w;
             }
             returned.await;
         }
     }
 
-    pub(super) fn try_take(&self, exclusive: bool) -> Option<Arc<Worker>> {
+    pub(super) fn try_take(&self, exclusive: bool, job: &str) -> Option<Arc<Worker>> {
         let mut slots = self.slots.lock().expect("slots lock");
+        // Lock order: slots, then a worker's pending.
+        let free_of_job = |s: &Slot| {
+            !s.worker
+                .pending
+                .lock()
+                .expect("pending lock")
+                .contains_key(job)
+        };
+        // Known limit: a cpu run needs a worker with no run at all, and io runs go to the
+        // least busy worker; under a steady io load on a program with both kinds, no worker
+        // may ever be idle, so its cpu jobs can wait indefinitely.
         let slot = if exclusive {
-            slots.values_mut().find(|s| s.in_flight == 0)
+            slots
+                .values_mut()
+                .find(|s| s.in_flight == 0 && free_of_job(s))
         } else {
             // The least busy: io runs spread over the workers.
             slots
                 .values_mut()
-                .filter(|s| !s.exclusive && s.in_flight < self.concurrency)
+                .filter(|s| !s.exclusive && s.in_flight < self.concurrency && free_of_job(s))
                 .min_by_key(|s| s.in_flight)
         }?;
         slot.in_flight += 1;
@@ -270,10 +323,11 @@ impl Inner {
 
     /// A run gives its worker back. After a finished job (`done`) a worker past its job or
     /// memory allowance, with no other run, is replaced by a fresh one.
-    pub(super) fn release(self: &Arc<Self>, pid: u32, done: bool) {
+    pub(super) fn release(self: &Arc<Self>, key: u64, done: bool) {
         let worn_out = {
             let mut slots = self.slots.lock().expect("slots lock");
-            let Some(s) = slots.get_mut(&pid) else { return };
+            let Some(s) = slots.get_mut(&key) else { return };
+            let pid = s.worker.pid;
             s.in_flight = s.in_flight.saturating_sub(1);
             if s.in_flight == 0 {
                 s.exclusive = false;
@@ -282,15 +336,41 @@ impl Inner {
                 s.jobs_done += 1;
             }
             let recycle = self.recycle;
-            done && s.in_flight == 0
+            let worn_out = done
+                && s.in_flight == 0
                 && ((recycle.max_jobs > 0 && s.jobs_done >= recycle.max_jobs)
-                    || (recycle.max_rss_bytes > 0 && rss_bytes(pid) > recycle.max_rss_bytes))
+                    || (recycle.max_rss_bytes > 0 && rss_bytes(pid) > recycle.max_rss_bytes));
+            // Out of the pool in the same critical section as the decision: no run can take
+            // it in between and be killed with it.
+            if worn_out {
+                slots.remove(&key)
+            } else {
+                None
+            }
         };
-        if worn_out {
-            tracing::debug!(pid, "recycling a worker");
-            self.kill(pid, "recycled");
+        if let Some(slot) = worn_out {
+            tracing::debug!(key, "recycling a worker");
+            self.replace(slot, "recycled");
         }
         self.returned.notify_waiters();
+    }
+}
+
+impl Inner {
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The server stops: every worker is killed, its process group (a program's) at once,
+    /// here, so that none outlives the server; none is started again.
+    pub(super) fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        for slot in self.slots.lock().expect("slots lock").values() {
+            if let Some(pgid) = slot.worker.group {
+                crate::shm::kill_process_group(pgid);
+            }
+            slot.worker.kill.notify_one();
+        }
     }
 }
 

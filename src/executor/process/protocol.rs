@@ -120,7 +120,10 @@ impl TaskDecl {
                 self.name
             ));
         }
-        Ok(())
+        // Checked now, so that a schema no value can get through (a `$ref` cycle) stops the
+        // server at start rather than failing, or worse, every submit.
+        crate::schema::check(&self.args_schema)
+            .map_err(|e| format!("task `{}`: args_schema: {e}", self.name))
     }
 }
 
