@@ -106,14 +106,21 @@ class _Bytes(io.RawIOBase):
         return len(data)
 
 
+_TAKEN: tuple[int, int] | None = None
+
+
 def take_stdio() -> tuple[int, int]:
-    """Takes fds 0 and 1 for the protocol and returns them as (input, output).
+    """Takes fds 0 and 1 for the protocol and returns them as (input, output); once per
+    process, later calls answer the same pair.
 
     Afterwards fd 0 reads /dev/null and fd 1 is a copy of fd 2, so neither a task's own writes
     to fd 1 (a C library's printf, a subprocess it starts) nor a subprocess reading its stdin
     can touch the protocol. What `sys.stdout` still buffers (a `print` at import time) goes to
     stderr too: fd 1 is moved before that buffer is flushed.
     """
+    global _TAKEN
+    if _TAKEN is not None:
+        return _TAKEN
     protocol_in = os.dup(0)
     protocol_out = os.dup(1)
     os.dup2(2, 1)
@@ -122,4 +129,5 @@ def take_stdio() -> tuple[int, int]:
     os.close(devnull)
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()
-    return protocol_in, protocol_out
+    _TAKEN = (protocol_in, protocol_out)
+    return _TAKEN

@@ -59,6 +59,12 @@ from typing import Any, Callable, TypeVar
 
 from . import _schema, _stdio
 
+# Started by the server as a worker: take stdout for the protocol now, at import, so that what
+# the task program prints while it loads (after importing this module) goes to stderr and
+# cannot come before the handshake.
+if os.environ.get("OFFLOAD_PROTOCOL"):
+    _stdio.take_stdio()
+
 __all__ = ["Permanent", "Task", "progress", "registered", "run", "task"]
 
 PROTOCOL = 1

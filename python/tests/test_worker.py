@@ -343,6 +343,24 @@ def test_print_at_import_time_does_not_reach_the_protocol(worker):
     assert w.answer() == {"ok": {"id": "a", "result": 1}}
 
 
+def test_an_unbuffered_print_while_the_program_loads_does_not_break_the_handshake(worker):
+    # Under the server (OFFLOAD_PROTOCOL set), importing offload.worker takes stdout at once.
+    w = worker("""
+        from offload.worker import run, task
+        print("loading my tasks", flush=True)
+
+        @task
+        def one() -> int:
+            return 1
+
+        run()
+    """, PYTHONUNBUFFERED="1")
+    w.run("a", "one", {})
+    assert w.answer() == {"ok": {"id": "a", "result": 1}}
+    assert w.close() == 0
+    assert "loading my tasks" in "".join(w.stderr)
+
+
 def test_the_example_program_starts_without_numpy(worker):
     example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "python",
                            "tasks.py")
