@@ -34,6 +34,8 @@ if (process.argv[2] === '--worker') {
     console.error('job failed:', err);
     process.exit(1);
   });
+  // If the parent goes (killed, or failed), so does this process.
+  process.on('disconnect', () => process.exit(1));
   await worker.waitUntilReady();
   process.on('message', async (m) => {
     if (m === 'close') {
@@ -71,9 +73,18 @@ async function main() {
   const roundTrips = Number(arg('--round-trips', 1000));
   const warmup = 10;
   const base = `offload-bench-${process.pid}-${Date.now()}`;
+  // Stopped early (bench/vs_bullmq.sh's trap, Ctrl-C): remove this run's queues before going.
+  const open = new Set();
+  for (const sig of ['SIGINT', 'SIGTERM']) {
+    process.once(sig, async () => {
+      for (const q of open) await q.obliterate({ force: true }).catch(() => {});
+      process.exit(130);
+    });
+  }
 
   // (a) end to end.
   const e2eQueue = new Queue(`${base}-e2e`, { connection });
+  open.add(e2eQueue);
   await e2eQueue.obliterate({ force: true });
   const w = startWorker(`${base}-e2e`, jobs);
   await w.ready;
@@ -89,11 +100,13 @@ async function main() {
   const counts = await e2eQueue.getJobCounts('completed', 'failed', 'wait', 'active');
   if (counts.completed !== jobs) throw new Error(`completed ${JSON.stringify(counts)}, not ${jobs}`);
   await e2eQueue.obliterate({ force: true });
+  open.delete(e2eQueue);
   await e2eQueue.close();
 
   // (b) round trip.
   const rtName = `${base}-rt`;
   const rtQueue = new Queue(rtName, { connection });
+  open.add(rtQueue);
   await rtQueue.obliterate({ force: true });
   const queueEvents = new QueueEvents(rtName, { connection });
   await queueEvents.waitUntilReady();
@@ -110,6 +123,7 @@ async function main() {
   await stopWorker(rw);
   await queueEvents.close();
   await rtQueue.obliterate({ force: true });
+  open.delete(rtQueue);
   await rtQueue.close();
 
   console.log(summary('bullmq', jobs, seconds, latencies));
