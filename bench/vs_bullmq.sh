@@ -59,7 +59,7 @@ client() {
   wait $CLIENT
   CLIENT=""
 }
-NO_COLOR=1 RUST_LOG=warn "$BIN" serve --bind "127.0.0.1:$PORT" --data-dir "$DATA" --durability full &
+NO_COLOR=1 RUST_LOG=warn "$BIN" serve --bind "127.0.0.1:$PORT" --data-dir "$DATA" --durability full >&2 &
 SERVER=$!
 for _ in $(seq 100); do curl -sf "$BASE/healthz" >/dev/null && break; sleep 0.1; done
 curl -sf "$BASE/healthz" >/dev/null || { echo "offload did not start" >&2; exit 1; }
