@@ -4,6 +4,12 @@ use clap::Parser;
 use offload::config::{Cli, Command, Settings};
 use offload::{App, Registry};
 
+// mimalloc instead of glibc's malloc: a profile of the server under durable submits put about a
+// quarter of its samples in glibc's allocator (many small, short-lived allocations spread over
+// threads); BENCHMARKS.md has what the switch bought.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let (serve, args) = match &cli.command {
