@@ -302,3 +302,26 @@ pub(super) fn parse_payload(payload: &str) -> Vec<crate::store::Notice> {
         _ => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::ExecutorKind;
+    use crate::store::Notice;
+
+    #[test]
+    fn a_long_change_list_is_cut_below_the_payload_limit_and_parses_back() {
+        let ids: Vec<JobId> = (0..1000).map(|_| JobId::new()).collect();
+        let notices = Notices {
+            new: [ExecutorKind::Async].into_iter().collect(),
+            changed: ids.clone(),
+        };
+        let payloads = notices.payloads();
+        assert!(payloads.len() > 2, "cut into several");
+        assert!(payloads.iter().all(|p| p.len() < 8000));
+        let heard: Vec<Notice> = payloads.iter().flat_map(|p| parse_payload(p)).collect();
+        let mut want = vec![Notice::New(ExecutorKind::Async)];
+        want.extend(ids.into_iter().map(Notice::Changed));
+        assert_eq!(heard, want);
+    }
+}
