@@ -267,22 +267,8 @@ impl JobStore for PostgresStore {
         until: Micros,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
         let ids: Vec<Uuid> = running.iter().map(|(id, _)| id.0).collect();
-        let rows = sqlx::query(
-            "UPDATE jobs SET lease_until = $1 WHERE owner = $2 AND status = 'running' \
-             AND id = ANY($3) RETURNING id, attempt",
-        )
-        .bind(until.0)
-        .bind(owner)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut held = std::collections::HashSet::with_capacity(rows.len());
-        for row in rows {
-            held.insert((
-                JobId(row.try_get::<Uuid, _>(0)?),
-                row.try_get::<i32, _>(1)? as u32,
-            ));
-        }
+        let mut conn = self.pool.acquire().await?;
+        let held = sql::renew(&mut conn, owner, ids, until.0).await?;
         Ok(running
             .iter()
             .filter(|r| !held.contains(r))

@@ -168,6 +168,11 @@ pub(super) fn is_unique_violation(e: &StoreError) -> bool {
 /// rescuer looked). Answers the (id, attempt) of each move that applied. No two moves may name
 /// the same job: which of them applied would be ambiguous (the batcher runs a second move of a
 /// job in a statement of its own, after this one).
+///
+/// The rows are locked first, in id order (`locked`), as [`renew`] locks them: a round's
+/// settles and a renewal of the same server's jobs, each touching many rows, would otherwise
+/// lock them in whatever order their plans give and could deadlock (PostgreSQL then fails one
+/// of them, after `deadlock_timeout`, and the whole round with it).
 pub(super) async fn settle_rows(
     conn: &mut PgConnection,
     moves: &[&Settle],
@@ -177,14 +182,16 @@ pub(super) async fn settle_rows(
     }
     let to: Vec<Job> = moves.iter().map(|m| m.moved()).collect();
     let rows = sqlx::query(
-        "UPDATE jobs SET status = v.status, attempt = v.attempt, result = v.result::jsonb, \
+        "WITH locked AS (SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE) \
+         UPDATE jobs SET status = v.status, attempt = v.attempt, result = v.result::jsonb, \
          error = v.error::jsonb, progress = v.progress, scheduled_at = v.scheduled_at, \
          finished_at = v.finished_at, owner = NULL, lease_until = NULL \
          FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], \
          $6::float8[], $7::bigint[], $8::bigint[], $9::int[], $10::bigint[]) \
          AS v(id, status, attempt, result, error, progress, scheduled_at, finished_at, was, \
-         expired) \
-         WHERE jobs.id = v.id AND jobs.status = 'running' AND jobs.attempt = v.was \
+         expired), locked \
+         WHERE jobs.id = v.id AND locked.id = v.id \
+         AND jobs.status = 'running' AND jobs.attempt = v.was \
          AND (v.expired IS NULL OR jobs.lease_until IS NULL OR jobs.lease_until < v.expired) \
          RETURNING jobs.id, jobs.attempt",
     )
@@ -230,6 +237,35 @@ pub(super) async fn settle_rows(
         ));
     }
     Ok(done)
+}
+
+/// Extends the leases of `owner`'s running attempts (`ids`) to `until`; answers the (id,
+/// attempt) of those it extended. Rows are locked in id order, as [`settle_rows`] locks them.
+pub(super) async fn renew(
+    conn: &mut PgConnection,
+    owner: &str,
+    ids: Vec<Uuid>,
+    until: i64,
+) -> Result<HashSet<(JobId, u32)>, StoreError> {
+    let rows = sqlx::query(
+        "WITH locked AS (SELECT id FROM jobs WHERE owner = $2 AND status = 'running' \
+         AND id = ANY($3) ORDER BY id FOR UPDATE) \
+         UPDATE jobs SET lease_until = $1 FROM locked WHERE jobs.id = locked.id \
+         AND jobs.owner = $2 AND jobs.status = 'running' RETURNING jobs.id, jobs.attempt",
+    )
+    .bind(until)
+    .bind(owner)
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut held = HashSet::with_capacity(rows.len());
+    for row in rows {
+        held.insert((
+            JobId(row.try_get::<Uuid, _>(0)?),
+            row.try_get::<i32, _>(1)? as u32,
+        ));
+    }
+    Ok(held)
 }
 
 /// PostgreSQL refuses a notification payload of 8000 bytes or more; a `change:` list is cut
