@@ -635,6 +635,31 @@ async fn concurrent_writes_each_get_their_own_answer(store: Arc<dyn JobStore>) {
     }
 }
 
+conformance!(a_write_that_fails_to_commit_stores_nothing_and_says_unavailable);
+/// A store may commit many callers' writes together; when that fails, it fails for all of
+/// them alike: each caller hears `Unavailable` and nothing of its write was stored (the API
+/// answers 503 and the client submits again), or it hears success and its job is stored.
+async fn a_write_that_fails_to_commit_stores_nothing_and_says_unavailable(
+    store: Arc<dyn JobStore>,
+) {
+    // The schema's CHECK refuses it: the way to make a commit fail from a test.
+    let mut bad = new_job("bad", None, None);
+    bad.max_attempts = 0;
+    let jobs = std::iter::once(bad.clone()).chain((0..20).map(|_| new_job("good", None, None)));
+    let calls = jobs.map(|job| {
+        let store = store.clone();
+        async move { (job.id, store.insert(vec![job]).await) }
+    });
+    for (id, answer) in futures_util::future::join_all(calls).await {
+        let stored = store.get(id).await.unwrap();
+        match answer {
+            Ok(_) => assert!(id != bad.id && stored.is_some(), "answered, so stored"),
+            Err(StoreError::Unavailable(_)) => assert!(stored.is_none(), "refused, so not stored"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 conformance!(claims_and_lease_renewals_announce_nothing);
 /// Regression: PostgreSQL's per-row trigger announced every claim and every lease renewal,
 /// a notification per running job per renewal round.
