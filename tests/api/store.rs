@@ -555,6 +555,20 @@ async fn the_store_announces_new_jobs_and_cancels_of_running_ones(store: Arc<dyn
     }
     claim_all(&store, 1).await;
     store.cancel(job.id, Micros::now()).await.unwrap();
+    // A submit with an idempotency key (a path of its own on PostgreSQL) announces too.
+    heard.clear();
+    let keyed = NewJob {
+        executor: ExecutorKind::Blocking,
+        ..new_job("k", Some("announce-k"), Some("h"))
+    };
+    store.insert(vec![keyed]).await.unwrap();
+    while !wait_for(&heard, &Notice::New(ExecutorKind::Blocking)) {
+        let n = tokio::time::timeout_at(deadline, notices.recv())
+            .await
+            .expect("a notice of the keyed job")
+            .unwrap();
+        heard.push(n);
+    }
     while !wait_for(&heard, &Notice::Cancel(job.id)) {
         let n = tokio::time::timeout_at(deadline, notices.recv())
             .await
