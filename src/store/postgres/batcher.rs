@@ -66,7 +66,14 @@ pub(super) async fn run(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Op
         let round = std::mem::take(&mut batch);
         let started = std::time::Instant::now();
         let calls = round.len();
-        match write_round(&pool, &channel, &round).await {
+        let mut result = write_round(&pool, &channel, &round).await;
+        if result.as_ref().is_err_and(sql::is_deadlock) {
+            // PostgreSQL chose this round as a deadlock's victim (a lock order the sorted
+            // settles missed): nothing of it was stored, and once is enough to try again.
+            tracing::warn!("a write round was a deadlock's victim; writing it again");
+            result = write_round(&pool, &channel, &round).await;
+        }
+        match result {
             Ok(answers) => {
                 metrics::histogram!("offload_store_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -144,7 +151,9 @@ async fn write_round(
         }
     }
     let mut done = Vec::with_capacity(layers.len());
-    for layer in &layers {
+    for layer in &mut layers {
+        // In id order, the order a renewal locks rows in (see `sql::settle_rows`).
+        layer.sort_unstable_by_key(|m| m.job.id);
         done.push(sql::settle_rows(&mut tx, layer).await?);
     }
 

@@ -159,6 +159,11 @@ pub(super) async fn insert_rows(
     Ok(())
 }
 
+/// PostgreSQL's `deadlock_detected`: the transaction was rolled back to break a deadlock.
+pub(super) fn is_deadlock(e: &StoreError) -> bool {
+    matches!(e, StoreError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("40P01"))
+}
+
 pub(super) fn is_unique_violation(e: &StoreError) -> bool {
     matches!(e, StoreError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505"))
 }
@@ -169,10 +174,14 @@ pub(super) fn is_unique_violation(e: &StoreError) -> bool {
 /// the same job: which of them applied would be ambiguous (the batcher runs a second move of a
 /// job in a statement of its own, after this one).
 ///
-/// The rows are locked first, in id order (`locked`), as [`renew`] locks them: a round's
-/// settles and a renewal of the same server's jobs, each touching many rows, would otherwise
-/// lock them in whatever order their plans give and could deadlock (PostgreSQL then fails one
-/// of them, after `deadlock_timeout`, and the whole round with it).
+/// `moves` come sorted by job id, and the plan PostgreSQL picks for a primary-key join with
+/// an array (a nested loop over `v`) locks the rows in that order, as [`renew`] locks them: a
+/// round's settles and a renewal of the same server's jobs, each touching many rows, would
+/// otherwise lock them in different orders and could deadlock (PostgreSQL then fails one of
+/// them, after `deadlock_timeout`, and the whole round with it). An explicit ordered
+/// `SELECT … FOR UPDATE` first would guarantee the order whatever the plan, but it writes a
+/// lock on every row before updating it and halved the submit rate in the benchmark; the
+/// plan's order is a best effort, and a deadlock it misses costs one retried round (see `batcher::run`).
 pub(super) async fn settle_rows(
     conn: &mut PgConnection,
     moves: &[&Settle],
@@ -182,16 +191,14 @@ pub(super) async fn settle_rows(
     }
     let to: Vec<Job> = moves.iter().map(|m| m.moved()).collect();
     let rows = sqlx::query(
-        "WITH locked AS (SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE) \
-         UPDATE jobs SET status = v.status, attempt = v.attempt, result = v.result::jsonb, \
+        "UPDATE jobs SET status = v.status, attempt = v.attempt, result = v.result::jsonb, \
          error = v.error::jsonb, progress = v.progress, scheduled_at = v.scheduled_at, \
          finished_at = v.finished_at, owner = NULL, lease_until = NULL \
          FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], \
          $6::float8[], $7::bigint[], $8::bigint[], $9::int[], $10::bigint[]) \
          AS v(id, status, attempt, result, error, progress, scheduled_at, finished_at, was, \
-         expired), locked \
-         WHERE jobs.id = v.id AND locked.id = v.id \
-         AND jobs.status = 'running' AND jobs.attempt = v.was \
+         expired) \
+         WHERE jobs.id = v.id AND jobs.status = 'running' AND jobs.attempt = v.was \
          AND (v.expired IS NULL OR jobs.lease_until IS NULL OR jobs.lease_until < v.expired) \
          RETURNING jobs.id, jobs.attempt",
     )
