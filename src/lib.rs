@@ -17,7 +17,7 @@
 //!   language, both speaking docs/worker-protocol.md).
 //! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
 //!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
-//!   LISTEN/NOTIFY).
+//!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.

@@ -555,6 +555,20 @@ async fn the_store_announces_new_jobs_and_cancels_of_running_ones(store: Arc<dyn
     }
     claim_all(&store, 1).await;
     store.cancel(job.id, Micros::now()).await.unwrap();
+    // A submit with an idempotency key (a path of its own on PostgreSQL) announces too.
+    heard.clear();
+    let keyed = NewJob {
+        executor: ExecutorKind::Blocking,
+        ..new_job("k", Some("announce-k"), Some("h"))
+    };
+    store.insert(vec![keyed]).await.unwrap();
+    while !wait_for(&heard, &Notice::New(ExecutorKind::Blocking)) {
+        let n = tokio::time::timeout_at(deadline, notices.recv())
+            .await
+            .expect("a notice of the keyed job")
+            .unwrap();
+        heard.push(n);
+    }
     while !wait_for(&heard, &Notice::Cancel(job.id)) {
         let n = tokio::time::timeout_at(deadline, notices.recv())
             .await
@@ -562,6 +576,131 @@ async fn the_store_announces_new_jobs_and_cancels_of_running_ones(store: Arc<dyn
             .unwrap();
         heard.push(n);
     }
+}
+
+conformance!(concurrent_writes_each_get_their_own_answer);
+/// Many callers at once (which a store may merge into one transaction): every submit is
+/// stored and answered, every settle hears which of its own moves applied, and two settles of
+/// one job never both apply.
+async fn concurrent_writes_each_get_their_own_answer(store: Arc<dyn JobStore>) {
+    let submits = (0..50).map(|i| {
+        let store = store.clone();
+        async move {
+            let jobs = vec![new_job(&format!("t{i}"), None, None); 1 + i % 3]
+                .into_iter()
+                .map(|mut j| {
+                    j.id = JobId::new();
+                    j
+                })
+                .collect::<Vec<_>>();
+            let out = store.insert(jobs.clone()).await.unwrap();
+            assert_eq!(out.len(), jobs.len());
+            for (o, j) in out.iter().zip(&jobs) {
+                assert!(matches!(o, Inserted::Created(c) if c.id == j.id));
+            }
+            jobs.len()
+        }
+    });
+    let stored: usize = futures_util::future::join_all(submits)
+        .await
+        .into_iter()
+        .sum();
+    let running = claim_all(&store, 1000).await;
+    assert_eq!(running.len(), stored, "every submit was stored");
+    // Each job settled by two callers at once: one succeeds it, one fails it for good.
+    let now = Micros::now();
+    let settles = running.iter().flat_map(|job| {
+        [
+            AttemptEnd::Succeeded(json!({"by": "one"})),
+            AttemptEnd::Permanent("two".into()),
+        ]
+        .into_iter()
+        .map(|end| {
+            let (store, job) = (store.clone(), job.clone());
+            async move {
+                let next = next_state(&job, end, Duration::ZERO, now).expect("a move");
+                let moved = store
+                    .settle(vec![Settle {
+                        job: job.clone(),
+                        next,
+                        progress: 0.0,
+                        now,
+                        expired_before: None,
+                    }])
+                    .await
+                    .unwrap();
+                (job.id, moved.into_iter().next().unwrap())
+            }
+        })
+    });
+    let answers = futures_util::future::join_all(settles).await;
+    for job in &running {
+        let applied: Vec<&Job> = answers
+            .iter()
+            .filter(|(id, _)| *id == job.id)
+            .filter_map(|(_, moved)| moved.as_ref())
+            .collect();
+        assert_eq!(applied.len(), 1, "exactly one of two settles applies");
+        let stored = store.get(job.id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.status, applied[0].status,
+            "the answer is what was stored"
+        );
+    }
+}
+
+conformance!(a_write_that_fails_to_commit_stores_nothing_and_says_unavailable);
+/// A store may commit many callers' writes together; when that fails, it fails for all of
+/// them alike: each caller hears `Unavailable` and nothing of its write was stored (the API
+/// answers 503 and the client submits again), or it hears success and its job is stored.
+async fn a_write_that_fails_to_commit_stores_nothing_and_says_unavailable(
+    store: Arc<dyn JobStore>,
+) {
+    // The schema's CHECK refuses it: the way to make a commit fail from a test.
+    let mut bad = new_job("bad", None, None);
+    bad.max_attempts = 0;
+    let jobs = std::iter::once(bad.clone()).chain((0..20).map(|_| new_job("good", None, None)));
+    let calls = jobs.map(|job| {
+        let store = store.clone();
+        async move { (job.id, store.insert(vec![job]).await) }
+    });
+    for (id, answer) in futures_util::future::join_all(calls).await {
+        let stored = store.get(id).await.unwrap();
+        match answer {
+            Ok(_) => assert!(id != bad.id && stored.is_some(), "answered, so stored"),
+            Err(StoreError::Unavailable(_)) => assert!(stored.is_none(), "refused, so not stored"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+conformance!(claims_and_lease_renewals_announce_nothing);
+/// Regression: PostgreSQL's per-row trigger announced every claim and every lease renewal,
+/// a notification per running job per renewal round.
+async fn claims_and_lease_renewals_announce_nothing(store: Arc<dyn JobStore>) {
+    let mut notices = store.listen().await.unwrap();
+    let job = new_job("a", None, None);
+    store.insert(vec![job.clone()]).await.unwrap();
+    async fn next(notices: &mut tokio::sync::mpsc::UnboundedReceiver<Notice>) -> Notice {
+        tokio::time::timeout(Duration::from_secs(5), notices.recv())
+            .await
+            .expect("a notice")
+            .unwrap()
+    }
+    assert_eq!(next(&mut notices).await, Notice::New(ExecutorKind::Async));
+    let claimed = claim_all(&store, 1).await.remove(0);
+    for _ in 0..3 {
+        let until = Micros::now().plus(Duration::from_secs(60));
+        let lost = store
+            .renew("me", &[(claimed.id, claimed.attempt)], until)
+            .await
+            .unwrap();
+        assert!(lost.is_empty());
+    }
+    store.cancel(job.id, Micros::now()).await.unwrap();
+    // Notices arrive in commit order: anything the claim or the renewals announced would
+    // come before the cancel's.
+    assert_eq!(next(&mut notices).await, Notice::Cancel(job.id));
 }
 
 /// SQLite only: the exclusive store tells the dispatcher that every running job at start is

@@ -1,71 +1,75 @@
 //! The PostgreSQL store: the same `JobStore` contract as SQLite, passing the same conformance
 //! suite (`tests/api/store.rs`), and shared by several servers: jobs are claimed with
-//! `FOR UPDATE SKIP LOCKED`, running jobs hold leases, and a trigger announces changes on the
-//! schema's channel (`migrations/postgres/0003_cluster.sql`).
+//! `FOR UPDATE SKIP LOCKED`, running jobs hold leases, and each write announces what it did on
+//! the schema's channel, inside its own transaction (so at its commit).
 //!
-//! PostgreSQL takes concurrent writers, so there is no single writer task here: each write is
-//! one statement (or one transaction) on a pooled connection, and PostgreSQL's own group
-//! commit batches the fsyncs. Every move is guarded in SQL by the status it moves from and,
-//! for a running job, its attempt, exactly as in SQLite.
+//! Layout: this file opens the store and implements the trait; `sql.rs` holds the statements
+//! and the notifications; `batcher.rs` is the task that writes the hot path (submits without
+//! idempotency keys, and settles) many calls per transaction, as the SQLite writer does. The
+//! rarer writes (keyed submits, claims, cancels, renewals, deletes, maintenance) stay one
+//! statement or one transaction on the shared pool. Every move is guarded in SQL by the status
+//! it moves from and, for a running job, its attempt, exactly as in SQLite.
+//!
+//! Notifications (`offload_<schema>`): `new:<executor>` once per lane that got queued jobs,
+//! `cancel:<id>` for a cancelled running job, `change:<id>,<id>,...` for jobs whose state
+//! changed (settles, cancels). Claims and lease renewals announce nothing.
+
+mod batcher;
+mod sql;
 
 use std::collections::HashMap;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use self::sql::{
+    corrupt, error_json, insert_rows, is_unique_violation, job_from_row, maintenance_leader,
+    qualified, Notices, COLUMNS,
+};
 use super::{
     BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
     ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, NewJob, Timings};
-
-const COLUMNS: &str =
-    "id, task, kind, executor, status, args::text AS args, result::text AS result, \
-    error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
-    spec_hash, created_at, scheduled_at, started_at, finished_at";
-
-/// The columns, each qualified with the `jobs` table, for statements that join another.
-fn qualified() -> String {
-    COLUMNS
-        .split(", ")
-        .map(|c| format!("jobs.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, NewJob};
 
 /// The migrations, compiled into the binary.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "jobs",
-        include_str!("../../migrations/postgres/0001_jobs.sql"),
+        include_str!("../../../migrations/postgres/0001_jobs.sql"),
     ),
     (
         2,
         "blob_retention",
-        include_str!("../../migrations/postgres/0002_blob_retention.sql"),
+        include_str!("../../../migrations/postgres/0002_blob_retention.sql"),
     ),
     (
         3,
         "cluster",
-        include_str!("../../migrations/postgres/0003_cluster.sql"),
+        include_str!("../../../migrations/postgres/0003_cluster.sql"),
     ),
     (
         4,
         "blob_origin",
-        include_str!("../../migrations/postgres/0004_blob_origin.sql"),
+        include_str!("../../../migrations/postgres/0004_blob_origin.sql"),
     ),
     (
         5,
         "store_is_queue",
-        include_str!("../../migrations/postgres/0005_store_is_queue.sql"),
+        include_str!("../../../migrations/postgres/0005_store_is_queue.sql"),
+    ),
+    (
+        6,
+        "notify_per_round",
+        include_str!("../../../migrations/postgres/0006_notify_per_round.sql"),
     ),
 ];
 
@@ -73,6 +77,8 @@ pub struct PostgresStore {
     pool: PgPool,
     /// The schema's notification channel (`offload_<schema>`).
     channel: String,
+    /// The batcher task's queue (`batcher.rs`): submits without keys, and settles.
+    batcher: mpsc::Sender<batcher::Op>,
 }
 
 impl PostgresStore {
@@ -96,149 +102,27 @@ impl PostgresStore {
         }
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         let migrator = Migrator::new(super::Embedded(MIGRATIONS)).await?;
         migrator.run(&pool).await?;
         let schema: String = sqlx::query_scalar("SELECT current_schema()")
             .fetch_one(&pool)
             .await?;
+        let channel = format!("offload_{schema}");
+        // The batcher's own connection: one transaction at a time is all it ever runs.
+        let batch_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        let (batcher, rx) = mpsc::channel(batcher::MAX_BATCH * 4);
+        tokio::spawn(batcher::run(batch_pool, channel.clone(), rx));
         Ok(PostgresStore {
             pool,
-            channel: format!("offload_{schema}"),
+            channel,
+            batcher,
         })
     }
-}
-
-/// Whether this transaction holds the schema's maintenance lock: maintenance (requeueing
-/// expired leases, pruning) is one server's at a time, and the others skip their turn. The
-/// lock is released when the transaction ends.
-async fn maintenance_leader(tx: &mut Transaction<'_, Postgres>) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT pg_try_advisory_xact_lock(hashtext('offload-maintenance:' || current_schema()))",
-    )
-    .fetch_one(&mut **tx)
-    .await?)
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
-    let text = |col: &str| -> Result<String, StoreError> { Ok(row.try_get::<String, _>(col)?) };
-    let opt_json = |col: &str| -> Result<Option<Value>, StoreError> {
-        row.try_get::<Option<String>, _>(col)?
-            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt(col, e)))
-            .transpose()
-    };
-    let error = row
-        .try_get::<Option<String>, _>("error")?
-        .map(|s| serde_json::from_str::<ErrorInfo>(&s).map_err(|e| corrupt("error", e)))
-        .transpose()?;
-    let mut job = Job {
-        id: JobId(row.try_get::<Uuid, _>("id")?),
-        task: text("task")?,
-        kind: text("kind")?.parse().map_err(|e| corrupt("kind", e))?,
-        executor: text("executor")?
-            .parse()
-            .map_err(|e| corrupt("executor", e))?,
-        status: text("status")?.parse().map_err(|e| corrupt("status", e))?,
-        args: serde_json::from_str(&text("args")?).map_err(|e| corrupt("args", e))?,
-        result: opt_json("result")?,
-        error,
-        priority: row.try_get::<i32, _>("priority")?,
-        attempt: row.try_get::<i32, _>("attempt")? as u32,
-        max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
-        timeout_ms: row
-            .try_get::<Option<i64>, _>("timeout_ms")?
-            .map(|t| t as u64),
-        progress: row.try_get("progress")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        spec_hash: row.try_get("spec_hash")?,
-        created_at: Micros(row.try_get("created_at")?),
-        scheduled_at: Micros(row.try_get("scheduled_at")?),
-        started_at: row.try_get::<Option<i64>, _>("started_at")?.map(Micros),
-        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(Micros),
-        timings: Timings {
-            queued_ms: None,
-            run_ms: None,
-        },
-    };
-    job.compute_timings();
-    Ok(job)
-}
-
-fn error_json(e: &ErrorInfo) -> String {
-    serde_json::to_string(e).expect("an ErrorInfo always serializes")
-}
-
-/// Inserts new queued jobs in one statement (arrays unnested into rows).
-async fn insert_rows(
-    tx: &mut Transaction<'_, Postgres>,
-    rows: &[&NewJob],
-) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let col = |f: &dyn Fn(&NewJob) -> String| rows.iter().map(|j| f(j)).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
-         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at) \
-         SELECT id, task, kind, executor, 'queued', args::jsonb, priority, 0, max_attempts, \
-         timeout_ms, 0, key, hash, created_at, scheduled_at FROM UNNEST($1::uuid[], $2::text[], \
-         $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
-         $10::text[], $11::bigint[], $12::bigint[]) AS t(id, task, kind, executor, args, priority, \
-         max_attempts, timeout_ms, key, hash, created_at, scheduled_at)",
-    )
-    .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
-    .bind(col(&|j| j.task.clone()))
-    .bind(col(&|j| j.kind.as_str().to_string()))
-    .bind(col(&|j| j.executor.as_str().to_string()))
-    .bind(col(&|j| j.args.to_string()))
-    .bind(rows.iter().map(|j| j.priority).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|j| j.max_attempts as i32)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|j| j.timeout_ms.map(|t| t as i64))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|j| j.idempotency_key.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows.iter().map(|j| j.spec_hash.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|j| j.created_at.0).collect::<Vec<_>>())
-    .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await?;
-    // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
-    // the last job that names them.
-    let (blobs, jobs): (Vec<Uuid>, Vec<Uuid>) = rows
-        .iter()
-        .flat_map(|j| j.blobs.iter().map(move |b| (b, j.id.0)))
-        .filter_map(|(b, j)| Uuid::parse_str(b).ok().map(|b| (b, j)))
-        .unzip();
-    if !blobs.is_empty() {
-        sqlx::query(
-            "INSERT INTO job_blobs (blob_id, job_id) SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&blobs)
-        .bind(&jobs)
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query("UPDATE blobs SET used = TRUE WHERE id = ANY($1) AND NOT used")
-            .bind(blobs)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
 }
 
 impl PostgresStore {
@@ -277,6 +161,11 @@ impl PostgresStore {
         }
         let rows: Vec<&NewJob> = fresh.iter().map(|(_, j)| *j).collect();
         insert_rows(&mut tx, &rows).await?;
+        let notices = Notices {
+            new: rows.iter().map(|j| j.executor).collect(),
+            changed: Vec::new(),
+        };
+        notices.send(&mut tx, &self.channel).await?;
         tx.commit().await?;
         for (i, job) in fresh {
             out[i] = Some(Inserted::Created(job.to_job()));
@@ -285,6 +174,19 @@ impl PostgresStore {
             .into_iter()
             .map(|o| o.expect("every job answered"))
             .collect())
+    }
+
+    /// Hands a call to the batcher and waits for its answer (sent after the round's commit).
+    async fn batched<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> batcher::Op,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.batcher
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn one(
@@ -297,10 +199,6 @@ impl PostgresStore {
         let row = binds(sqlx::query(sql)).fetch_optional(&self.pool).await?;
         row.as_ref().map(job_from_row).transpose()
     }
-}
-
-fn is_unique_violation(e: &StoreError) -> bool {
-    matches!(e, StoreError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505"))
 }
 
 #[async_trait]
@@ -358,58 +256,8 @@ impl JobStore for PostgresStore {
         if moves.is_empty() {
             return Ok(Vec::new());
         }
-        let to: Vec<Job> = moves.iter().map(Settle::moved).collect();
-        let done: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE jobs SET status = v.status, attempt = v.attempt, result = v.result::jsonb, \
-             error = v.error::jsonb, progress = v.progress, scheduled_at = v.scheduled_at, \
-             finished_at = v.finished_at, owner = NULL, lease_until = NULL \
-             FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], \
-             $6::float8[], $7::bigint[], $8::bigint[], $9::int[], $10::bigint[]) \
-             AS v(id, status, attempt, result, error, progress, scheduled_at, finished_at, was, \
-             expired) \
-             WHERE jobs.id = v.id AND jobs.status = 'running' AND jobs.attempt = v.was \
-             AND (v.expired IS NULL OR jobs.lease_until IS NULL OR jobs.lease_until < v.expired) \
-             RETURNING jobs.id",
-        )
-        .bind(to.iter().map(|j| j.id.0).collect::<Vec<_>>())
-        .bind(to.iter().map(|j| j.status.as_str()).collect::<Vec<_>>())
-        .bind(to.iter().map(|j| j.attempt as i32).collect::<Vec<_>>())
-        .bind(
-            to.iter()
-                .map(|j| j.result.as_ref().map(Value::to_string))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            to.iter()
-                .map(|j| j.error.as_ref().map(error_json))
-                .collect::<Vec<_>>(),
-        )
-        .bind(to.iter().map(|j| j.progress).collect::<Vec<_>>())
-        .bind(to.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
-        .bind(
-            to.iter()
-                .map(|j| j.finished_at.map(|t| t.0))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            moves
-                .iter()
-                .map(|m| m.job.attempt as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            moves
-                .iter()
-                .map(|m| m.expired_before.map(|t| t.0))
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
-        Ok(to
-            .into_iter()
-            .map(|j| done.contains(&j.id.0).then_some(j))
-            .collect())
+        self.batched(|reply| batcher::Op::Settle { moves, reply })
+            .await
     }
 
     async fn renew(
@@ -419,22 +267,8 @@ impl JobStore for PostgresStore {
         until: Micros,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
         let ids: Vec<Uuid> = running.iter().map(|(id, _)| id.0).collect();
-        let rows = sqlx::query(
-            "UPDATE jobs SET lease_until = $1 WHERE owner = $2 AND status = 'running' \
-             AND id = ANY($3) RETURNING id, attempt",
-        )
-        .bind(until.0)
-        .bind(owner)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut held = std::collections::HashSet::with_capacity(rows.len());
-        for row in rows {
-            held.insert((
-                JobId(row.try_get::<Uuid, _>(0)?),
-                row.try_get::<i32, _>(1)? as u32,
-            ));
-        }
+        let mut conn = self.pool.acquire().await?;
+        let held = sql::renew(&mut conn, owner, ids, until.0).await?;
         Ok(running
             .iter()
             .filter(|r| !held.contains(r))
@@ -491,13 +325,7 @@ impl JobStore for PostgresStore {
                         continue;
                     }
                 };
-                let notice = match n.payload().split_once(':') {
-                    Some(("new", e)) => e.parse().ok().map(Notice::New),
-                    Some(("cancel", id)) => id.parse().ok().map(Notice::Cancel),
-                    Some(("change", id)) => id.parse().ok().map(Notice::Changed),
-                    _ => None,
-                };
-                if let Some(notice) = notice {
+                for notice in sql::parse_payload(n.payload()) {
                     if tx.send(notice).is_err() {
                         return;
                     }
@@ -508,6 +336,11 @@ impl JobStore for PostgresStore {
     }
 
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError> {
+        if jobs.iter().all(|j| j.idempotency_key.is_none()) {
+            return self
+                .batched(|reply| batcher::Op::Insert { jobs, reply })
+                .await;
+        }
         // Two servers inserting the same new key at once: one wins the unique index, the other
         // retries and finds the winner's job (a replay or a conflict, as in one server).
         match self.try_insert(&jobs).await {
@@ -564,17 +397,24 @@ impl JobStore for PostgresStore {
             "cancelled by request",
         ));
         // The row is locked by the subquery, so `was` is the status this update moves from.
+        // The notifications go in the same statement, so at its commit: `cancel:` to whoever
+        // runs the job, `change:` to watchers.
         let sql = format!(
-            "UPDATE jobs SET status = 'cancelled', error = $1::jsonb, finished_at = $2, \
-             owner = NULL, lease_until = NULL FROM (SELECT id, status AS was FROM jobs \
-             WHERE id = $3 FOR UPDATE) AS old WHERE jobs.id = old.id \
-             AND jobs.status IN ('queued', 'running') RETURNING old.was, {}",
+            "WITH moved AS (UPDATE jobs SET status = 'cancelled', error = $1::jsonb, \
+             finished_at = $2, owner = NULL, lease_until = NULL FROM (SELECT id, status AS was \
+             FROM jobs WHERE id = $3 FOR UPDATE) AS old WHERE jobs.id = old.id \
+             AND jobs.status IN ('queued', 'running') RETURNING old.was, {}) \
+             SELECT moved.*, \
+             CASE WHEN moved.was = 'running' THEN pg_notify($4, 'cancel:' || moved.id::text) \
+             END::text AS cancel_notified, \
+             pg_notify($4, 'change:' || moved.id::text)::text AS change_notified FROM moved",
             qualified()
         );
         let row = sqlx::query(&sql)
             .bind(error)
             .bind(now.0)
             .bind(id.0)
+            .bind(&self.channel)
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {
