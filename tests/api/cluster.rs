@@ -138,8 +138,21 @@ async fn a_killed_servers_jobs_are_finished_by_the_others_and_any_server_answers
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    // Kill one server mid-load: its running jobs' leases run out, the others requeue them.
+    // Kill one server mid-load, once it runs some of the jobs (not after a fixed pause, which a
+    // busy machine can make too short): its running jobs' leases run out, the others requeue
+    // them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s: Value = get_json(&client, format!("{}/v1/stats", nodes[1].bin.base)).await;
+        if s["executors"]["blocking"]["running"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second server never ran any of the jobs: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut victim = nodes.remove(1);
     victim.bin.kill9();
     let jobs = settle(&client, &nodes[0].bin.base, 300, 120).await;
