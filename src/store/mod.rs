@@ -57,6 +57,100 @@ impl MigrationSource<'static> for Embedded {
 }
 pub use sqlite::SqliteStore;
 
+/// An `ErrorInfo` as the JSON both stores keep in the `error` column.
+pub(crate) fn error_json(e: &crate::job::ErrorInfo) -> String {
+    serde_json::to_string(e).expect("an ErrorInfo always serializes")
+}
+
+/// A stored value that does not decode.
+pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// `(executor, count)` rows of a `GROUP BY executor` count, decoded.
+pub(crate) fn lane_counts(
+    rows: Vec<(String, i64)>,
+) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
+    rows.into_iter()
+        .map(|(lane, n)| Ok((lane.parse().map_err(|e| corrupt("executor", e))?, n as u64)))
+        .collect()
+}
+
+/// How a submit's jobs meet their idempotency keys, decided the same way on every store.
+/// The store looks up the jobs already stored under the submit's keys ([`KeyedSubmit::keys`]),
+/// then [`KeyedSubmit::plan`] says which jobs are replays and which are new, or that a key was
+/// reused with another spec (the whole submit is refused); [`KeyedSubmit::answer`] builds the
+/// answer once the new ones are stored.
+pub(crate) struct KeyedSubmit<'a> {
+    jobs: &'a [NewJob],
+    out: Vec<Option<Inserted>>,
+    fresh: Vec<usize>,
+}
+
+impl<'a> KeyedSubmit<'a> {
+    /// The distinct idempotency keys of `jobs`, in order.
+    pub fn keys(jobs: &[NewJob]) -> Vec<&str> {
+        let mut seen = std::collections::HashSet::new();
+        jobs.iter()
+            .filter_map(|j| j.idempotency_key.as_deref())
+            .filter(|k| seen.insert(*k))
+            .collect()
+    }
+
+    /// `stored`: the jobs found under those keys. A key seen earlier in the same submit names
+    /// that earlier job.
+    pub fn plan(
+        jobs: &'a [NewJob],
+        stored: &std::collections::HashMap<String, Job>,
+    ) -> Result<Self, StoreError> {
+        let mut out: Vec<Option<Inserted>> = vec![None; jobs.len()];
+        let mut fresh = Vec::with_capacity(jobs.len());
+        let mut in_batch: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let Some(key) = job.idempotency_key.as_deref() else {
+                fresh.push(i);
+                continue;
+            };
+            let existing = match in_batch.get(key) {
+                Some(&first) => Some(jobs[first].to_job()),
+                None => stored.get(key).cloned(),
+            };
+            match existing {
+                Some(found) if found.spec_hash == job.spec_hash => {
+                    out[i] = Some(Inserted::Existing(found))
+                }
+                Some(_) => {
+                    return Err(StoreError::IdempotencyConflict {
+                        index: i,
+                        key: key.to_string(),
+                    })
+                }
+                None => {
+                    in_batch.insert(key, i);
+                    fresh.push(i);
+                }
+            }
+        }
+        Ok(KeyedSubmit { jobs, out, fresh })
+    }
+
+    /// The jobs to store.
+    pub fn fresh(&self) -> Vec<&'a NewJob> {
+        self.fresh.iter().map(|&i| &self.jobs[i]).collect()
+    }
+
+    /// The answer, once the fresh jobs are stored: each job created or found, in order.
+    pub fn answer(mut self) -> Vec<Inserted> {
+        for &i in &self.fresh {
+            self.out[i] = Some(Inserted::Created(self.jobs[i].to_job()));
+        }
+        self.out
+            .into_iter()
+            .map(|o| o.expect("every job answered"))
+            .collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An idempotency key already names a job that was submitted with a different body.

@@ -32,8 +32,8 @@ use self::sql::{
     qualified, Notices, COLUMNS,
 };
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
-    ListFilter, Notice, Settle, StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, KeyedSubmit,
+    Lease, ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -128,38 +128,16 @@ impl PostgresStore {
 impl PostgresStore {
     async fn try_insert(&self, jobs: &[NewJob]) -> Result<Vec<Inserted>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut out: Vec<Option<Inserted>> = vec![None; jobs.len()];
-        let mut fresh: Vec<(usize, &NewJob)> = Vec::with_capacity(jobs.len());
-        let mut in_batch: HashMap<&str, usize> = HashMap::new();
-        for (i, job) in jobs.iter().enumerate() {
-            let Some(key) = job.idempotency_key.as_deref() else {
-                fresh.push((i, job));
-                continue;
-            };
-            let existing = if let Some(&first) = in_batch.get(key) {
-                Some(jobs[first].to_job())
-            } else {
-                let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1");
-                let row = sqlx::query(&sql).bind(key).fetch_optional(&mut *tx).await?;
-                row.as_ref().map(job_from_row).transpose()?
-            };
-            match existing {
-                Some(found) if found.spec_hash == job.spec_hash => {
-                    out[i] = Some(Inserted::Existing(found))
-                }
-                Some(_) => {
-                    return Err(StoreError::IdempotencyConflict {
-                        index: i,
-                        key: key.to_string(),
-                    })
-                }
-                None => {
-                    in_batch.insert(key, i);
-                    fresh.push((i, job));
-                }
+        let mut stored = HashMap::new();
+        for key in KeyedSubmit::keys(jobs) {
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1");
+            let row = sqlx::query(&sql).bind(key).fetch_optional(&mut *tx).await?;
+            if let Some(row) = row {
+                stored.insert(key.to_string(), job_from_row(&row)?);
             }
         }
-        let rows: Vec<&NewJob> = fresh.iter().map(|(_, j)| *j).collect();
+        let plan = KeyedSubmit::plan(jobs, &stored)?;
+        let rows = plan.fresh();
         insert_rows(&mut tx, &rows).await?;
         let notices = Notices {
             new: rows.iter().map(|j| j.executor).collect(),
@@ -167,13 +145,7 @@ impl PostgresStore {
         };
         notices.send(&mut tx, &self.channel).await?;
         tx.commit().await?;
-        for (i, job) in fresh {
-            out[i] = Some(Inserted::Created(job.to_job()));
-        }
-        Ok(out
-            .into_iter()
-            .map(|o| o.expect("every job answered"))
-            .collect())
+        Ok(plan.answer())
     }
 
     /// Hands a call to the batcher and waits for its answer (sent after the round's commit).
@@ -295,18 +267,12 @@ impl JobStore for PostgresStore {
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query_as(
             "SELECT executor, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY executor",
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let lane: String = r.try_get("executor")?;
-                let n: i64 = r.try_get("n")?;
-                Ok((lane.parse().map_err(|e| corrupt("executor", e))?, n as u64))
-            })
-            .collect()
+        super::lane_counts(rows)
     }
 
     async fn listen(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Notice>, StoreError> {

@@ -39,9 +39,7 @@ pub(super) async fn maintenance_leader(
     .await?)
 }
 
-pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
+pub(super) use crate::store::{corrupt, error_json};
 
 pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
     let text = |col: &str| -> Result<String, StoreError> { Ok(row.try_get::<String, _>(col)?) };
@@ -85,10 +83,6 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
     };
     job.compute_timings();
     Ok(job)
-}
-
-pub(super) fn error_json(e: &ErrorInfo) -> String {
-    serde_json::to_string(e).expect("an ErrorInfo always serializes")
 }
 
 /// Inserts new queued jobs in one statement (arrays unnested into rows).

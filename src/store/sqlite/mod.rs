@@ -33,7 +33,7 @@ use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
 use crate::job::{ExecutorKind, Job, JobId, NewJob};
-use sql::{corrupt, job_from_row, COLUMNS};
+use sql::{job_from_row, COLUMNS};
 use writer::{Op, MAX_BATCH};
 
 /// The migrations, compiled into the binary so it runs from anywhere.
@@ -240,20 +240,14 @@ impl JobStore for SqliteStore {
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query_as(
             // Counted off the small partial index, already in executor order.
             "SELECT executor, COUNT(*) AS n FROM jobs INDEXED BY jobs_due \
              WHERE status = 'queued' GROUP BY executor",
         )
         .fetch_all(&self.reads)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let lane: String = r.try_get("executor")?;
-                let n: i64 = r.try_get("n")?;
-                Ok((lane.parse().map_err(|e| corrupt("executor", e))?, n as u64))
-            })
-            .collect()
+        super::lane_counts(rows)
     }
 
     async fn prune(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {

@@ -14,7 +14,8 @@ use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Settle, StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, KeyedSubmit, Lease, Settle,
+    StoreError,
 };
 
 pub(super) const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, \
@@ -30,13 +31,7 @@ const ID_CHUNK: usize = 500;
 
 type Conn<'a> = &'a mut SqliteConnection;
 
-pub(super) fn error_json(e: &ErrorInfo) -> String {
-    serde_json::to_string(e).expect("an ErrorInfo always serializes")
-}
-
-pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
+pub(super) use crate::store::{corrupt, error_json};
 
 pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
     let text = |col: &str| -> Result<String, StoreError> { Ok(row.try_get::<String, _>(col)?) };
@@ -170,50 +165,20 @@ pub(super) fn insert(
     jobs: Vec<NewJob>,
 ) -> BoxFuture<'_, Result<Vec<Inserted>, StoreError>> {
     Box::pin(async move {
-        let mut out: Vec<Option<Inserted>> = vec![None; jobs.len()];
-        let mut fresh: Vec<(usize, &NewJob)> = Vec::with_capacity(jobs.len());
-        // Keys seen earlier in this same submit.
-        let mut in_batch: HashMap<&str, usize> = HashMap::new();
-        for (i, job) in jobs.iter().enumerate() {
-            let Some(key) = job.idempotency_key.as_deref() else {
-                fresh.push((i, job));
-                continue;
-            };
-            let existing = if let Some(&first) = in_batch.get(key) {
-                Some(jobs[first].to_job())
-            } else {
-                let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ?");
-                let row = sqlx::query(&sql)
-                    .bind(key)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                row.as_ref().map(job_from_row).transpose()?
-            };
-            match existing {
-                Some(found) if found.spec_hash == job.spec_hash => {
-                    out[i] = Some(Inserted::Existing(found))
-                }
-                Some(_) => {
-                    return Err(StoreError::IdempotencyConflict {
-                        index: i,
-                        key: key.to_string(),
-                    })
-                }
-                None => {
-                    in_batch.insert(key, i);
-                    fresh.push((i, job));
-                }
+        let mut stored = HashMap::new();
+        for key in KeyedSubmit::keys(&jobs) {
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ?");
+            let row = sqlx::query(&sql)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(row) = row {
+                stored.insert(key.to_string(), job_from_row(&row)?);
             }
         }
-        let rows: Vec<&NewJob> = fresh.iter().map(|(_, j)| *j).collect();
-        insert_rows(&mut *conn, &rows).await?;
-        for (i, job) in &fresh {
-            out[*i] = Some(Inserted::Created(job.to_job()));
-        }
-        Ok(out
-            .into_iter()
-            .map(|o| o.expect("every job answered"))
-            .collect())
+        let plan = KeyedSubmit::plan(&jobs, &stored)?;
+        insert_rows(&mut *conn, &plan.fresh()).await?;
+        Ok(plan.answer())
     })
 }
 
