@@ -586,6 +586,52 @@ mod tests {
     }
 
     #[test]
+    fn callback_settings_come_from_flags_and_an_empty_secret_is_none() {
+        use clap::Parser;
+        let serve = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            Settings::load(&args)
+        };
+        let s = serve(&["offload", "serve"]).unwrap();
+        assert_eq!(s.callback_secret, None);
+        assert_eq!(s.callback_retry_secs, 86_400);
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--callback-secret",
+            "k",
+            "--callback-retry-secs",
+            "60",
+            "--callback-backoff-ms",
+            "10",
+            "--callback-timeout-ms",
+            "500",
+        ])
+        .unwrap();
+        assert_eq!(s.callback_secret.as_deref(), Some("k"));
+        assert_eq!(
+            (
+                s.callback_retry_secs,
+                s.callback_backoff_ms,
+                s.callback_timeout_ms
+            ),
+            (60, 10, 500)
+        );
+        // Masked where the configuration is printed.
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(!shown.contains("\"k\""), "{shown}");
+        assert!(serve(&["offload", "serve", "--callback-secret", ""])
+            .unwrap()
+            .callback_secret
+            .is_none());
+        let e = serve(&["offload", "serve", "--callback-timeout-ms", "0"]).unwrap_err();
+        assert!(e.0.contains("callback-timeout-ms"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("offload.toml");
