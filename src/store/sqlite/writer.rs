@@ -23,8 +23,8 @@ use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, Settle,
-    StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Inserted, Lease, Notice, Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -81,6 +81,19 @@ pub(super) enum Op {
         limit: u32,
         reply: Reply<Vec<String>>,
     },
+    ClaimCallbacks {
+        limit: u32,
+        now: Micros,
+        until: Micros,
+        reply: Reply<ClaimedCallbacks>,
+    },
+    RecordCallback {
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+        reply: Reply<bool>,
+    },
 }
 
 impl Op {
@@ -92,7 +105,12 @@ impl Op {
             Op::Insert { jobs, .. } => {
                 jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.blobs.is_empty())
             }
-            Op::Settle { moves, .. } => moves.len() <= SETTLE_CHUNK,
+            // A move that owes a callback writes its outbox row too.
+            Op::Settle { moves, .. } => {
+                moves.len() <= SETTLE_CHUNK && !moves.iter().any(Settle::calls_back)
+            }
+            // Its job may have a callback to enqueue: not known before the read.
+            Op::Cancel { .. } => false,
             _ => true,
         }
     }
@@ -113,6 +131,8 @@ impl Op {
             Op::InsertBlob { reply, .. } => send(reply, msg),
             Op::DeleteBlob { reply, .. } => send(reply, msg),
             Op::PruneBlobs { reply, .. } => send(reply, msg),
+            Op::ClaimCallbacks { reply, .. } => send(reply, msg),
+            Op::RecordCallback { reply, .. } => send(reply, msg),
         }
     }
 }
@@ -284,6 +304,9 @@ fn run_batch<'a>(
                 Ok(done) => done,
                 Err(e) => return Err((e.to_string(), unrun(Vec::new(), settles, rest))),
             };
+            if let Err(e) = sql::enqueue_settled(&mut *conn, &all, &done).await {
+                return Err((e.to_string(), unrun(Vec::new(), settles, rest)));
+            }
             for (reply, moves) in settles {
                 let moved = settled(&moves, &done, &mut out.notices);
                 out.answers.push(answer(reply, Ok(moved)));
@@ -362,9 +385,13 @@ fn run_op<'a>(
             ),
             Op::Settle { moves, reply } => {
                 let all: Vec<&Settle> = moves.iter().collect();
-                let result = sql::settle_rows(&mut *conn, &all)
-                    .await
-                    .map(|done| settled(&moves, &done, &mut out.notices));
+                let result = match sql::settle_rows(&mut *conn, &all).await {
+                    Ok(done) => sql::enqueue_settled(&mut *conn, &all, &done)
+                        .await
+                        .map(|()| done),
+                    Err(e) => Err(e),
+                }
+                .map(|done| settled(&moves, &done, &mut out.notices));
                 finish!(reply, result)
             }
             Op::Cancel { id, now, reply } => {
@@ -397,6 +424,25 @@ fn run_op<'a>(
             Op::PruneBlobs { limit, reply } => {
                 finish!(reply, sql::prune_blobs(&mut *conn, limit).await)
             }
+            Op::ClaimCallbacks {
+                limit,
+                now,
+                until,
+                reply,
+            } => finish!(
+                reply,
+                sql::claim_callbacks(&mut *conn, limit, now, until).await
+            ),
+            Op::RecordCallback {
+                job,
+                attempt,
+                outcome,
+                now,
+                reply,
+            } => finish!(
+                reply,
+                sql::record_callback(&mut *conn, job, attempt, outcome, now).await
+            ),
         }
     })
 }
