@@ -10,18 +10,20 @@ use uuid::Uuid;
 
 use crate::clock::Micros;
 use crate::job::{ErrorInfo, Job, JobId, NewJob, Timings};
+use crate::store::graph::NewRow;
 use crate::store::{Settle, StoreError};
 
 pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
-    spec_hash, created_at, scheduled_at, started_at, finished_at";
+    spec_hash, created_at, scheduled_at, started_at, finished_at, depends_on::text AS depends_on, \
+    run_on_parent_failure, retried";
 
 /// The columns, each qualified with the `jobs` table, for statements that join another.
 pub(super) fn qualified() -> String {
     COLUMNS
         .split(", ")
-        .map(|c| format!("jobs.{c}"))
+        .map(|c| format!("jobs.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -80,28 +82,38 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
             queued_ms: None,
             run_ms: None,
         },
+        depends_on: crate::store::graph::parse_ids(row.try_get("depends_on")?)?,
+        run_on_parent_failure: row.try_get("run_on_parent_failure")?,
+        retried: row.try_get::<i32, _>("retried")? as u32,
+        children: None,
     };
     job.compute_timings();
     Ok(job)
 }
 
-/// Inserts new queued jobs in one statement (arrays unnested into rows).
+/// Inserts new jobs in one statement (arrays unnested into rows), with the blobs they name
+/// and the parents they wait for.
 pub(super) async fn insert_rows(
     tx: &mut Transaction<'_, Postgres>,
-    rows: &[&NewJob],
+    new: &[NewRow<'_>],
 ) -> Result<(), StoreError> {
-    if rows.is_empty() {
+    if new.is_empty() {
         return Ok(());
     }
+    let rows: Vec<&NewJob> = new.iter().map(|r| r.job).collect();
     let col = |f: &dyn Fn(&NewJob) -> String| rows.iter().map(|j| f(j)).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
-         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at) \
-         SELECT id, task, kind, executor, 'queued', args::jsonb, priority, 0, max_attempts, \
-         timeout_ms, 0, key, hash, created_at, scheduled_at FROM UNNEST($1::uuid[], $2::text[], \
+         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at, \
+         error, finished_at, depends_on, run_on_parent_failure) \
+         SELECT id, task, kind, executor, status, args::jsonb, priority, 0, max_attempts, \
+         timeout_ms, 0, key, hash, created_at, scheduled_at, error::jsonb, finished_at, \
+         depends_on::jsonb, ropf FROM UNNEST($1::uuid[], $2::text[], \
          $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
-         $10::text[], $11::bigint[], $12::bigint[]) AS t(id, task, kind, executor, args, priority, \
-         max_attempts, timeout_ms, key, hash, created_at, scheduled_at)",
+         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::bigint[], \
+         $16::text[], $17::bool[]) AS t(id, task, kind, executor, args, priority, \
+         max_attempts, timeout_ms, key, hash, created_at, scheduled_at, status, error, \
+         finished_at, depends_on, ropf)",
     )
     .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
     .bind(col(&|j| j.task.clone()))
@@ -127,8 +139,39 @@ pub(super) async fn insert_rows(
     .bind(rows.iter().map(|j| j.spec_hash.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.created_at.0).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
+    .bind(new.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(
+        new.iter()
+            .map(|r| r.error.as_ref().map(error_json))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|r| r.finished_at().map(|t| t.0))
+            .collect::<Vec<_>>(),
+    )
+    .bind(new.iter().map(|r| r.depends_on_json()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|j| j.run_on_parent_failure)
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
+    let (parents, children): (Vec<Uuid>, Vec<Uuid>) = new
+        .iter()
+        .flat_map(|r| r.depends_on.iter().map(move |p| (p.0, r.job.id.0)))
+        .unzip();
+    if !parents.is_empty() {
+        sqlx::query(
+            "INSERT INTO job_deps (parent_id, child_id) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(parents)
+        .bind(children)
+        .execute(&mut **tx)
+        .await?;
+    }
     // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
     // the last job that names them.
     let (blobs, jobs): (Vec<Uuid>, Vec<Uuid>) = rows
@@ -281,6 +324,16 @@ pub(super) struct Notices {
     pub new: HashSet<crate::job::ExecutorKind>,
     /// Jobs whose state changed: `change:<id>,<id>,...`, for watchers on other servers.
     pub changed: Vec<JobId>,
+    /// Running jobs cancelled: `cancel:<id>`, one each, to whoever runs them.
+    pub cancelled: Vec<JobId>,
+}
+
+impl Notices {
+    /// Adds what a parent's final state (or a retry) moved besides its own job.
+    pub(super) fn cascaded(&mut self, cascade: crate::store::graph::Cascade) {
+        self.new.extend(cascade.queued.iter().map(|(_, lane)| *lane));
+        self.changed.extend(cascade.moved);
+    }
 }
 
 impl Notices {
@@ -290,6 +343,7 @@ impl Notices {
             .new
             .iter()
             .map(|e| format!("new:{}", e.as_str()))
+            .chain(self.cancelled.iter().map(|id| format!("cancel:{id}")))
             .collect();
         let mut list = String::new();
         for id in &self.changed {
@@ -352,6 +406,7 @@ mod tests {
         let notices = Notices {
             new: [ExecutorKind::Async].into_iter().collect(),
             changed: ids.clone(),
+            cancelled: Vec::new(),
         };
         let payloads = notices.payloads();
         assert!(payloads.len() > 2, "cut into several");
