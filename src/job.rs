@@ -386,9 +386,9 @@ pub fn after_parents(
     parents: &[(JobId, Option<JobStatus>)],
 ) -> AfterParents {
     if !run_on_parent_failure {
-        let failed = parents.iter().find(|(_, s)| {
-            matches!(s, Some(JobStatus::Failed | JobStatus::Cancelled))
-        });
+        let failed = parents
+            .iter()
+            .find(|(_, s)| matches!(s, Some(JobStatus::Failed | JobStatus::Cancelled)));
         if let Some((id, status)) = failed {
             let what = match status {
                 Some(JobStatus::Failed) => "failed",

@@ -73,7 +73,10 @@ pub(crate) fn parse_ids(text: Option<String>) -> Result<Vec<JobId>, StoreError> 
     let raw: Vec<String> =
         serde_json::from_str(&text).map_err(|e| crate::store::corrupt("depends_on", e))?;
     raw.iter()
-        .map(|s| s.parse().map_err(|e| crate::store::corrupt("depends_on", e)))
+        .map(|s| {
+            s.parse()
+                .map_err(|e| crate::store::corrupt("depends_on", e))
+        })
         .collect()
 }
 
@@ -196,7 +199,8 @@ pub(crate) type EdgeRow = (JobId, bool, JobId, Option<JobStatus>);
 /// What each child moves to, from its edges: children in id order, each with
 /// [`after_parents`]'s decision.
 pub(crate) fn decide(edges: Vec<EdgeRow>) -> Vec<(JobId, AfterParents)> {
-    let mut by_child: BTreeMap<JobId, (bool, Vec<(JobId, Option<JobStatus>)>)> = BTreeMap::new();
+    type Parents = Vec<(JobId, Option<JobStatus>)>;
+    let mut by_child: BTreeMap<JobId, (bool, Parents)> = BTreeMap::new();
     for (child, ropf, parent, status) in edges {
         by_child
             .entry(child)

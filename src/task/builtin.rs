@@ -240,13 +240,18 @@ mod tests {
     #[test]
     fn sum_parents_adds_numbers_and_the_numbers_of_objects() {
         let ctx = JobCtx::new(JobId::new(), 1);
-        ctx.set_parents(json!({"a": 2, "b": {"sum": 3, "n": 7}, "c": {"x": 1, "y": 4},
-            "d": null}));
+        ctx.set_parents(
+            json!({"a": 2, "b": {"sum": 3, "n": 7}, "c": {"x": 1, "y": 4},
+            "d": null}),
+        );
         let out = SumParents::sum(&ctx, &json!({"add": 10})).unwrap();
         assert_eq!(out, json!({"sum": 20}));
         let out = SumParents::sum(&ctx, &json!({"add": 0.5})).unwrap();
         assert_eq!(out, json!({"sum": 10.5}));
         let alone = JobCtx::new(JobId::new(), 1);
-        assert_eq!(SumParents::sum(&alone, &json!({})).unwrap(), json!({"sum": 0}));
+        assert_eq!(
+            SumParents::sum(&alone, &json!({})).unwrap(),
+            json!({"sum": 0})
+        );
     }
 }

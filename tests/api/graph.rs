@@ -57,14 +57,21 @@ fn ids(batch: &Value) -> Vec<String> {
 }
 
 fn time(job: &Value, field: &str) -> String {
-    job[field].as_str().unwrap_or_else(|| panic!("{field}: {job}")).to_string()
+    job[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field}: {job}"))
+        .to_string()
 }
 
 #[tokio::test]
 async fn a_diamond_in_one_batch_runs_in_order_and_the_last_sees_both_parents() {
-    let app = spawn_full(tempfile::tempdir().unwrap(), |_| {}, |r| {
-        r.register(EchoParents);
-    })
+    let app = spawn_full(
+        tempfile::tempdir().unwrap(),
+        |_| {},
+        |r| {
+            r.register(EchoParents);
+        },
+    )
     .await;
     let mut spec = diamond();
     spec["jobs"]
@@ -83,7 +90,11 @@ async fn a_diamond_in_one_batch_runs_in_order_and_the_last_sees_both_parents() {
 
     let d = app.wait(&idd, 30).await;
     assert_eq!(d["status"], "succeeded", "{d}");
-    assert_eq!(d["result"], json!({"sum": 112}), "B (1 + 10) and C (1 + 100)");
+    assert_eq!(
+        d["result"],
+        json!({"sum": 112}),
+        "B (1 + 10) and C (1 + 100)"
+    );
     let e = app.wait(&ide, 30).await;
     assert_eq!(
         e["result"],
@@ -95,7 +106,11 @@ async fn a_diamond_in_one_batch_runs_in_order_and_the_last_sees_both_parents() {
         let app = &app;
         async move { app.get(&format!("/v1/jobs/{id}")).await.body }
     };
-    let (ja, jb, jc) = (get(ida.clone()).await, get(idb.clone()).await, get(idc.clone()).await);
+    let (ja, jb, jc) = (
+        get(ida.clone()).await,
+        get(idb.clone()).await,
+        get(idc.clone()).await,
+    );
     for child in [&jb, &jc] {
         assert!(time(child, "started_at") >= time(&ja, "finished_at"));
     }
@@ -105,7 +120,12 @@ async fn a_diamond_in_one_batch_runs_in_order_and_the_last_sees_both_parents() {
     let a = app.get(&format!("/v1/jobs/{ida}?children=true")).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["children"], json!([idb, idc]));
-    assert!(app.get(&format!("/v1/jobs/{ida}")).await.body.get("children").is_none());
+    assert!(app
+        .get(&format!("/v1/jobs/{ida}"))
+        .await
+        .body
+        .get("children")
+        .is_none());
     let waiting = app.get("/v1/jobs?status=waiting").await;
     assert_eq!(waiting.status, StatusCode::OK);
     assert_eq!(waiting.body["jobs"], json!([]));
@@ -170,10 +190,26 @@ async fn cycles_and_unknown_parents_are_422s_that_store_nothing() {
             json!({"jobs": [{"task": "noop"}, {"task": "noop", "depends_on": [ghost]}]}),
             ghost,
         ),
-        ("/v1/jobs", json!({"task": "noop", "depends_on": [ghost]}), ghost),
-        ("/v1/jobs", json!({"task": "noop", "depends_on": ["#0"]}), "batch"),
-        ("/v1/jobs", json!({"task": "noop", "depends_on": ["nope"]}), "nope"),
-        ("/v1/jobs", json!({"task": "noop", "depends_on": "#0"}), "depends_on"),
+        (
+            "/v1/jobs",
+            json!({"task": "noop", "depends_on": [ghost]}),
+            ghost,
+        ),
+        (
+            "/v1/jobs",
+            json!({"task": "noop", "depends_on": ["#0"]}),
+            "batch",
+        ),
+        (
+            "/v1/jobs",
+            json!({"task": "noop", "depends_on": ["nope"]}),
+            "nope",
+        ),
+        (
+            "/v1/jobs",
+            json!({"task": "noop", "depends_on": "#0"}),
+            "depends_on",
+        ),
         (
             "/v1/jobs",
             json!({"task": "noop", "run_on_parent_failure": "yes"}),
@@ -182,7 +218,12 @@ async fn cycles_and_unknown_parents_are_422s_that_store_nothing() {
     ];
     for (path, body, says) in cases {
         let a = app.post(path, body.clone()).await;
-        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {}", a.body);
+        assert_eq!(
+            a.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            a.body
+        );
         let detail = a.body["detail"].as_str().unwrap();
         assert!(detail.contains(says), "{body}: {detail}");
     }
@@ -206,7 +247,10 @@ async fn a_retry_by_hand_runs_a_failed_job_again_and_brings_back_its_children() 
     assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
     let [ida, idb] = <[String; 2]>::try_from(ids(&a.body)).unwrap();
     assert_eq!(app.wait(&ida, 30).await["status"], "failed");
-    assert_eq!(app.wait(&idb, 30).await["error"]["type"], "dependency_failed");
+    assert_eq!(
+        app.wait(&idb, 30).await["error"]["type"],
+        "dependency_failed"
+    );
 
     // The child cannot come back on its own while its parent is failed.
     let r = app.post(&format!("/v1/jobs/{idb}/retry"), json!({})).await;
@@ -219,10 +263,16 @@ async fn a_retry_by_hand_runs_a_failed_job_again_and_brings_back_its_children() 
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["retried"], 1);
     assert_eq!(r.body["attempt"], 0, "fresh attempts");
-    assert!(matches!(r.body["status"].as_str(), Some("queued" | "running" | "succeeded")));
+    assert!(matches!(
+        r.body["status"].as_str(),
+        Some("queued" | "running" | "succeeded")
+    ));
     let a = app.wait(&ida, 30).await;
     assert_eq!(a["status"], "succeeded", "{a}");
-    assert_eq!((a["attempt"].as_u64(), a["retried"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (a["attempt"].as_u64(), a["retried"].as_u64()),
+        (Some(1), Some(1))
+    );
     let b = app.wait(&idb, 30).await;
     assert_eq!(b["status"], "succeeded", "came back with its parent: {b}");
     assert_eq!(b["result"], json!({"sum": 8}), "the parent's bytes: 8");
@@ -230,11 +280,18 @@ async fn a_retry_by_hand_runs_a_failed_job_again_and_brings_back_its_children() 
     // Only failed or cancelled jobs are retried; an unknown one is a 404.
     let r = app.post(&format!("/v1/jobs/{ida}/retry"), json!({})).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
-    let queued = app.submit(json!({"task": "sleep", "args": {"ms": 5000}})).await;
-    let r = app.post(&format!("/v1/jobs/{}/retry", id_of(&queued)), json!({})).await;
+    let queued = app
+        .submit(json!({"task": "sleep", "args": {"ms": 5000}}))
+        .await;
+    let r = app
+        .post(&format!("/v1/jobs/{}/retry", id_of(&queued)), json!({}))
+        .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     let r = app
-        .post("/v1/jobs/01900000-0000-7000-8000-000000000000/retry", json!({}))
+        .post(
+            "/v1/jobs/01900000-0000-7000-8000-000000000000/retry",
+            json!({}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = app.post("/v1/jobs/not-an-id/retry", json!({})).await;
@@ -265,7 +322,10 @@ async fn until_count(app: &crate::helpers::TestApp, query: &str, want: usize) {
         if n == want {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{query}: {n}, not {want}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{query}: {n}, not {want}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -280,14 +340,21 @@ async fn bulk_retry_puts_a_hundred_failed_jobs_back_with_a_limit_per_call() {
     until_count(&app, "status=failed&task=fail", 100).await;
     let started = offload::clock::Micros::now().to_rfc3339();
 
-    let r = app.call(Method::POST, "/v1/jobs/retry?status=failed&limit=60", None).await;
+    let r = app
+        .call(Method::POST, "/v1/jobs/retry?status=failed&limit=60", None)
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["matched"], 60);
     assert_eq!(r.body["limit_reached"], true);
     assert_eq!(r.body["ids"].as_array().unwrap().len(), 60);
-    let r = app.call(Method::POST, "/v1/jobs/retry?task=fail", None).await;
+    let r = app
+        .call(Method::POST, "/v1/jobs/retry?task=fail", None)
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert_eq!(r.body["matched"], 40, "the rest; the succeeded noop is not retried");
+    assert_eq!(
+        r.body["matched"], 40,
+        "the rest; the succeeded noop is not retried"
+    );
     assert_eq!(r.body["limit_reached"], false);
 
     // Each ran once more and failed again, its manual retry counted.
@@ -309,7 +376,10 @@ async fn bulk_retry_puts_a_hundred_failed_jobs_back_with_a_limit_per_call() {
     let r = app
         .call(
             Method::POST,
-            &format!("/v1/jobs/retry?created_after={}", started.replace('+', "%2B")),
+            &format!(
+                "/v1/jobs/retry?created_after={}",
+                started.replace('+', "%2B")
+            ),
             None,
         )
         .await;
@@ -323,7 +393,12 @@ async fn bulk_retry_puts_a_hundred_failed_jobs_back_with_a_limit_per_call() {
         "/v1/jobs/cancel?status=failed",
     ] {
         let r = app.call(Method::POST, bad, None).await;
-        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {}", r.body);
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            r.body
+        );
     }
     assert_eq!(count(&app, "status=failed").await, 100);
 }
@@ -337,8 +412,11 @@ async fn bulk_cancel_stops_unfinished_matches_and_their_children() {
     assert_eq!(a.status, StatusCode::ACCEPTED);
     let child = id_of(&a.body["jobs"][5]);
     let first = id_of(&a.body["jobs"][0]);
-    app.wait_until(&first, 10, |j| j["status"] == "running").await;
-    let r = app.call(Method::POST, "/v1/jobs/cancel?task=sleep", None).await;
+    app.wait_until(&first, 10, |j| j["status"] == "running")
+        .await;
+    let r = app
+        .call(Method::POST, "/v1/jobs/cancel?task=sleep", None)
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["matched"], 5);
     for job in a.body["jobs"].as_array().unwrap().iter().take(5) {
@@ -348,7 +426,9 @@ async fn bulk_cancel_stops_unfinished_matches_and_their_children() {
     }
     let c = app.wait(&child, 10).await;
     assert_eq!(c["error"]["type"], "dependency_failed", "{c}");
-    let r = app.call(Method::POST, "/v1/jobs/cancel?task=sleep", None).await;
+    let r = app
+        .call(Method::POST, "/v1/jobs/cancel?task=sleep", None)
+        .await;
     assert_eq!(r.body["matched"], 0, "nothing unfinished is left");
 }
 
@@ -413,7 +493,11 @@ async fn a_graph_survives_a_kill_9_mid_run() {
     let last = final_on(&client, &server.base, &ids[3]).await;
     assert_eq!(last["status"], "succeeded", "{last}");
     let sum = final_on(&client, &server.base, &ids[2]).await;
-    assert_eq!(sum["result"], json!({"sum": 3105}), "5 + slept_ms 100 + 3000: {sum}");
+    assert_eq!(
+        sum["result"],
+        json!({"sum": 3105}),
+        "5 + slept_ms 100 + 3000: {sum}"
+    );
     let second = final_on(&client, &server.base, &ids[1]).await;
     assert_eq!(second["attempt"], 2, "requeued after the kill: {second}");
 }

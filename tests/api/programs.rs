@@ -618,7 +618,12 @@ async fn a_program_task_that_asks_gets_its_parents_results() {
         )
         .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
-    let ids: Vec<String> = a.body["jobs"].as_array().unwrap().iter().map(id_of).collect();
+    let ids: Vec<String> = a.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id_of)
+        .collect();
     let job = app.wait(&ids[2], 30).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(

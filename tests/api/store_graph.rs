@@ -111,11 +111,19 @@ async fn a_failed_parent_cancels_its_descendants_unless_they_run_on_failure(
         assert_eq!(job.status, JobStatus::Cancelled);
         let error = job.error.expect("an error");
         assert_eq!(error.kind, ErrorKind::DependencyFailed);
-        assert!(error.message.contains(&parent.to_string()), "{}", error.message);
+        assert!(
+            error.message.contains(&parent.to_string()),
+            "{}",
+            error.message
+        );
         assert!(job.finished_at.is_some());
     }
     let d_job = status(&store, d.id).await;
-    assert_eq!(d_job.status, JobStatus::Queued, "runs on its parent's failure");
+    assert_eq!(
+        d_job.status,
+        JobStatus::Queued,
+        "runs on its parent's failure"
+    );
     assert!(d_job.run_on_parent_failure);
     // A child submitted after its parent failed is cancelled at once; after it succeeded,
     // queued at once.
@@ -170,17 +178,12 @@ async fn unknown_parents_and_cycles_store_nothing(store: Arc<dyn JobStore>) {
     let x = child("x", &[Parent::Batch(1)]);
     let y = child("y", &[Parent::Batch(0)]);
     let err = store.insert(vec![x.clone(), y]).await.unwrap_err();
-    assert!(
-        matches!(err, StoreError::InvalidDependency { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, StoreError::InvalidDependency { .. }), "{err}");
     assert!(store.get(x.id).await.unwrap().is_none(), "nothing stored");
 }
 
 conformance!(a_retry_gives_fresh_attempts_and_brings_back_cancelled_children);
-async fn a_retry_gives_fresh_attempts_and_brings_back_cancelled_children(
-    store: Arc<dyn JobStore>,
-) {
+async fn a_retry_gives_fresh_attempts_and_brings_back_cancelled_children(store: Arc<dyn JobStore>) {
     let a = new_job("a", None, None);
     let b = child("b", &[Parent::Batch(0)]);
     let c = child("c", &[Parent::Batch(1)]);
@@ -269,7 +272,9 @@ async fn bulk_cancel_and_retry_act_on_matches_oldest_first_up_to_the_limit(
         .await
         .unwrap();
     assert_eq!(listed.len(), 2, "only the ys were created after");
-    assert!(listed.iter().all(|j| j.task == "y" && j.status == JobStatus::Queued));
+    assert!(listed
+        .iter()
+        .all(|j| j.task == "y" && j.status == JobStatus::Queued));
 
     let retried = store
         .retry_matching(

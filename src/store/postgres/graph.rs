@@ -40,12 +40,10 @@ pub(super) async fn lock_statuses(
     if ids.is_empty() {
         return Ok(out);
     }
-    let rows = sqlx::query(
-        "SELECT id, status FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE",
-    )
-    .bind(uuids(ids))
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query("SELECT id, status FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE")
+        .bind(uuids(ids))
+        .fetch_all(&mut *conn)
+        .await?;
     for row in rows {
         let status: String = row.try_get(1)?;
         out.insert(JobId(row.try_get(0)?), parse_status(&status)?);
@@ -237,10 +235,11 @@ pub(super) async fn cancel(
     cascade: &mut Cascade,
 ) -> Result<CancelOutcome, StoreError> {
     // Locked, so `was` is the status the update moves from.
-    let was: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(id.0)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let was: Option<String> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some(was) = was else {
         return Ok(CancelOutcome::NotFound);
     };
@@ -285,7 +284,11 @@ pub(super) async fn retry(
     cascade: &mut Cascade,
 ) -> Result<RetryOutcome, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE");
-    let Some(row) = sqlx::query(&sql).bind(id.0).fetch_optional(&mut *conn).await? else {
+    let Some(row) = sqlx::query(&sql)
+        .bind(id.0)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
         return Ok(RetryOutcome::NotFound);
     };
     let job = job_from_row(&row)?;
@@ -397,7 +400,8 @@ pub(super) async fn matching_ids(
 ) -> Result<Vec<JobId>, StoreError> {
     let (cond, binds) = super::filter_where(filter, statuses);
     let n = binds.len() + 1;
-    let sql = format!("SELECT id FROM jobs WHERE {cond} ORDER BY id LIMIT ${n} FOR UPDATE SKIP LOCKED");
+    let sql =
+        format!("SELECT id FROM jobs WHERE {cond} ORDER BY id LIMIT ${n} FOR UPDATE SKIP LOCKED");
     let q = super::bind_all(sqlx::query(&sql), binds).bind(filter.limit as i64);
     let rows = q.fetch_all(&mut *conn).await?;
     rows.iter()

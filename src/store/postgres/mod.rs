@@ -29,8 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use self::sql::{
-    corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader,
-    qualified, Notices, COLUMNS,
+    corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader, qualified,
+    Notices, COLUMNS,
 };
 use super::graph::Cascade;
 use super::{
@@ -222,7 +222,8 @@ impl PostgresStore {
                 &'c mut sqlx::PgConnection,
                 &'c mut Notices,
                 &'c mut Cascade,
-            ) -> futures_util::future::BoxFuture<'c, Result<T, StoreError>>
+            )
+                -> futures_util::future::BoxFuture<'c, Result<T, StoreError>>
             + Send,
         skipped: T,
     ) -> Result<T, StoreError> {
@@ -429,9 +430,7 @@ impl JobStore for PostgresStore {
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError> {
         self.graph_tx(
             false,
-            move |conn, notices, cascade| {
-                Box::pin(graph::cancel(conn, id, now, notices, cascade))
-            },
+            move |conn, notices, cascade| Box::pin(graph::cancel(conn, id, now, notices, cascade)),
             CancelOutcome::NotFound,
         )
         .await

@@ -331,7 +331,8 @@ pub(super) struct Notices {
 impl Notices {
     /// Adds what a parent's final state (or a retry) moved besides its own job.
     pub(super) fn cascaded(&mut self, cascade: crate::store::graph::Cascade) {
-        self.new.extend(cascade.queued.iter().map(|(_, lane)| *lane));
+        self.new
+            .extend(cascade.queued.iter().map(|(_, lane)| *lane));
         self.changed.extend(cascade.moved);
     }
 }

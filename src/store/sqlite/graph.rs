@@ -19,6 +19,8 @@ use crate::store::graph::{decide, ids_json, Cascade, EdgeRow, NewRow};
 use crate::store::{CancelOutcome, RetryOutcome, StoreError};
 
 type Conn<'a> = &'a mut SqliteConnection;
+/// A job and its result, if it has one.
+type Results = (JobId, Option<Value>);
 
 fn parse_id(s: &str) -> Result<JobId, StoreError> {
     s.parse().map_err(|e| corrupt("id", e))
@@ -38,12 +40,11 @@ pub(super) fn statuses<'a>(
         if ids.is_empty() {
             return Ok(out);
         }
-        let rows = sqlx::query(
-            "SELECT id, status FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(ids_json(ids))
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows =
+            sqlx::query("SELECT id, status FROM jobs WHERE id IN (SELECT value FROM json_each(?))")
+                .bind(ids_json(ids))
+                .fetch_all(&mut *conn)
+                .await?;
         for row in rows {
             let id: String = row.try_get(0)?;
             let status: String = row.try_get(1)?;
@@ -65,7 +66,8 @@ pub(super) fn insert_edges<'a>(
             .collect();
         for chunk in edges.chunks(400) {
             let values = vec!["(?, ?)"; chunk.len()].join(", ");
-            let sql = format!("INSERT OR IGNORE INTO job_deps (parent_id, child_id) VALUES {values}");
+            let sql =
+                format!("INSERT OR IGNORE INTO job_deps (parent_id, child_id) VALUES {values}");
             let mut q = sqlx::query(&sql);
             for (parent, child) in chunk {
                 q = q.bind(parent.to_string()).bind(child.to_string());
@@ -240,7 +242,10 @@ pub(super) fn resolve_waiting<'a>(
         .bind(limit as i64)
         .fetch_all(&mut *conn)
         .await?;
-        let children = ids.iter().map(|s| parse_id(s)).collect::<Result<Vec<_>, _>>()?;
+        let children = ids
+            .iter()
+            .map(|s| parse_id(s))
+            .collect::<Result<Vec<_>, _>>()?;
         let before = cascade.moved.len();
         let cancelled = decide_waiting(&mut *conn, &children, now, cascade).await?;
         resolve(&mut *conn, cancelled, now, cascade).await?;
@@ -391,7 +396,7 @@ pub(super) fn cancel_many<'a>(
 pub(super) fn results<'a>(
     conn: &'a sqlx::SqlitePool,
     ids: &'a [JobId],
-) -> BoxFuture<'a, Result<Vec<(JobId, Option<Value>)>, StoreError>> {
+) -> BoxFuture<'a, Result<Vec<Results>, StoreError>> {
     Box::pin(async move {
         let rows = sqlx::query(
             "SELECT id, result FROM jobs WHERE id IN (SELECT value FROM json_each(?)) \
@@ -405,7 +410,10 @@ pub(super) fn results<'a>(
             let id = parse_id(&row.try_get::<String, _>(0)?)?;
             let text: Option<String> = row.try_get(1)?;
             if let Some(t) = text {
-                found.insert(id, serde_json::from_str(&t).map_err(|e| corrupt("result", e))?);
+                found.insert(
+                    id,
+                    serde_json::from_str(&t).map_err(|e| corrupt("result", e))?,
+                );
             }
         }
         Ok(ids.iter().map(|id| (*id, found.remove(id))).collect())

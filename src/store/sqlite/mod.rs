@@ -283,11 +283,12 @@ impl JobStore for SqliteStore {
     }
 
     async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError> {
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT child_id FROM job_deps WHERE parent_id = ? ORDER BY child_id")
-                .bind(id.to_string())
-                .fetch_all(&self.reads)
-                .await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT child_id FROM job_deps WHERE parent_id = ? ORDER BY child_id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reads)
+        .await?;
         ids.iter()
             .map(|s| s.parse().map_err(|e| super::corrupt("id", e)))
             .collect()

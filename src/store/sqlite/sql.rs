@@ -85,7 +85,10 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
     Ok(job)
 }
 
-pub(super) fn select_one(conn: Conn<'_>, id: JobId) -> BoxFuture<'_, Result<Option<Job>, StoreError>> {
+pub(super) fn select_one(
+    conn: Conn<'_>,
+    id: JobId,
+) -> BoxFuture<'_, Result<Option<Job>, StoreError>> {
     Box::pin(async move {
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?");
         let row = sqlx::query(&sql)

@@ -353,7 +353,8 @@ fn run_batch<'a>(
             if out.edges {
                 let finals = finished(&all, &done);
                 let mut cascade = Cascade::default();
-                if let Err(e) = graph::resolve(&mut *conn, finals, Micros::now(), &mut cascade).await
+                if let Err(e) =
+                    graph::resolve(&mut *conn, finals, Micros::now(), &mut cascade).await
                 {
                     return Err((e.to_string(), unrun(Vec::new(), settles, rest)));
                 }
