@@ -398,11 +398,11 @@ pub(super) async fn matching_ids(
     filter: &crate::store::ListFilter,
     statuses: &[JobStatus],
 ) -> Result<Vec<JobId>, StoreError> {
-    let (cond, binds) = super::filter_where(filter, statuses);
+    let (cond, binds) = super::sql::filter_where(filter, statuses);
     let n = binds.len() + 1;
     let sql =
         format!("SELECT id FROM jobs WHERE {cond} ORDER BY id LIMIT ${n} FOR UPDATE SKIP LOCKED");
-    let q = super::bind_all(sqlx::query(&sql), binds).bind(filter.limit as i64);
+    let q = super::sql::bind_all(sqlx::query(&sql), binds).bind(filter.limit as i64);
     let rows = q.fetch_all(&mut *conn).await?;
     rows.iter()
         .map(|r| Ok(JobId(r.try_get::<Uuid, _>(0)?)))

@@ -80,63 +80,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// A value bound to a filter's placeholder.
-enum Bind {
-    Text(String),
-    Int(i64),
-    Id(Uuid),
-}
-
-/// The `WHERE` conditions of a list filter (with `statuses` for its status), numbered from
-/// `$1`, and their binds.
-fn filter_where(filter: &ListFilter, statuses: &[JobStatus]) -> (String, Vec<Bind>) {
-    let mut sql = String::from("TRUE");
-    let mut binds = Vec::new();
-    if !statuses.is_empty() {
-        let list = statuses
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Statuses are the enum's own names, never the caller's text.
-        sql.push_str(&format!(" AND status IN ({list})"));
-    }
-    let mut add = |cond: &str, b: Bind, binds: &mut Vec<Bind>| {
-        binds.push(b);
-        sql.push_str(&format!(" AND {cond} ${}", binds.len()));
-    };
-    if let Some(t) = &filter.task {
-        add("task =", Bind::Text(t.clone()), &mut binds);
-    }
-    if let Some(k) = filter.kind {
-        add("kind =", Bind::Text(k.as_str().into()), &mut binds);
-    }
-    if let Some(t) = filter.created_before {
-        add("created_at <", Bind::Int(t.0), &mut binds);
-    }
-    if let Some(t) = filter.created_after {
-        add("created_at >=", Bind::Int(t.0), &mut binds);
-    }
-    if let Some(b) = filter.before {
-        add("id <", Bind::Id(b.0), &mut binds);
-    }
-    (sql, binds)
-}
-
-fn bind_all<'q>(
-    mut q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
-    binds: Vec<Bind>,
-) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
-    for b in binds {
-        q = match b {
-            Bind::Text(t) => q.bind(t),
-            Bind::Int(i) => q.bind(i),
-            Bind::Id(u) => q.bind(u),
-        };
-    }
-    q
-}
-
 pub struct PostgresStore {
     pool: PgPool,
     /// The schema's notification channel (`offload_<schema>`).
@@ -417,10 +360,10 @@ impl JobStore for PostgresStore {
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
         let statuses: Vec<JobStatus> = filter.status.into_iter().collect();
-        let (cond, binds) = filter_where(filter, &statuses);
+        let (cond, binds) = sql::filter_where(filter, &statuses);
         let n = binds.len() + 1;
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE {cond} ORDER BY id DESC LIMIT ${n}");
-        let rows = bind_all(sqlx::query(&sql), binds)
+        let rows = sql::bind_all(sqlx::query(&sql), binds)
             .bind(filter.limit as i64)
             .fetch_all(&self.pool)
             .await?;

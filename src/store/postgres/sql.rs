@@ -9,9 +9,10 @@ use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::clock::Micros;
+use crate::job::JobStatus;
 use crate::job::{ErrorInfo, Job, JobId, NewJob, Timings};
 use crate::store::graph::NewRow;
-use crate::store::{Settle, StoreError};
+use crate::store::{ListFilter, Settle, StoreError};
 
 pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
@@ -194,6 +195,63 @@ pub(super) async fn insert_rows(
             .await?;
     }
     Ok(())
+}
+
+/// A value bound to a filter's placeholder.
+pub(super) enum Bind {
+    Text(String),
+    Int(i64),
+    Id(Uuid),
+}
+
+/// The `WHERE` conditions of a list filter (with `statuses` for its status), numbered from
+/// `$1`, and their binds.
+pub(super) fn filter_where(filter: &ListFilter, statuses: &[JobStatus]) -> (String, Vec<Bind>) {
+    let mut sql = String::from("TRUE");
+    let mut binds = Vec::new();
+    if !statuses.is_empty() {
+        let list = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Statuses are the enum's own names, never the caller's text.
+        sql.push_str(&format!(" AND status IN ({list})"));
+    }
+    let mut add = |cond: &str, b: Bind, binds: &mut Vec<Bind>| {
+        binds.push(b);
+        sql.push_str(&format!(" AND {cond} ${}", binds.len()));
+    };
+    if let Some(t) = &filter.task {
+        add("task =", Bind::Text(t.clone()), &mut binds);
+    }
+    if let Some(k) = filter.kind {
+        add("kind =", Bind::Text(k.as_str().into()), &mut binds);
+    }
+    if let Some(t) = filter.created_before {
+        add("created_at <", Bind::Int(t.0), &mut binds);
+    }
+    if let Some(t) = filter.created_after {
+        add("created_at >=", Bind::Int(t.0), &mut binds);
+    }
+    if let Some(b) = filter.before {
+        add("id <", Bind::Id(b.0), &mut binds);
+    }
+    (sql, binds)
+}
+
+pub(super) fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    for b in binds {
+        q = match b {
+            Bind::Text(t) => q.bind(t),
+            Bind::Int(i) => q.bind(i),
+            Bind::Id(u) => q.bind(u),
+        };
+    }
+    q
 }
 
 /// PostgreSQL's `deadlock_detected`: the transaction was rolled back to break a deadlock.
