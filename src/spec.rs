@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Micros;
 use crate::dispatch::{route, RouteHints};
-use crate::job::{JobId, Kind, NewJob};
+use crate::job::{JobId, Kind, NewJob, Parent};
 use crate::schema;
 use crate::task::Registry;
 
@@ -25,7 +25,12 @@ pub const SPEC_FIELDS: &[&str] = &[
     "idempotency_key",
     "isolate",
     "callback_url",
+    "depends_on",
+    "run_on_parent_failure",
 ];
+
+/// The most parents one job may name.
+pub const MAX_PARENTS: usize = 1000;
 
 pub const MAX_DELAY_MS: u64 = 366 * 24 * 3600 * 1000;
 pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -45,7 +50,12 @@ pub fn spec_schema() -> Value {
             "run_at": {"type": "string", "minLength": 1, "maxLength": 64},
             "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255},
             "isolate": {"type": "boolean"},
-            "callback_url": {"type": "string", "minLength": 1, "maxLength": 2048}
+            "callback_url": {"type": "string", "minLength": 1, "maxLength": 2048},
+            "depends_on": {
+                "type": "array", "maxItems": MAX_PARENTS,
+                "items": {"type": "string", "minLength": 1, "maxLength": 64}
+            },
+            "run_on_parent_failure": {"type": "boolean"}
         },
         "required": ["task"]
     })
@@ -279,8 +289,52 @@ pub fn parse(
             Some(rules.check(&name, raw)?.to_string())
         }
     };
+    let mut depends_on: Vec<Parent> = Vec::new();
+    for raw in obj
+        .get("depends_on")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let raw = raw.as_str().unwrap_or_default();
+        let parent = match raw.strip_prefix('#') {
+            Some(_) if path.is_empty() => {
+                return Err(format!(
+                    "{}: `{raw}` names a spec of a batch; a single job names stored jobs by \
+                     id (submit the graph to POST /v1/jobs/batch)",
+                    field(path, "depends_on")
+                ));
+            }
+            Some(n) => n.parse::<usize>().map(Parent::Batch).map_err(|_| {
+                format!(
+                    "{}: `{raw}` is neither a job id nor `#i`, the i-th spec of this batch",
+                    field(path, "depends_on")
+                )
+            })?,
+            None => raw
+                .parse::<JobId>()
+                .ok()
+                .filter(|_| raw.len() == 36)
+                .map(Parent::Job)
+                .ok_or_else(|| {
+                    format!(
+                        "{}: `{raw}` is neither a job id nor `#i`, the i-th spec of a batch",
+                        field(path, "depends_on")
+                    )
+                })?,
+        };
+        if !depends_on.contains(&parent) {
+            depends_on.push(parent);
+        }
+    }
+    let run_on_parent_failure = obj
+        .get("run_on_parent_failure")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
 
     Ok(NewJob {
+        depends_on,
+        run_on_parent_failure,
         id: JobId::new(),
         task: name.to_string(),
         kind,
@@ -300,4 +354,68 @@ pub fn parse(
         blobs,
         callback_url,
     })
+}
+
+/// Checks a batch's `"#i"` references: each names another spec of the batch, and no chain of
+/// them leads back to where it started (a cycle would wait for ever). Answers the message of a
+/// 422.
+pub fn check_batch_parents(jobs: &[NewJob]) -> Result<(), String> {
+    for (i, job) in jobs.iter().enumerate() {
+        for p in &job.depends_on {
+            match *p {
+                Parent::Batch(j) if j == i => {
+                    return Err(format!("jobs[{i}].depends_on: `#{j}` is the spec itself"))
+                }
+                Parent::Batch(j) if j >= jobs.len() => {
+                    return Err(format!(
+                        "jobs[{i}].depends_on: `#{j}` names no spec; the batch has {}",
+                        jobs.len()
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    // Kahn's algorithm: a spec is placed once every spec it names is; what cannot be placed
+    // is on a cycle or waits for one.
+    let mut left: Vec<usize> = jobs
+        .iter()
+        .map(|j| {
+            j.depends_on
+                .iter()
+                .filter(|p| matches!(p, Parent::Batch(_)))
+                .count()
+        })
+        .collect();
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); jobs.len()];
+    for (i, job) in jobs.iter().enumerate() {
+        for p in &job.depends_on {
+            if let Parent::Batch(j) = *p {
+                children[j].push(i);
+            }
+        }
+    }
+    let mut ready: Vec<usize> = (0..jobs.len()).filter(|&i| left[i] == 0).collect();
+    let mut placed = 0;
+    while let Some(i) = ready.pop() {
+        placed += 1;
+        for &c in &children[i] {
+            left[c] -= 1;
+            if left[c] == 0 {
+                ready.push(c);
+            }
+        }
+    }
+    if placed < jobs.len() {
+        let stuck: Vec<String> = (0..jobs.len())
+            .filter(|&i| left[i] > 0)
+            .map(|i| format!("#{i}"))
+            .collect();
+        return Err(format!(
+            "jobs: the `depends_on` of {} make a cycle (or wait for one); a job can only wait \
+             for jobs that do not wait for it",
+            stuck.join(", ")
+        ));
+    }
+    Ok(())
 }

@@ -35,7 +35,9 @@ use crate::clock::Micros;
 use crate::events::Events;
 use crate::executor::Executor;
 use crate::job::{AttemptEnd, ExecutorKind, Job, JobId, JobStatus, NewJob};
-use crate::store::{CancelOutcome, Inserted, JobStore, Notice, Settle, StoreError};
+use crate::store::{
+    CancelOutcome, Inserted, JobStore, ListFilter, Notice, RetryOutcome, Settle, StoreError,
+};
 use crate::task::{JobCtx, Registry, StopReason};
 
 pub use retry::RetryPolicy;
@@ -140,6 +142,9 @@ pub struct Dispatcher {
     callbacks: Option<CallbackOptions>,
     /// Wakes the callback delivery task when a job with a callback became final here.
     callback_wake: Arc<Notify>,
+    /// Where the sweep of waiting jobs goes on from (`maintenance::sweep_waiting`). A std
+    /// Mutex: read and written around one store call, never held across it.
+    sweep_after: Mutex<Option<JobId>>,
 }
 
 /// How the dispatcher behaves, from the settings.
@@ -227,6 +232,7 @@ impl Dispatcher {
             http,
             callbacks,
             callback_wake: Arc::new(Notify::new()),
+            sweep_after: Mutex::new(None),
         })
     }
 
@@ -251,6 +257,11 @@ impl Dispatcher {
                     "jobs were running when the previous server stopped"
                 );
             }
+        }
+        // On an exclusive store, a crash cannot have left work half done (a parent's final
+        // state and its children's moves commit together), but the sweep costs little once.
+        if self.store.exclusive() {
+            self.sweep_waiting().await?;
         }
         self.recount().await?;
         for &kind in self.lanes.keys() {
@@ -393,8 +404,10 @@ impl Dispatcher {
                 Inserted::Created(j) => Some(j),
                 Inserted::Existing(_) => None,
             }) {
-                if let Some(lane) = this.lanes.get(&job.executor) {
-                    lane.count_queued(1);
+                if job.status == JobStatus::Queued {
+                    if let Some(lane) = this.lanes.get(&job.executor) {
+                        lane.count_queued(1);
+                    }
                 }
                 this.events.publish(job);
             }
@@ -415,20 +428,91 @@ impl Dispatcher {
         let done = tokio::spawn(async move {
             let outcome = this.store.cancel(id, Micros::now()).await?;
             if let CancelOutcome::Cancelled { job, was } = &outcome {
-                match was {
-                    JobStatus::Queued => {
-                        if let Some(lane) = this.lanes.get(&job.executor) {
-                            lane.count_queued(-1);
-                        }
-                    }
-                    _ => this.stop_attempt(id, None, StopReason::Cancelled),
-                }
-                this.callback_owed(job);
-                this.events.publish(job);
+                this.cancelled(job, *was);
             }
             Ok(outcome)
         });
         done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    /// Cancels up to `filter.limit` unfinished jobs that match `filter` (with one of
+    /// `statuses`), as [`Dispatcher::cancel`] does one.
+    pub async fn cancel_matching(
+        self: &Arc<Self>,
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let this = self.clone();
+        let done = tokio::spawn(async move {
+            let cancelled = this
+                .store
+                .cancel_matching(&filter, &statuses, Micros::now())
+                .await?;
+            let mut out = Vec::with_capacity(cancelled.len());
+            for (job, was) in cancelled {
+                this.cancelled(&job, was);
+                out.push(job);
+            }
+            Ok(out)
+        });
+        done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    /// The bookkeeping after a cancel: counts, the attempt stopped, watchers told.
+    fn cancelled(&self, job: &Job, was: JobStatus) {
+        match was {
+            JobStatus::Queued => {
+                if let Some(lane) = self.lanes.get(&job.executor) {
+                    lane.count_queued(-1);
+                }
+            }
+            JobStatus::Running => self.stop_attempt(job.id, None, StopReason::Cancelled),
+            _ => {}
+        }
+        self.callback_owed(job);
+        self.events.publish(job);
+    }
+
+    /// Retries a failed or cancelled job ([`JobStore::retry`]).
+    pub async fn retry(self: &Arc<Self>, id: JobId) -> Result<RetryOutcome, StoreError> {
+        let this = self.clone();
+        let done = tokio::spawn(async move {
+            let outcome = this.store.retry(id, Micros::now()).await?;
+            if let RetryOutcome::Retried(job) = &outcome {
+                this.retried(job);
+            }
+            Ok(outcome)
+        });
+        done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    /// Retries up to `filter.limit` jobs that match `filter` (with one of `statuses`).
+    pub async fn retry_matching(
+        self: &Arc<Self>,
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let this = self.clone();
+        let done = tokio::spawn(async move {
+            let jobs = this
+                .store
+                .retry_matching(&filter, &statuses, Micros::now())
+                .await?;
+            for job in &jobs {
+                this.retried(job);
+            }
+            Ok(jobs)
+        });
+        done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    fn retried(&self, job: &Job) {
+        if job.status == JobStatus::Queued {
+            if let Some(lane) = self.lanes.get(&job.executor) {
+                lane.count_queued(1);
+            }
+        }
+        self.events.publish(job);
     }
 
     /// The live progress of a running attempt, if it is running here.

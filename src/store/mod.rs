@@ -15,6 +15,7 @@
 //! Running jobs hold a lease (an owner and an expiry) on both stores; one protocol, one
 //! conformance suite (`tests/api/store.rs`) that every store passes.
 
+pub(crate) mod graph;
 mod postgres;
 mod sqlite;
 
@@ -23,10 +24,12 @@ use async_trait::async_trait;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{CallbackStatus, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
+use serde_json::Value;
 
 pub use postgres::PostgresStore;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use futures_util::future::BoxFuture;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType};
@@ -85,6 +88,8 @@ pub(crate) struct KeyedSubmit<'a> {
     jobs: &'a [NewJob],
     out: Vec<Option<Inserted>>,
     fresh: Vec<usize>,
+    /// Specs that repeat the key of an earlier spec of the same submit, and that spec.
+    alias: HashMap<usize, usize>,
 }
 
 impl<'a> KeyedSubmit<'a> {
@@ -105,6 +110,7 @@ impl<'a> KeyedSubmit<'a> {
     ) -> Result<Self, StoreError> {
         let mut out: Vec<Option<Inserted>> = vec![None; jobs.len()];
         let mut fresh = Vec::with_capacity(jobs.len());
+        let mut alias = HashMap::new();
         let mut in_batch: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for (i, job) in jobs.iter().enumerate() {
             let Some(key) = job.idempotency_key.as_deref() else {
@@ -112,7 +118,10 @@ impl<'a> KeyedSubmit<'a> {
                 continue;
             };
             let existing = match in_batch.get(key) {
-                Some(&first) => Some(jobs[first].to_job()),
+                Some(&first) => {
+                    alias.insert(i, first);
+                    Some(jobs[first].to_job())
+                }
                 None => stored.get(key).cloned(),
             };
             match existing {
@@ -131,18 +140,50 @@ impl<'a> KeyedSubmit<'a> {
                 }
             }
         }
-        Ok(KeyedSubmit { jobs, out, fresh })
+        Ok(KeyedSubmit {
+            jobs,
+            out,
+            fresh,
+            alias,
+        })
     }
 
-    /// The jobs to store.
-    pub fn fresh(&self) -> Vec<&'a NewJob> {
-        self.fresh.iter().map(|&i| &self.jobs[i]).collect()
+    /// The stored jobs the fresh jobs name as parents: the store looks up their statuses.
+    pub fn parents(&self) -> Vec<JobId> {
+        graph::stored_parents(self.jobs, &self.fresh)
     }
 
-    /// The answer, once the fresh jobs are stored: each job created or found, in order.
-    pub fn answer(mut self) -> Vec<Inserted> {
-        for &i in &self.fresh {
-            self.out[i] = Some(Inserted::Created(self.jobs[i].to_job()));
+    /// The rows to store, given the statuses of [`KeyedSubmit::parents`] found in the store
+    /// (one missing is an unknown parent: the whole submit is refused).
+    pub fn rows(
+        &self,
+        found: &HashMap<JobId, JobStatus>,
+    ) -> Result<Vec<graph::NewRow<'a>>, StoreError> {
+        let mut ids: Vec<JobId> = self.jobs.iter().map(|j| j.id).collect();
+        let mut replayed = HashMap::new();
+        for (i, o) in self.out.iter().enumerate() {
+            if let (Some(Inserted::Existing(job)), None) = (o, self.alias.get(&i)) {
+                ids[i] = job.id;
+                replayed.insert(i, job.status);
+            }
+        }
+        graph::rows(self.jobs, &ids, &self.fresh, &replayed, &self.alias, found)
+    }
+
+    /// The answer, once the fresh jobs are stored (`rows`, from [`KeyedSubmit::rows`]): each
+    /// job created or found, in order.
+    pub fn answer(mut self, rows: &[graph::NewRow<'_>]) -> Vec<Inserted> {
+        let mut made: HashMap<usize, Job> = HashMap::new();
+        for (&i, row) in self.fresh.iter().zip(rows) {
+            made.insert(i, row.to_job());
+        }
+        for (&i, &first) in &self.alias {
+            if let Some(job) = made.get(&first) {
+                self.out[i] = Some(Inserted::Existing(job.clone()));
+            }
+        }
+        for (i, job) in made {
+            self.out[i] = Some(Inserted::Created(job));
         }
         self.out
             .into_iter()
@@ -156,6 +197,9 @@ pub enum StoreError {
     /// An idempotency key already names a job that was submitted with a different body.
     #[error("idempotency key `{key}` was already used with a different request")]
     IdempotencyConflict { index: usize, key: String },
+    /// A spec's `depends_on` names no job, or makes a cycle: nothing of the submit is stored.
+    #[error("job {index}: depends_on: {message}")]
+    InvalidDependency { index: usize, message: String },
     /// A write could not be committed (disk full, I/O error, database unreachable): nothing of
     /// it was stored, and trying again later may work.
     #[error("the store could not commit: {0}")]
@@ -204,6 +248,18 @@ pub enum CancelOutcome {
 }
 
 #[derive(Debug)]
+pub enum RetryOutcome {
+    /// Back to `queued` (or `waiting`, while a parent is unfinished), with fresh attempts.
+    Retried(Job),
+    /// Only `failed` and `cancelled` jobs are retried; this one is not.
+    NotRetryable(Job),
+    /// A parent it needs failed or was cancelled: retrying it would cancel it again. The
+    /// message names the parent (retry that one; its children come back with it).
+    ParentFailed(Job, String),
+    NotFound,
+}
+
+#[derive(Debug)]
 pub enum DeleteOutcome {
     Deleted,
     Unfinished(Box<Job>),
@@ -223,6 +279,10 @@ pub struct ListFilter {
     pub status: Option<JobStatus>,
     pub task: Option<String>,
     pub kind: Option<Kind>,
+    /// Only jobs created before this time (exclusive).
+    pub created_before: Option<Micros>,
+    /// Only jobs created at or after this time.
+    pub created_after: Option<Micros>,
     /// Only jobs older than this one (the cursor).
     pub before: Option<JobId>,
     pub limit: u32,
@@ -383,7 +443,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// running the same attempt. Answers, in order, the job as moved or `None` where the guard
     /// refused (a cancel or a rescue got there first).
     async fn settle(&self, moves: Vec<Settle>) -> Result<Vec<Option<Job>>, StoreError>;
-    /// queued | running → cancelled.
+    /// waiting | queued | running → cancelled (its waiting children with it, as
+    /// [`crate::job::after_parents`] decides).
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError>;
     /// Removes a finished job.
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError>;
@@ -441,6 +502,46 @@ pub trait JobStore: Send + Sync + 'static {
         outcome: CallbackOutcome,
         now: Micros,
     ) -> Result<bool, StoreError>;
+
+    // Jobs that depend on jobs (`crate::store::graph`). A parent's final state moves its
+    // waiting children in the same transaction (settle, cancel); these are the rest.
+
+    /// The jobs that name `id` in their `depends_on`, oldest first.
+    async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError>;
+    /// Each of `ids` with its result: `None` if it has none (not succeeded, or gone).
+    async fn results(&self, ids: &[JobId]) -> Result<Vec<(JobId, Option<Value>)>, StoreError>;
+    /// failed | cancelled → queued, or waiting while a parent is unfinished (as
+    /// [`crate::job::after_parents`] decides), with fresh attempts and `retried` counted up;
+    /// its children (and theirs) that were cancelled with `dependency_failed` come back with
+    /// it, as that decision says for each.
+    async fn retry(&self, id: JobId, now: Micros) -> Result<RetryOutcome, StoreError>;
+    /// [`JobStore::retry`] for up to `filter.limit` jobs that match `filter` (oldest first),
+    /// each with one of `statuses` (`failed`, `cancelled`); answers the jobs retried.
+    async fn retry_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<Job>, StoreError>;
+    /// [`JobStore::cancel`] for up to `filter.limit` jobs that match `filter` (oldest first),
+    /// each with one of `statuses` (`waiting`, `queued`, `running`); answers each job
+    /// cancelled and the status it was cancelled from.
+    async fn cancel_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<(Job, JobStatus)>, StoreError>;
+    /// The safety net: decides again up to `limit` waiting jobs (with ids after `after`) that
+    /// have a final parent, and moves those the decision moves. Answers how many moved, and
+    /// the id to go on after (`None`: the end was reached). One server at a time on a shared
+    /// store.
+    async fn resolve_waiting(
+        &self,
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+    ) -> Result<(u64, Option<JobId>), StoreError>;
 }
 
 /// Outbox rows as both stores read them, laid over the jobs they belong to: the `callback`

@@ -18,7 +18,7 @@ use offload::store::{
 };
 use serde_json::json;
 
-fn new_job(task: &str, key: Option<&str>, hash: Option<&str>) -> NewJob {
+pub(crate) fn new_job(task: &str, key: Option<&str>, hash: Option<&str>) -> NewJob {
     let now = Micros::now();
     NewJob {
         id: JobId::new(),
@@ -34,6 +34,8 @@ fn new_job(task: &str, key: Option<&str>, hash: Option<&str>) -> NewJob {
         idempotency_key: key.map(String::from),
         spec_hash: hash.map(String::from),
         blobs: Vec::new(),
+        depends_on: Vec::new(),
+        run_on_parent_failure: false,
         callback_url: None,
     }
 }
@@ -46,14 +48,14 @@ fn calling_back(task: &str) -> NewJob {
     }
 }
 
-fn lease(owner: &str) -> Lease {
+pub(crate) fn lease(owner: &str) -> Lease {
     Lease {
         owner: owner.into(),
         until: Micros::now().plus(Duration::from_secs(30)),
     }
 }
 
-async fn claim_all(store: &Arc<dyn JobStore>, limit: u32) -> Vec<Job> {
+pub(crate) async fn claim_all(store: &Arc<dyn JobStore>, limit: u32) -> Vec<Job> {
     store
         .claim(ExecutorKind::Async, limit, Micros::now(), &lease("me"))
         .await
@@ -62,7 +64,7 @@ async fn claim_all(store: &Arc<dyn JobStore>, limit: u32) -> Vec<Job> {
 }
 
 /// Writes what `next_state` decides for `end`.
-async fn settle(store: &Arc<dyn JobStore>, job: &Job, end: AttemptEnd) -> Option<Job> {
+pub(crate) async fn settle(store: &Arc<dyn JobStore>, job: &Job, end: AttemptEnd) -> Option<Job> {
     let now = Micros::now();
     let next = next_state(job, end, Duration::ZERO, now).expect("a move");
     store
@@ -79,7 +81,7 @@ async fn settle(store: &Arc<dyn JobStore>, job: &Job, end: AttemptEnd) -> Option
         .unwrap()
 }
 
-async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
+pub(crate) async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
     let dir = tempfile::tempdir().unwrap();
     let url = offload::config::sqlite_url(dir.path());
     let store = SqliteStore::open(&url, Durability::Full).await.unwrap();
@@ -88,7 +90,7 @@ async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
 
 /// A PostgreSQL store in a schema of its own (it creates it), dropped by `drop_pg_schema`;
 /// `None` (the test is skipped) when `OFFLOAD_TEST_DATABASE_URL` is not set.
-async fn postgres() -> Option<(String, Arc<dyn JobStore>)> {
+pub(crate) async fn postgres() -> Option<(String, Arc<dyn JobStore>)> {
     let url = crate::helpers::pg_url()?;
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
     let store = PostgresStore::open(&url, Some(&schema))
@@ -118,6 +120,7 @@ macro_rules! conformance {
         }
     };
 }
+pub(crate) use conformance;
 
 conformance!(insert_then_get_list_and_count);
 async fn insert_then_get_list_and_count(store: Arc<dyn JobStore>) {

@@ -15,6 +15,7 @@
 //! changed (settles, cancels). Claims and lease renewals announce nothing.
 
 mod batcher;
+mod graph;
 mod sql;
 
 use std::collections::HashMap;
@@ -28,16 +29,18 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use self::sql::{
-    corrupt, error_json, insert_rows, is_unique_violation, job_from_row, maintenance_leader,
-    qualified, Notices, COLUMNS,
+    corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader, qualified,
+    Notices, COLUMNS,
 };
+use super::graph::Cascade;
 use super::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Delivery, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice, Settle, StoreError,
+    Delivery, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice, RetryOutcome, Settle,
+    StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, NewJob};
+use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 
 /// The migrations, compiled into the binary.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -70,6 +73,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "notify_per_round",
         include_str!("../../../migrations/postgres/0006_notify_per_round.sql"),
+    ),
+    (
+        8,
+        "dependencies",
+        include_str!("../../../migrations/postgres/0008_dependencies.sql"),
     ),
     (
         10,
@@ -142,15 +150,48 @@ impl PostgresStore {
             }
         }
         let plan = KeyedSubmit::plan(jobs, &stored)?;
-        let rows = plan.fresh();
+        // Locked until the commit, so no parent finishes unseen by its new children.
+        let found = graph::lock_statuses(&mut tx, &plan.parents()).await?;
+        let rows = plan.rows(&found)?;
         insert_rows(&mut tx, &rows).await?;
         let notices = Notices {
-            new: rows.iter().map(|j| j.executor).collect(),
-            changed: Vec::new(),
+            new: rows.iter().map(|r| r.job.executor).collect(),
+            ..Notices::default()
         };
         notices.send(&mut tx, &self.channel).await?;
         tx.commit().await?;
-        Ok(plan.answer())
+        Ok(plan.answer(&rows))
+    }
+
+    /// Runs a graph write in a transaction of its own, and announces what it moved.
+    async fn graph_tx<T: Send>(
+        &self,
+        leader_only: bool,
+        f: impl for<'c> FnOnce(
+                &'c mut sqlx::PgConnection,
+                &'c mut Notices,
+                &'c mut Cascade,
+            )
+                -> futures_util::future::BoxFuture<'c, Result<T, StoreError>>
+            + Send,
+        skipped: T,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if leader_only && !maintenance_leader(&mut tx).await? {
+            return Ok(skipped);
+        }
+        let mut notices = Notices::default();
+        let mut cascade = Cascade::default();
+        let out = f(&mut tx, &mut notices, &mut cascade).await?;
+        // Jobs this transaction made final (cancels, and children a cascade cancelled) owe
+        // their callbacks, written in the same transaction.
+        let mut moved = cascade.moved.clone();
+        moved.extend(notices.changed.iter().copied());
+        sql::enqueue_owed(&mut tx, &moved, Micros::now().0).await?;
+        notices.cascaded(cascade);
+        notices.send(&mut tx, &self.channel).await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Hands a call to the batcher and waits for its answer (sent after the round's commit).
@@ -321,7 +362,10 @@ impl JobStore for PostgresStore {
     }
 
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError> {
-        if jobs.iter().all(|j| j.idempotency_key.is_none()) {
+        if jobs
+            .iter()
+            .all(|j| j.idempotency_key.is_none() && j.depends_on.is_empty())
+        {
             return self
                 .batched(|reply| batcher::Op::Insert { jobs, reply })
                 .await;
@@ -346,39 +390,14 @@ impl JobStore for PostgresStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
-        let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE TRUE");
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            format!("${n}")
-        };
-        if filter.status.is_some() {
-            sql.push_str(&format!(" AND status = {}", next()));
-        }
-        if filter.task.is_some() {
-            sql.push_str(&format!(" AND task = {}", next()));
-        }
-        if filter.kind.is_some() {
-            sql.push_str(&format!(" AND kind = {}", next()));
-        }
-        if filter.before.is_some() {
-            sql.push_str(&format!(" AND id < {}", next()));
-        }
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", next()));
-        let mut q = sqlx::query(&sql);
-        if let Some(s) = filter.status {
-            q = q.bind(s.as_str());
-        }
-        if let Some(t) = &filter.task {
-            q = q.bind(t.clone());
-        }
-        if let Some(k) = filter.kind {
-            q = q.bind(k.as_str());
-        }
-        if let Some(b) = filter.before {
-            q = q.bind(b.0);
-        }
-        let rows = q.bind(filter.limit as i64).fetch_all(&self.pool).await?;
+        let statuses: Vec<JobStatus> = filter.status.into_iter().collect();
+        let (cond, binds) = sql::filter_where(filter, &statuses);
+        let n = binds.len() + 1;
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE {cond} ORDER BY id DESC LIMIT ${n}");
+        let rows = sql::bind_all(sqlx::query(&sql), binds)
+            .bind(filter.limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         let mut jobs = rows
             .iter()
             .map(job_from_row)
@@ -388,47 +407,14 @@ impl JobStore for PostgresStore {
     }
 
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError> {
-        let error = error_json(&ErrorInfo::new(
-            ErrorKind::Cancelled,
-            "cancelled by request",
-        ));
-        // The row is locked by the subquery, so `was` is the status this update moves from.
-        // The notifications go in the same statement, so at its commit: `cancel:` to whoever
-        // runs the job, `change:` to watchers. So does the outbox row of a job with a callback
-        // URL (`Job::calls_back_on`: every move into `cancelled` owes one).
-        let sql = format!(
-            "WITH moved AS (UPDATE jobs SET status = 'cancelled', error = $1::jsonb, \
-             finished_at = $2, owner = NULL, lease_until = NULL FROM (SELECT id, status AS was \
-             FROM jobs WHERE id = $3 FOR UPDATE) AS old WHERE jobs.id = old.id \
-             AND jobs.status IN ('queued', 'running') RETURNING old.was, {}), \
-             outbox AS (INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
-             SELECT id, 'pending', 0, $2, $2 FROM moved WHERE callback_url IS NOT NULL \
-             ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
-             last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL) \
-             SELECT moved.*, \
-             CASE WHEN moved.was = 'running' THEN pg_notify($4, 'cancel:' || moved.id::text) \
-             END::text AS cancel_notified, \
-             pg_notify($4, 'change:' || moved.id::text)::text AS change_notified FROM moved",
-            qualified()
-        );
-        let row = sqlx::query(&sql)
-            .bind(error)
-            .bind(now.0)
-            .bind(id.0)
-            .bind(&self.channel)
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(row) = row {
-            let was: String = row.try_get("was")?;
-            return Ok(CancelOutcome::Cancelled {
-                job: job_from_row(&row)?,
-                was: was.parse().map_err(|e| corrupt("status", e))?,
-            });
-        }
-        Ok(match self.get(id).await? {
-            Some(job) => CancelOutcome::AlreadyFinal(job),
-            None => CancelOutcome::NotFound,
-        })
+        // The cancelled job's outbox row (and those of children its cascade cancels) is
+        // written by `graph_tx`, in the same transaction.
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| Box::pin(graph::cancel(conn, id, now, notices, cascade)),
+            CancelOutcome::NotFound,
+        )
+        .await
     }
 
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError> {
@@ -535,7 +521,7 @@ impl JobStore for PostgresStore {
         }
         let users: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM job_blobs jb JOIN jobs j ON j.id = jb.job_id \
-             WHERE jb.blob_id = $1 AND j.status IN ('queued', 'running')",
+             WHERE jb.blob_id = $1 AND j.status IN ('waiting', 'queued', 'running')",
         )
         .bind(uuid)
         .fetch_one(&mut *tx)
@@ -644,5 +630,117 @@ impl JobStore for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT child_id FROM job_deps WHERE parent_id = $1 ORDER BY child_id",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(JobId).collect())
+    }
+
+    async fn results(
+        &self,
+        ids: &[JobId],
+    ) -> Result<Vec<(JobId, Option<serde_json::Value>)>, StoreError> {
+        graph::results(&self.pool, ids).await
+    }
+
+    async fn retry(&self, id: JobId, now: Micros) -> Result<RetryOutcome, StoreError> {
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| {
+                Box::pin(async move {
+                    let out = graph::retry(conn, id, now, cascade).await?;
+                    if let RetryOutcome::Retried(job) = &out {
+                        notices.changed.push(job.id);
+                        if job.status == JobStatus::Queued {
+                            notices.new.insert(job.executor);
+                        }
+                    }
+                    Ok(out)
+                })
+            },
+            RetryOutcome::NotFound,
+        )
+        .await
+    }
+
+    async fn retry_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<Job>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| {
+                Box::pin(async move {
+                    let ids = graph::matching_ids(&mut *conn, &filter, &statuses).await?;
+                    let mut out = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        let outcome = graph::retry(&mut *conn, id, now, cascade).await?;
+                        if let Some(job) = graph::retried(outcome) {
+                            notices.changed.push(job.id);
+                            if job.status == JobStatus::Queued {
+                                notices.new.insert(job.executor);
+                            }
+                            out.push(job);
+                        }
+                    }
+                    Ok(out)
+                })
+            },
+            Vec::new(),
+        )
+        .await
+    }
+
+    async fn cancel_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<(Job, JobStatus)>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| {
+                Box::pin(async move {
+                    let ids = graph::matching_ids(&mut *conn, &filter, &statuses).await?;
+                    let mut out = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        if let CancelOutcome::Cancelled { job, was } =
+                            graph::cancel(&mut *conn, id, now, notices, cascade).await?
+                        {
+                            out.push((job, was));
+                        }
+                    }
+                    Ok(out)
+                })
+            },
+            Vec::new(),
+        )
+        .await
+    }
+
+    async fn resolve_waiting(
+        &self,
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+    ) -> Result<(u64, Option<JobId>), StoreError> {
+        self.graph_tx(
+            true,
+            move |conn, _notices, cascade| {
+                Box::pin(graph::resolve_waiting(conn, after, limit, now, cascade))
+            },
+            (0, None),
+        )
+        .await
     }
 }

@@ -10,6 +10,7 @@
 //! (WAL mode). Only this process uses the file (the data-dir lock), so the store is
 //! `exclusive`.
 
+mod graph;
 mod sql;
 mod writer;
 
@@ -27,12 +28,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Inserted, JobStore, Lease, ListFilter, Notice, Settle, StoreError,
+    Inserted, JobStore, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
-use crate::job::{ExecutorKind, Job, JobId, NewJob};
+use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use sql::{job_from_row, COLUMNS};
 use writer::{Op, MAX_BATCH};
 
@@ -62,6 +63,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "store_is_queue",
         include_str!("../../../migrations/sqlite/0005_store_is_queue.sql"),
+    ),
+    (
+        8,
+        "dependencies",
+        include_str!("../../../migrations/sqlite/0008_dependencies.sql"),
     ),
     (
         10,
@@ -170,34 +176,13 @@ impl JobStore for SqliteStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
-        let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1");
-        if filter.status.is_some() {
-            sql.push_str(" AND status = ?");
-        }
-        if filter.task.is_some() {
-            sql.push_str(" AND task = ?");
-        }
-        if filter.kind.is_some() {
-            sql.push_str(" AND kind = ?");
-        }
-        if filter.before.is_some() {
-            sql.push_str(" AND id < ?");
-        }
-        sql.push_str(" ORDER BY id DESC LIMIT ?");
-        let mut q = sqlx::query(&sql);
-        if let Some(s) = filter.status {
-            q = q.bind(s.as_str());
-        }
-        if let Some(t) = &filter.task {
-            q = q.bind(t.clone());
-        }
-        if let Some(k) = filter.kind {
-            q = q.bind(k.as_str());
-        }
-        if let Some(b) = filter.before {
-            q = q.bind(b.to_string());
-        }
-        let rows = q.bind(filter.limit as i64).fetch_all(&self.reads).await?;
+        let statuses: Vec<JobStatus> = filter.status.into_iter().collect();
+        let (cond, binds) = sql::filter_where(filter, &statuses);
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE {cond} ORDER BY id DESC LIMIT ?");
+        let rows = sql::bind_all(sqlx::query(&sql), binds)
+            .bind(filter.limit as i64)
+            .fetch_all(&self.reads)
+            .await?;
         let mut jobs = rows
             .iter()
             .map(job_from_row)
@@ -353,6 +338,76 @@ impl JobStore for SqliteStore {
             job,
             attempt,
             outcome,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT child_id FROM job_deps WHERE parent_id = ? ORDER BY child_id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reads)
+        .await?;
+        ids.iter()
+            .map(|s| s.parse().map_err(|e| super::corrupt("id", e)))
+            .collect()
+    }
+
+    async fn results(
+        &self,
+        ids: &[JobId],
+    ) -> Result<Vec<(JobId, Option<serde_json::Value>)>, StoreError> {
+        graph::results(&self.reads, ids).await
+    }
+
+    async fn retry(&self, id: JobId, now: Micros) -> Result<RetryOutcome, StoreError> {
+        self.write(|reply| Op::Retry { id, now, reply }).await
+    }
+
+    async fn retry_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<Job>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.write(|reply| Op::RetryMatching {
+            filter,
+            statuses,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn cancel_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<(Job, JobStatus)>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.write(|reply| Op::CancelMatching {
+            filter,
+            statuses,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn resolve_waiting(
+        &self,
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+    ) -> Result<(u64, Option<JobId>), StoreError> {
+        self.write(|reply| Op::ResolveWaiting {
+            after,
+            limit,
             now,
             reply,
         })
