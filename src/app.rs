@@ -176,6 +176,16 @@ impl App {
             },
         );
         dispatcher.start().await?;
+        // The schedules' ticker: it stops when the dispatcher starts to drain.
+        let ticker = crate::schedule::ticker::Ticker::new(
+            dispatcher.clone(),
+            crate::spec::SpecDefaults {
+                max_attempts: settings.default_max_attempts,
+                process_threshold: settings.process_threshold_bytes,
+            },
+            Duration::from_millis(settings.schedule_grace_ms),
+        );
+        tokio::spawn(ticker.run());
         let listener = TcpListener::bind(settings.bind)
             .await
             .map_err(|source| AppError::Bind {

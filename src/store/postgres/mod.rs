@@ -15,6 +15,7 @@
 //! changed (settles, cancels). Claims and lease renewals announce nothing.
 
 mod batcher;
+mod schedules;
 mod sql;
 
 use std::collections::HashMap;
@@ -32,12 +33,13 @@ use self::sql::{
     qualified, Notices, COLUMNS,
 };
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, KeyedSubmit,
-    Lease, ListFilter, Notice, Settle, StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Fire, Inserted, JobStore,
+    KeyedSubmit, Lease, ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, NewJob};
+use crate::schedule::Schedule;
 
 /// The migrations, compiled into the binary.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -70,6 +72,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "notify_per_round",
         include_str!("../../../migrations/postgres/0006_notify_per_round.sql"),
+    ),
+    (
+        9,
+        "schedules",
+        include_str!("../../../migrations/postgres/0009_schedules.sql"),
     ),
 ];
 
@@ -519,5 +526,54 @@ impl JobStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn create_schedule(&self, schedule: Schedule) -> Result<bool, StoreError> {
+        schedules::create(&self.pool, &self.channel, schedule).await
+    }
+
+    async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, StoreError> {
+        schedules::get(&self.pool, name).await
+    }
+
+    async fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        schedules::list(&self.pool, after, limit).await
+    }
+
+    async fn next_schedules(&self, limit: u32) -> Result<Vec<Schedule>, StoreError> {
+        schedules::next(&self.pool, limit).await
+    }
+
+    async fn pause_schedule(
+        &self,
+        name: &str,
+        now: Micros,
+    ) -> Result<Option<Schedule>, StoreError> {
+        schedules::set_paused(&self.pool, &self.channel, name, None, now).await
+    }
+
+    async fn resume_schedule(
+        &self,
+        name: &str,
+        next_run: Micros,
+        now: Micros,
+    ) -> Result<Option<Schedule>, StoreError> {
+        schedules::set_paused(&self.pool, &self.channel, name, Some(next_run), now).await
+    }
+
+    async fn delete_schedule(&self, name: &str) -> Result<bool, StoreError> {
+        schedules::delete(&self.pool, &self.channel, name).await
+    }
+
+    async fn fire_schedule(&self, fire: Fire) -> Result<Option<Vec<Job>>, StoreError> {
+        schedules::fire(&self.pool, &self.channel, fire).await
+    }
+
+    async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        schedules::jobs(&self.pool, name, limit).await
     }
 }

@@ -17,14 +17,16 @@ use sqlx::sqlite::SqliteConnection;
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::schedules;
 use super::sql::{self, exec, mergeable, MERGED_INSERT_MAX, SETTLE_CHUNK};
 use super::NoticeTx;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::schedule::Schedule;
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, Settle,
-    StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Fire, Inserted, Lease, Notice,
+    Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -81,6 +83,25 @@ pub(super) enum Op {
         limit: u32,
         reply: Reply<Vec<String>>,
     },
+    CreateSchedule {
+        schedule: Schedule,
+        reply: Reply<bool>,
+    },
+    /// Pause (`resume: None`) or resume, due next at `resume`.
+    SetPaused {
+        name: String,
+        resume: Option<Micros>,
+        now: Micros,
+        reply: Reply<Option<Schedule>>,
+    },
+    DeleteSchedule {
+        name: String,
+        reply: Reply<bool>,
+    },
+    FireSchedule {
+        fire: Fire,
+        reply: Reply<Option<Vec<Job>>>,
+    },
 }
 
 impl Op {
@@ -93,6 +114,8 @@ impl Op {
                 jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.blobs.is_empty())
             }
             Op::Settle { moves, .. } => moves.len() <= SETTLE_CHUNK,
+            // A guarded update, then the tick's jobs: one transaction.
+            Op::FireSchedule { .. } => false,
             _ => true,
         }
     }
@@ -113,6 +136,10 @@ impl Op {
             Op::InsertBlob { reply, .. } => send(reply, msg),
             Op::DeleteBlob { reply, .. } => send(reply, msg),
             Op::PruneBlobs { reply, .. } => send(reply, msg),
+            Op::CreateSchedule { reply, .. } => send(reply, msg),
+            Op::SetPaused { reply, .. } => send(reply, msg),
+            Op::DeleteSchedule { reply, .. } => send(reply, msg),
+            Op::FireSchedule { reply, .. } => send(reply, msg),
         }
     }
 }
@@ -396,6 +423,41 @@ fn run_op<'a>(
             Op::DeleteBlob { id, reply } => finish!(reply, sql::delete_blob(&mut *conn, id).await),
             Op::PruneBlobs { limit, reply } => {
                 finish!(reply, sql::prune_blobs(&mut *conn, limit).await)
+            }
+            Op::CreateSchedule { schedule, reply } => {
+                let result = schedules::create(&mut *conn, schedule).await;
+                if matches!(result, Ok(true)) {
+                    out.notices.push(Notice::Schedules);
+                }
+                finish!(reply, result)
+            }
+            Op::SetPaused {
+                name,
+                resume,
+                now,
+                reply,
+            } => {
+                let result = schedules::set_paused(&mut *conn, &name, resume, now).await;
+                if matches!(result, Ok(Some(_))) {
+                    out.notices.push(Notice::Schedules);
+                }
+                finish!(reply, result)
+            }
+            Op::DeleteSchedule { name, reply } => {
+                let result = schedules::delete(&mut *conn, &name).await;
+                if matches!(result, Ok(true)) {
+                    out.notices.push(Notice::Schedules);
+                }
+                finish!(reply, result)
+            }
+            Op::FireSchedule { fire, reply } => {
+                let result = schedules::fire(&mut *conn, fire).await.map(|fired| {
+                    fired.map(|(jobs, lanes)| {
+                        out.notices.extend(lanes.into_iter().map(Notice::New));
+                        jobs
+                    })
+                });
+                finish!(reply, result)
             }
         }
     })
