@@ -300,6 +300,9 @@ pub fn parse_request(
     }
 
     let cron = text("cron")?.ok_or("cron: required: e.g. `*/5 * * * *`")?;
+    if cron.chars().count() > 200 {
+        return Err("cron: longer than 200 characters".into());
+    }
     let timezone = text("timezone")?.unwrap_or("UTC");
     let tz = parse_timezone(timezone)?;
     let timetable = Timetable {

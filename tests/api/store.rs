@@ -714,3 +714,5 @@ async fn only_the_sqlite_store_is_exclusive() {
         crate::helpers::drop_pg_schema(&schema).await;
     }
 }
+
+mod schedules;
