@@ -18,5 +18,6 @@ mod postgres;
 mod process;
 mod programs;
 mod progress;
+mod schedules;
 mod store;
 mod stranded;
