@@ -307,6 +307,30 @@ async fn bad_schedules_are_refused_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticks_job_is_the_spec_as_given_due_delay_ms_after_its_tick() {
+    let app = spawn_app().await;
+    let body = json!({"name": "later", "cron": "* * * * * *",
+                      "job": {"task": "sleep", "kind": "io", "args": {"ms": 1}, "priority": 7,
+                              "max_attempts": 4, "delay_ms": 1500}});
+    assert_eq!(
+        app.post("/v1/schedules", body).await.status,
+        StatusCode::CREATED
+    );
+    let made = wait_for_ticks(&app.client, &app.base, "later", 1, 20).await;
+    let (tick, job) = made.iter().next().unwrap();
+    assert_eq!(micros(&job["scheduled_at"]) - tick, 1_500_000);
+    assert_eq!(job["priority"], 7);
+    assert_eq!(job["max_attempts"], 4);
+    assert_eq!(job["args"], json!({"ms": 1}));
+    let done = app.wait(job["id"].as_str().unwrap(), 10).await;
+    assert_eq!(done["status"], "succeeded");
+    assert!(
+        micros(&done["started_at"]) >= tick + 1_500_000,
+        "not started before its delay: {done}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedules_page_by_name() {
     let app: TestApp = spawn_app().await;
     for name in ["c", "a", "b"] {
