@@ -176,16 +176,6 @@ impl App {
             },
         );
         dispatcher.start().await?;
-        // The schedules' ticker: it stops when the dispatcher starts to drain.
-        let ticker = crate::schedule::ticker::Ticker::new(
-            dispatcher.clone(),
-            crate::spec::SpecDefaults {
-                max_attempts: settings.default_max_attempts,
-                process_threshold: settings.process_threshold_bytes,
-            },
-            Duration::from_millis(settings.schedule_grace_ms),
-        );
-        tokio::spawn(ticker.run());
         let listener = TcpListener::bind(settings.bind)
             .await
             .map_err(|source| AppError::Bind {
@@ -256,6 +246,16 @@ impl App {
             }
         });
 
+        // The schedules' ticker: it stops by itself when the drain starts.
+        let ticker = tokio::spawn(
+            crate::schedule::ticker::Ticker::new(
+                state.dispatcher.clone(),
+                state.spec_defaults(),
+                Duration::from_millis(state.settings.schedule_grace_ms),
+            )
+            .run(),
+        );
+
         let watchdog = {
             let dispatcher = state.dispatcher.clone();
             let threshold = Duration::from_millis(state.settings.stall_warn_ms);
@@ -288,6 +288,7 @@ impl App {
             .await
             .map_err(AppError::Serve);
         pruner.abort();
+        ticker.abort();
         watchdog.abort();
         tracing::info!("offload stopped");
         drop(lock);
