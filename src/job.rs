@@ -340,6 +340,61 @@ pub fn next_state(job: &Job, end: AttemptEnd, backoff: Duration, now: Micros) ->
     Some(next)
 }
 
+/// Where a job's completion callback stands: `pending` until it is delivered (a 2xx answer) or
+/// its retry window (`--callback-retry-secs`) runs out (`failed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl CallbackStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackStatus::Pending => "pending",
+            CallbackStatus::Delivered => "delivered",
+            CallbackStatus::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for CallbackStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pending" => Ok(CallbackStatus::Pending),
+            "delivered" => Ok(CallbackStatus::Delivered),
+            "failed" => Ok(CallbackStatus::Failed),
+            _ => Err(format!("unknown callback status `{s}`")),
+        }
+    }
+}
+
+/// A job's completion callback: the URL the job object is POSTed to once the job is final,
+/// and how its delivery goes (`crate::callback`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Callback {
+    pub url: String,
+    pub status: CallbackStatus,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+impl Callback {
+    /// A callback not tried yet.
+    pub fn pending(url: String) -> Self {
+        Callback {
+            url,
+            status: CallbackStatus::Pending,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+}
+
 /// Time spent waiting and running, in milliseconds, for the latest attempt.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Timings {
@@ -369,6 +424,9 @@ pub struct Job {
     pub started_at: Option<Micros>,
     pub finished_at: Option<Micros>,
     pub timings: Timings,
+    /// The completion callback, if the spec gave a `callback_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
     #[serde(skip)]
     pub spec_hash: Option<String>,
 }
@@ -405,6 +463,13 @@ impl Job {
         job
     }
 
+    /// Whether moving this job to `next` owes a completion callback: it has a callback URL
+    /// and `next` is final. Every store writes the callback's outbox row in the same
+    /// transaction as such a move, whichever path makes it (a settle, a rescue, a cancel).
+    pub fn calls_back_on(&self, next: JobStatus) -> bool {
+        self.callback.is_some() && next.is_final()
+    }
+
     /// Fills `timings` from the timestamps.
     pub fn compute_timings(&mut self) {
         self.timings = Timings {
@@ -438,6 +503,8 @@ pub struct NewJob {
     /// The blobs the job names: the values of its task's blob arguments
     /// (`Task::blob_args`), in canonical form.
     pub blobs: Vec<String>,
+    /// Where to POST the job once it is final (checked against the address rules at submit).
+    pub callback_url: Option<String>,
 }
 
 impl NewJob {
@@ -466,6 +533,7 @@ impl NewJob {
                 queued_ms: None,
                 run_ms: None,
             },
+            callback: self.callback_url.clone().map(Callback::pending),
             spec_hash: self.spec_hash.clone(),
         }
     }

@@ -20,6 +20,9 @@
 //! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
 //!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
 //!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY).
+//! - [`callback`]: completion callbacks: the signature (`Offload-Signature`), one delivery,
+//!   and the retry policy for failed tries (the outbox lives in the store, the delivery task
+//!   in the dispatcher).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
@@ -31,6 +34,7 @@
 pub mod api;
 pub mod app;
 pub mod blob;
+pub mod callback;
 pub mod clock;
 pub mod config;
 pub mod datadir;

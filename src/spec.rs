@@ -24,6 +24,7 @@ pub const SPEC_FIELDS: &[&str] = &[
     "run_at",
     "idempotency_key",
     "isolate",
+    "callback_url",
 ];
 
 pub const MAX_DELAY_MS: u64 = 366 * 24 * 3600 * 1000;
@@ -43,7 +44,8 @@ pub fn spec_schema() -> Value {
             "delay_ms": {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_MS},
             "run_at": {"type": "string", "minLength": 1, "maxLength": 64},
             "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255},
-            "isolate": {"type": "boolean"}
+            "isolate": {"type": "boolean"},
+            "callback_url": {"type": "string", "minLength": 1, "maxLength": 2048}
         },
         "required": ["task"]
     })
@@ -93,12 +95,16 @@ fn integral_numbers_as_integers(value: &mut Value) {
     }
 }
 
-/// What the server fills in when a spec leaves it out.
-#[derive(Clone, Copy, Debug)]
+/// What the server fills in when a spec leaves it out, and what it allows.
+#[derive(Clone, Debug)]
 pub struct SpecDefaults {
     pub max_attempts: u32,
     /// Cpu jobs naming a blob at least this large run in worker processes.
     pub process_threshold: u64,
+    /// The address rules a `callback_url` must pass (those of `http_get`); `None` when the
+    /// server has no `--callback-secret`, which refuses every `callback_url`: a callback is
+    /// always signed.
+    pub callbacks: Option<std::sync::Arc<crate::task::AddressRules>>,
 }
 
 /// The sizes of the blobs a submit names, by canonical id, looked up before parsing (a blob
@@ -297,6 +303,20 @@ pub fn parse(
             .collect::<String>()
     });
 
+    let callback_url = match obj.get("callback_url").and_then(Value::as_str) {
+        None => None,
+        Some(raw) => {
+            let name = field(path, "callback_url");
+            let rules = defaults.callbacks.as_ref().ok_or_else(|| {
+                format!(
+                    "{name}: this server sends no callbacks: it needs a secret to sign them \
+                     (--callback-secret or OFFLOAD_CALLBACK_SECRET)"
+                )
+            })?;
+            Some(rules.check(&name, raw)?.to_string())
+        }
+    };
+
     Ok(NewJob {
         id: JobId::new(),
         task: name.to_string(),
@@ -315,5 +335,6 @@ pub fn parse(
         idempotency_key,
         spec_hash,
         blobs,
+        callback_url,
     })
 }

@@ -139,7 +139,7 @@ pub async fn submit_batch(
                 &format!("jobs[{i}]"),
                 None,
                 registry,
-                defaults,
+                defaults.clone(),
                 &sizes,
                 now,
             )

@@ -45,6 +45,7 @@ impl AppState {
         SpecDefaults {
             max_attempts: self.settings.default_max_attempts,
             process_threshold: self.settings.process_threshold_bytes,
+            callbacks: self.dispatcher.callback_rules(),
         }
     }
 }

@@ -146,6 +146,7 @@ impl Dispatcher {
             JobStatus::Queued => lane.count_queued(1),
             JobStatus::Running | JobStatus::Cancelled => {}
         }
+        self.callback_owed(job);
         self.events.publish(job);
     }
 

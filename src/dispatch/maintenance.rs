@@ -112,6 +112,7 @@ impl Dispatcher {
                     }
                     _ => lost += 1,
                 }
+                self.callback_owed(&job);
                 self.events.publish(&job);
             }
             if !full || !moved_any {

@@ -12,8 +12,10 @@
 //! - [`attempt`]: one attempt: blobs, run, timeout, cancel, and writing its outcome.
 //! - [`retry`]: the backoff between attempts, and for the server's own failed writes.
 //! - [`maintenance`]: leases (renewal, rescue), counts, pruning.
+//! - [`callbacks`]: the delivery task of completion callbacks (claims due outbox rows).
 
 mod attempt;
+mod callbacks;
 mod claim;
 mod maintenance;
 mod retry;
@@ -28,6 +30,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::blob::BlobDir;
+use crate::callback::CallbackOptions;
 use crate::clock::Micros;
 use crate::events::Events;
 use crate::executor::Executor;
@@ -135,6 +138,10 @@ pub struct Dispatcher {
     http: reqwest::Client,
     /// Wakes the schedule ticker (`crate::schedule::ticker`) when schedules change.
     schedule_wake: Arc<Notify>,
+    /// How completion callbacks are sent; `None` (no secret): none are.
+    callbacks: Option<CallbackOptions>,
+    /// Wakes the callback delivery task when a job with a callback became final here.
+    callback_wake: Arc<Notify>,
 }
 
 /// How the dispatcher behaves, from the settings.
@@ -148,6 +155,8 @@ pub struct DispatchOptions {
     pub lease: Duration,
     /// The API token, for fetching a blob from the server that holds it.
     pub api_token: Option<String>,
+    /// How completion callbacks are sent; `None`: none are, and specs may not ask for them.
+    pub callbacks: Option<CallbackOptions>,
 }
 
 /// Admission slots taken for a submit; given back when dropped.
@@ -180,6 +189,7 @@ impl Dispatcher {
             blobs,
             lease,
             api_token,
+            callbacks,
         } = options;
         let lanes = executors
             .into_iter()
@@ -218,6 +228,8 @@ impl Dispatcher {
             api_token,
             http,
             schedule_wake: Arc::new(Notify::new()),
+            callbacks,
+            callback_wake: Arc::new(Notify::new()),
         })
     }
 
@@ -250,6 +262,7 @@ impl Dispatcher {
         }
         self.spawn_heartbeat();
         self.spawn_progress_ticker();
+        self.spawn_callbacks();
         tracing::info!(node = %self.node, exclusive = self.store.exclusive(), "lanes started");
         Ok(())
     }
@@ -415,6 +428,7 @@ impl Dispatcher {
                     }
                     _ => this.stop_attempt(id, None, StopReason::Cancelled),
                 }
+                this.callback_owed(job);
                 this.events.publish(job);
             }
             Ok(outcome)
@@ -598,6 +612,12 @@ impl Dispatcher {
     /// Turns `true` when the server starts to drain: whatever makes new jobs stops.
     pub fn stopping(&self) -> watch::Receiver<bool> {
         self.stop_lanes.subscribe()
+    }
+
+    /// The address rules a spec's `callback_url` must pass; `None` when this server sends no
+    /// callbacks (no secret), which refuses every `callback_url`.
+    pub fn callback_rules(&self) -> Option<Arc<crate::task::AddressRules>> {
+        self.callbacks.as_ref().map(|c| c.rules.clone())
     }
 
     pub fn store(&self) -> &Arc<dyn JobStore> {

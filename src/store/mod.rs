@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::job::{ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
+use crate::job::{CallbackStatus, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
 use crate::schedule::Schedule;
 
 pub use postgres::PostgresStore;
@@ -267,6 +267,12 @@ impl Settle {
         self.job.after(&self.next, self.progress, self.now)
     }
 
+    /// Whether this move owes a completion callback: the store writes its outbox row in the
+    /// same transaction as the move.
+    pub fn calls_back(&self) -> bool {
+        self.job.calls_back_on(self.next.status())
+    }
+
     /// Refuses a move the state machine does not allow; the store checks before it writes.
     pub fn check(&self) -> Result<(), StoreError> {
         let (from, to) = (self.job.status, self.next.status());
@@ -277,6 +283,61 @@ impl Settle {
                 from: from.as_str(),
                 to: to.as_str(),
             })
+        }
+    }
+}
+
+/// A completion callback claimed for delivery ([`JobStore::claim_callbacks`]).
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The job as it is now (final), its `callback` showing this try: what is POSTed.
+    pub job: Job,
+    /// Which try this is (1 for the first); the guard of [`JobStore::record_callback`].
+    pub attempt: u32,
+    /// When the job became final: the retry window starts here.
+    pub since: Micros,
+}
+
+/// What claiming callbacks took.
+#[derive(Debug, Default)]
+pub struct ClaimedCallbacks {
+    pub deliveries: Vec<Delivery>,
+    /// When fewer than asked for were due: when the next pending one is due, if any.
+    pub next_due: Option<Micros>,
+}
+
+/// How a delivery ended, as `crate::callback` decided it: what the store writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallbackOutcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Try again at `at`.
+    Retry { error: String, at: Micros },
+    /// The retry window ran out.
+    Failed { error: String },
+}
+
+impl CallbackOutcome {
+    pub fn status(&self) -> CallbackStatus {
+        match self {
+            CallbackOutcome::Delivered => CallbackStatus::Delivered,
+            CallbackOutcome::Retry { .. } => CallbackStatus::Pending,
+            CallbackOutcome::Failed { .. } => CallbackStatus::Failed,
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            CallbackOutcome::Delivered => None,
+            CallbackOutcome::Retry { error, .. } | CallbackOutcome::Failed { error } => Some(error),
+        }
+    }
+
+    /// When the row is next due (only a retry is).
+    pub fn due(&self) -> Option<Micros> {
+        match self {
+            CallbackOutcome::Retry { at, .. } => Some(*at),
+            _ => None,
         }
     }
 }
@@ -425,4 +486,53 @@ pub trait JobStore: Send + Sync + 'static {
     async fn fire_schedule(&self, fire: Fire) -> Result<Option<Vec<Job>>, StoreError>;
     /// The latest `limit` jobs a schedule made, newest tick first.
     async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
+
+    // Completion callbacks. The outbox row of a job with a `callback_url` is written in the
+    // same transaction as the job's move into a final state (settle, rescue, cancel: every
+    // write that makes a job final), so neither a crash nor a lost connection between the two
+    // can lose it; a job made final again (a retried job) gets a fresh row.
+
+    /// Claims up to `limit` pending callbacks due by `now`, oldest due first: each gets one
+    /// more attempt, and is not due again before `until` (a lease: if the claimer dies
+    /// mid-delivery, the callback is tried again after it). Rows another server is claiming at
+    /// the same moment are skipped, not waited for, so no two servers deliver one row at once.
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        now: Micros,
+        until: Micros,
+    ) -> Result<ClaimedCallbacks, StoreError>;
+    /// Writes how a delivery ended, only if the callback is still pending at `attempt` (a
+    /// slower claimer whose lease ran out, or a job made final again, is refused). Answers
+    /// whether it wrote.
+    async fn record_callback(
+        &self,
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+    ) -> Result<bool, StoreError>;
+}
+
+/// Outbox rows as both stores read them, laid over the jobs they belong to: the `callback`
+/// of a job read without them says `pending` with no attempts.
+pub(crate) fn lay_callbacks(
+    jobs: &mut [Job],
+    rows: Vec<(JobId, String, i64, Option<String>)>,
+) -> Result<(), StoreError> {
+    let rows: std::collections::HashMap<JobId, (String, i64, Option<String>)> = rows
+        .into_iter()
+        .map(|(id, status, attempts, error)| (id, (status, attempts, error)))
+        .collect();
+    for job in jobs {
+        let Some(cb) = job.callback.as_mut() else {
+            continue;
+        };
+        if let Some((status, attempts, error)) = rows.get(&job.id) {
+            cb.status = status.parse().map_err(|e| corrupt("callback status", e))?;
+            cb.attempts = *attempts as u32;
+            cb.last_error = error.clone();
+        }
+    }
+    Ok(())
 }

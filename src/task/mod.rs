@@ -28,7 +28,7 @@ pub use array::{ArraySort, ArrayStats, Partial};
 pub use builtin::{BlockingSleep, Fail, Noop, Sleep};
 pub use compute::{count_primes, sum_squares, CountPrimes, SumSquares};
 pub use files::FileSha256;
-pub use net::HttpGet;
+pub use net::{AddressError, AddressRules, HttpGet};
 
 /// How a task's failure should be treated. The dispatcher retries `Transient` failures while
 /// attempts remain; `Permanent` ones fail the job at once.

@@ -2,6 +2,7 @@
 
 mod blobs;
 mod browser;
+mod callbacks;
 mod cluster;
 mod crash;
 mod csrf;

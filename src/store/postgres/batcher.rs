@@ -159,6 +159,8 @@ async fn write_round(
 
     let mut placed = placed.into_iter();
     let mut answers = Vec::with_capacity(round.len());
+    // Moves into a final state that owe a callback: their outbox rows, in this transaction.
+    let (mut calls_back, mut since) = (Vec::new(), Vec::new());
     for op in round {
         answers.push(match op {
             Op::Insert { .. } => Answer::Inserted,
@@ -172,6 +174,10 @@ async fn write_round(
                             if job.status == JobStatus::Queued {
                                 notices.new.insert(job.executor);
                             }
+                            if m.calls_back() {
+                                calls_back.push(job.id);
+                                since.push(m.now.0);
+                            }
                             notices.changed.push(job.id);
                             job
                         })
@@ -180,6 +186,7 @@ async fn write_round(
             ),
         });
     }
+    sql::enqueue_callbacks(&mut tx, &calls_back, &since).await?;
     notices.send(&mut tx, channel).await?;
     tx.commit().await?;
     Ok(answers)

@@ -33,8 +33,8 @@ use self::sql::{
     qualified, Notices, COLUMNS,
 };
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Fire, Inserted, JobStore,
-    KeyedSubmit, Lease, ListFilter, Notice, Settle, StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Delivery, Fire, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -77,6 +77,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "schedules",
         include_str!("../../../migrations/postgres/0009_schedules.sql"),
+    ),
+    (
+        10,
+        "callbacks",
+        include_str!("../../../migrations/postgres/0010_callbacks.sql"),
     ),
 ];
 
@@ -177,6 +182,20 @@ impl PostgresStore {
     ) -> Result<Option<Job>, StoreError> {
         let row = binds(sqlx::query(sql)).fetch_optional(&self.pool).await?;
         row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Lays the outbox rows over the jobs that have a callback (one read, none without).
+    async fn with_callbacks(&self, jobs: &mut [Job]) -> Result<(), StoreError> {
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .filter(|j| j.callback.is_some())
+            .map(|j| j.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows = sql::callback_rows(&self.pool, &ids).await?;
+        super::lay_callbacks(jobs, rows)
     }
 }
 
@@ -324,7 +343,13 @@ impl JobStore for PostgresStore {
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
-        self.one(&sql, |q| q.bind(id.0)).await
+        let Some(job) = self.one(&sql, |q| q.bind(id.0)).await? else {
+            return Ok(None);
+        };
+        let mut jobs = [job];
+        self.with_callbacks(&mut jobs).await?;
+        let [job] = jobs;
+        Ok(Some(job))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
@@ -361,7 +386,12 @@ impl JobStore for PostgresStore {
             q = q.bind(b.0);
         }
         let rows = q.bind(filter.limit as i64).fetch_all(&self.pool).await?;
-        rows.iter().map(job_from_row).collect()
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError> {
@@ -371,12 +401,17 @@ impl JobStore for PostgresStore {
         ));
         // The row is locked by the subquery, so `was` is the status this update moves from.
         // The notifications go in the same statement, so at its commit: `cancel:` to whoever
-        // runs the job, `change:` to watchers.
+        // runs the job, `change:` to watchers. So does the outbox row of a job with a callback
+        // URL (`Job::calls_back_on`: every move into `cancelled` owes one).
         let sql = format!(
             "WITH moved AS (UPDATE jobs SET status = 'cancelled', error = $1::jsonb, \
              finished_at = $2, owner = NULL, lease_until = NULL FROM (SELECT id, status AS was \
              FROM jobs WHERE id = $3 FOR UPDATE) AS old WHERE jobs.id = old.id \
-             AND jobs.status IN ('queued', 'running') RETURNING old.was, {}) \
+             AND jobs.status IN ('queued', 'running') RETURNING old.was, {}), \
+             outbox AS (INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
+             SELECT id, 'pending', 0, $2, $2 FROM moved WHERE callback_url IS NOT NULL \
+             ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+             last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL) \
              SELECT moved.*, \
              CASE WHEN moved.was = 'running' THEN pg_notify($4, 'cancel:' || moved.id::text) \
              END::text AS cancel_notified, \
@@ -574,6 +609,98 @@ impl JobStore for PostgresStore {
     }
 
     async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
-        schedules::jobs(&self.pool, name, limit).await
+        let mut jobs = schedules::jobs(&self.pool, name, limit).await?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        now: Micros,
+        until: Micros,
+    ) -> Result<ClaimedCallbacks, StoreError> {
+        // SKIP LOCKED, as for jobs: servers claiming at once take different rows; and the
+        // claim moves `due_at` to the lease's end, so a row being delivered is not due again
+        // until its claimer has had time to finish (or has died).
+        let rows: Vec<(Uuid, i32, i64, Option<String>)> = sqlx::query_as(
+            "WITH picked AS (SELECT job_id FROM callbacks WHERE status = 'pending' \
+             AND due_at <= $2 ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             UPDATE callbacks SET attempts = callbacks.attempts + 1, due_at = $1 FROM picked \
+             WHERE callbacks.job_id = picked.job_id \
+             RETURNING callbacks.job_id, callbacks.attempts, callbacks.since, callbacks.last_error",
+        )
+        .bind(until.0)
+        .bind(now.0)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        if !rows.is_empty() {
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
+            let jobs: HashMap<JobId, Job> = sqlx::query(&sql)
+                .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| job_from_row(r).map(|j| (j.id, j)))
+                .collect::<Result<_, _>>()?;
+            for (id, attempts, since, error) in rows {
+                // A job deleted since takes its outbox row with it (ON DELETE CASCADE).
+                let Some(mut job) = jobs.get(&JobId(id)).cloned() else {
+                    continue;
+                };
+                let Some(cb) = job.callback.as_mut() else {
+                    return Err(corrupt(
+                        "callbacks",
+                        format!("job {id} has no callback_url"),
+                    ));
+                };
+                cb.attempts = attempts as u32;
+                cb.last_error = error;
+                deliveries.push(Delivery {
+                    job,
+                    attempt: attempts as u32,
+                    since: Micros(since),
+                });
+            }
+        }
+        let next_due = if deliveries.len() < limit as usize {
+            let at: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(due_at) FROM callbacks WHERE status = 'pending'")
+                    .fetch_one(&self.pool)
+                    .await?;
+            at.map(Micros)
+        } else {
+            None
+        };
+        Ok(ClaimedCallbacks {
+            deliveries,
+            next_due,
+        })
+    }
+
+    async fn record_callback(
+        &self,
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        let done_at = (outcome.status() != crate::job::CallbackStatus::Pending).then_some(now.0);
+        let done = sqlx::query(
+            "UPDATE callbacks SET status = $1, last_error = COALESCE($2, last_error), \
+             due_at = COALESCE($3, due_at), done_at = $4 \
+             WHERE job_id = $5 AND status = 'pending' AND attempts = $6",
+        )
+        .bind(outcome.status().as_str())
+        .bind(outcome.error())
+        .bind(outcome.due().map(|t| t.0))
+        .bind(done_at)
+        .bind(job.0)
+        .bind(attempt as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 }

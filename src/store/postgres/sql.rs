@@ -9,13 +9,13 @@ use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, Job, JobId, NewJob, Timings};
+use crate::job::{Callback, ErrorInfo, Job, JobId, NewJob, Timings};
 use crate::store::{Settle, StoreError};
 
 pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
-    spec_hash, created_at, scheduled_at, started_at, finished_at";
+    spec_hash, created_at, scheduled_at, started_at, finished_at, callback_url";
 
 /// The columns, each qualified with the `jobs` table, for statements that join another.
 pub(super) fn qualified() -> String {
@@ -80,6 +80,9 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
             queued_ms: None,
             run_ms: None,
         },
+        callback: row
+            .try_get::<Option<String>, _>("callback_url")?
+            .map(Callback::pending),
     };
     job.compute_timings();
     Ok(job)
@@ -96,12 +99,15 @@ pub(super) async fn insert_rows(
     let col = |f: &dyn Fn(&NewJob) -> String| rows.iter().map(|j| f(j)).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
-         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at) \
+         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at, \
+         callback_url) \
          SELECT id, task, kind, executor, 'queued', args::jsonb, priority, 0, max_attempts, \
-         timeout_ms, 0, key, hash, created_at, scheduled_at FROM UNNEST($1::uuid[], $2::text[], \
+         timeout_ms, 0, key, hash, created_at, scheduled_at, callback_url \
+         FROM UNNEST($1::uuid[], $2::text[], \
          $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
-         $10::text[], $11::bigint[], $12::bigint[]) AS t(id, task, kind, executor, args, priority, \
-         max_attempts, timeout_ms, key, hash, created_at, scheduled_at)",
+         $10::text[], $11::bigint[], $12::bigint[], $13::text[]) AS t(id, task, kind, executor, \
+         args, priority, max_attempts, timeout_ms, key, hash, created_at, scheduled_at, \
+         callback_url)",
     )
     .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
     .bind(col(&|j| j.task.clone()))
@@ -127,6 +133,11 @@ pub(super) async fn insert_rows(
     .bind(rows.iter().map(|j| j.spec_hash.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.created_at.0).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|j| j.callback_url.clone())
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
     // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
@@ -151,6 +162,46 @@ pub(super) async fn insert_rows(
             .await?;
     }
     Ok(())
+}
+
+/// The outbox row of each job in `ids` (just made final, with a callback URL): pending, due
+/// at its `since`. A row left from an earlier final state (the job was retried) starts over.
+pub(super) async fn enqueue_callbacks(
+    conn: &mut PgConnection,
+    ids: &[JobId],
+    since: &[i64],
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
+         SELECT id, 'pending', 0, t, t FROM UNNEST($1::uuid[], $2::bigint[]) AS v(id, t) \
+         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+         last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .bind(since)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// `(job id, status, attempts, last_error)` of the outbox rows of `ids`.
+pub(super) async fn callback_rows(
+    pool: &sqlx::PgPool,
+    ids: &[JobId],
+) -> Result<Vec<(JobId, String, i64, Option<String>)>, StoreError> {
+    let rows: Vec<(Uuid, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT job_id, status, attempts, last_error FROM callbacks WHERE job_id = ANY($1)",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, s, n, e)| (JobId(id), s, n as i64, e))
+        .collect())
 }
 
 /// PostgreSQL's `deadlock_detected`: the transaction was rolled back to break a deadlock.

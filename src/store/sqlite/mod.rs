@@ -27,8 +27,8 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Fire, Inserted, JobStore, Lease,
-    ListFilter, Notice, Settle, StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Fire, Inserted, JobStore, Lease, ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -69,6 +69,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "schedules",
         include_str!("../../../migrations/sqlite/0009_schedules.sql"),
+    ),
+    (
+        10,
+        "callbacks",
+        include_str!("../../../migrations/sqlite/0010_callbacks.sql"),
     ),
 ];
 
@@ -124,6 +129,20 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+
+    /// Lays the outbox rows over the jobs that have a callback (one read, none without).
+    async fn with_callbacks(&self, jobs: &mut [Job]) -> Result<(), StoreError> {
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .filter(|j| j.callback.is_some())
+            .map(|j| j.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows = sql::callback_rows(&self.reads, &ids).await?;
+        super::lay_callbacks(jobs, rows)
+    }
 }
 
 #[async_trait]
@@ -148,7 +167,13 @@ impl JobStore for SqliteStore {
             .bind(id.to_string())
             .fetch_optional(&self.reads)
             .await?;
-        row.as_ref().map(job_from_row).transpose()
+        let Some(job) = row.as_ref().map(job_from_row).transpose()? else {
+            return Ok(None);
+        };
+        let mut jobs = [job];
+        self.with_callbacks(&mut jobs).await?;
+        let [job] = jobs;
+        Ok(Some(job))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
@@ -180,7 +205,12 @@ impl JobStore for SqliteStore {
             q = q.bind(b.to_string());
         }
         let rows = q.bind(filter.limit as i64).fetch_all(&self.reads).await?;
-        rows.iter().map(job_from_row).collect()
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     async fn claim(
@@ -366,6 +396,40 @@ impl JobStore for SqliteStore {
     }
 
     async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
-        schedules::jobs(&self.reads, name, limit).await
+        let mut jobs = schedules::jobs(&self.reads, name, limit).await?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        now: Micros,
+        until: Micros,
+    ) -> Result<ClaimedCallbacks, StoreError> {
+        self.write(|reply| Op::ClaimCallbacks {
+            limit,
+            now,
+            until,
+            reply,
+        })
+        .await
+    }
+
+    async fn record_callback(
+        &self,
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        self.write(|reply| Op::RecordCallback {
+            job,
+            attempt,
+            outcome,
+            now,
+            reply,
+        })
+        .await
     }
 }

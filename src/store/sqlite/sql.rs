@@ -12,15 +12,17 @@ use sqlx::Row;
 
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings};
+use crate::job::{
+    Callback, ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings,
+};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, KeyedSubmit, Lease, Settle,
-    StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Delivery, Inserted, KeyedSubmit, Lease, Settle, StoreError,
 };
 
 pub(super) const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, \
     priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, spec_hash, \
-    created_at, scheduled_at, started_at, finished_at";
+    created_at, scheduled_at, started_at, finished_at, callback_url";
 
 /// Most rows in one merged INSERT, and most jobs in one submit that may be merged.
 pub(super) const MERGED_INSERT_MAX: usize = 500;
@@ -75,6 +77,9 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
             queued_ms: None,
             run_ms: None,
         },
+        callback: row
+            .try_get::<Option<String>, _>("callback_url")?
+            .map(Callback::pending),
     };
     job.compute_timings();
     Ok(job)
@@ -106,13 +111,13 @@ pub(super) fn insert_rows<'a>(
             let mut sql = String::from(
                 "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
                  max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, \
-                 scheduled_at) VALUES ",
+                 scheduled_at, callback_url) VALUES ",
             );
             for n in 0..chunk.len() {
                 if n > 0 {
                     sql.push(',');
                 }
-                sql.push_str("(?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, 0, ?, ?, ?, ?)");
+                sql.push_str("(?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, 0, ?, ?, ?, ?, ?)");
             }
             let mut q = sqlx::query(&sql);
             for job in chunk {
@@ -128,7 +133,8 @@ pub(super) fn insert_rows<'a>(
                     .bind(job.idempotency_key.clone())
                     .bind(job.spec_hash.clone())
                     .bind(job.created_at.0)
-                    .bind(job.scheduled_at.0);
+                    .bind(job.scheduled_at.0)
+                    .bind(job.callback_url.clone());
             }
             q.execute(&mut *conn).await?;
         }
@@ -316,10 +322,11 @@ pub(super) fn cancel(
             .bind(id.to_string())
             .fetch_one(&mut *conn)
             .await?;
-        Ok(CancelOutcome::Cancelled {
-            job: job_from_row(&row)?,
-            was,
-        })
+        let job = job_from_row(&row)?;
+        if job.callback.is_some() {
+            enqueue_callbacks(&mut *conn, &[id], now).await?;
+        }
+        Ok(CancelOutcome::Cancelled { job, was })
     })
 }
 
@@ -459,6 +466,167 @@ pub(super) fn delete_blob(
             .execute(&mut *conn)
             .await?;
         Ok(BlobDeleteOutcome::Deleted)
+    })
+}
+
+/// Writes the outbox rows of jobs that just became final with a callback URL: pending, due
+/// now. A row left from an earlier final state (the job was retried) starts over.
+pub(super) fn enqueue_callbacks<'a>(
+    conn: Conn<'a>,
+    ids: &'a [JobId],
+    now: Micros,
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        for chunk in ids.chunks(ID_CHUNK) {
+            let values = vec!["(?, 'pending', 0, NULL, ?, ?, NULL)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO callbacks (job_id, status, attempts, last_error, since, due_at, \
+                 done_at) VALUES {values} ON CONFLICT (job_id) DO UPDATE SET \
+                 status = 'pending', attempts = 0, last_error = NULL, since = excluded.since, \
+                 due_at = excluded.due_at, done_at = NULL"
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string()).bind(now.0).bind(now.0);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
+    })
+}
+
+/// The outbox rows owed by the moves that applied (`done`), written in the same transaction.
+pub(super) fn enqueue_settled<'a>(
+    conn: Conn<'a>,
+    moves: &'a [&'a Settle],
+    done: &'a HashSet<JobId>,
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        let mut by_time: HashMap<i64, Vec<JobId>> = HashMap::new();
+        for m in moves
+            .iter()
+            .filter(|m| m.calls_back() && done.contains(&m.job.id))
+        {
+            by_time.entry(m.now.0).or_default().push(m.job.id);
+        }
+        for (now, ids) in by_time {
+            enqueue_callbacks(&mut *conn, &ids, Micros(now)).await?;
+        }
+        Ok(())
+    })
+}
+
+/// `(job id, status, attempts, last_error)` of the outbox rows of `ids`.
+pub(super) type CallbackRow = (JobId, String, i64, Option<String>);
+
+pub(super) fn callback_rows<'a>(
+    pool: &'a sqlx::SqlitePool,
+    ids: &'a [JobId],
+) -> BoxFuture<'a, Result<Vec<CallbackRow>, StoreError>> {
+    Box::pin(async move {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ID_CHUNK) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT job_id, status, attempts, last_error FROM callbacks \
+                 WHERE job_id IN ({marks})"
+            );
+            let mut q = sqlx::query_as::<_, (String, String, i64, Option<String>)>(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for (id, status, attempts, error) in q.fetch_all(pool).await? {
+                out.push((
+                    id.parse().map_err(|e| corrupt("id", e))?,
+                    status,
+                    attempts,
+                    error,
+                ));
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Claims due pending callbacks: one more attempt each, not due again before `until`.
+pub(super) fn claim_callbacks(
+    conn: Conn<'_>,
+    limit: u32,
+    now: Micros,
+    until: Micros,
+) -> BoxFuture<'_, Result<ClaimedCallbacks, StoreError>> {
+    Box::pin(async move {
+        let rows: Vec<(String, i64, i64, Option<String>)> = sqlx::query_as(
+            "UPDATE callbacks SET attempts = attempts + 1, due_at = ?1 WHERE job_id IN \
+             (SELECT job_id FROM callbacks WHERE status = 'pending' AND due_at <= ?2 \
+             ORDER BY due_at LIMIT ?3) RETURNING job_id, attempts, since, last_error",
+        )
+        .bind(until.0)
+        .bind(now.0)
+        .bind(limit as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for (id, attempts, since, error) in rows {
+            let Some(mut job) =
+                select_one(&mut *conn, id.parse().map_err(|e| corrupt("id", e))?).await?
+            else {
+                continue;
+            };
+            let Some(cb) = job.callback.as_mut() else {
+                return Err(corrupt(
+                    "callbacks",
+                    format!("job {id} has no callback_url"),
+                ));
+            };
+            cb.attempts = attempts as u32;
+            cb.last_error = error;
+            deliveries.push(Delivery {
+                job,
+                attempt: attempts as u32,
+                since: Micros(since),
+            });
+        }
+        let next_due = if deliveries.len() < limit as usize {
+            let at: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(due_at) FROM callbacks WHERE status = 'pending'")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            at.map(Micros)
+        } else {
+            None
+        };
+        Ok(ClaimedCallbacks {
+            deliveries,
+            next_due,
+        })
+    })
+}
+
+/// Writes a delivery's outcome if the callback is still pending at `attempt`.
+pub(super) fn record_callback(
+    conn: Conn<'_>,
+    job: JobId,
+    attempt: u32,
+    outcome: CallbackOutcome,
+    now: Micros,
+) -> BoxFuture<'_, Result<bool, StoreError>> {
+    Box::pin(async move {
+        let done_at = (outcome.status() != crate::job::CallbackStatus::Pending).then_some(now.0);
+        let done = sqlx::query(
+            "UPDATE callbacks SET status = ?, last_error = COALESCE(?, last_error), \
+             due_at = COALESCE(?, due_at), done_at = ? \
+             WHERE job_id = ? AND status = 'pending' AND attempts = ?",
+        )
+        .bind(outcome.status().as_str())
+        .bind(outcome.error())
+        .bind(outcome.due().map(|t| t.0))
+        .bind(done_at)
+        .bind(job.to_string())
+        .bind(attempt as i64)
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
     })
 }
 

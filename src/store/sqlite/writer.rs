@@ -25,8 +25,8 @@ use crate::clock::Micros;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::schedule::Schedule;
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Fire, Inserted, Lease, Notice,
-    Settle, StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Fire, Inserted, Lease, Notice, Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -102,6 +102,19 @@ pub(super) enum Op {
         fire: Fire,
         reply: Reply<Option<Vec<Job>>>,
     },
+    ClaimCallbacks {
+        limit: u32,
+        now: Micros,
+        until: Micros,
+        reply: Reply<ClaimedCallbacks>,
+    },
+    RecordCallback {
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+        reply: Reply<bool>,
+    },
 }
 
 impl Op {
@@ -113,7 +126,12 @@ impl Op {
             Op::Insert { jobs, .. } => {
                 jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.blobs.is_empty())
             }
-            Op::Settle { moves, .. } => moves.len() <= SETTLE_CHUNK,
+            // A move that owes a callback writes its outbox row too.
+            Op::Settle { moves, .. } => {
+                moves.len() <= SETTLE_CHUNK && !moves.iter().any(Settle::calls_back)
+            }
+            // Its job may have a callback to enqueue: not known before the read.
+            Op::Cancel { .. } => false,
             // A guarded update, then the tick's jobs: one transaction.
             Op::FireSchedule { .. } => false,
             _ => true,
@@ -140,6 +158,8 @@ impl Op {
             Op::SetPaused { reply, .. } => send(reply, msg),
             Op::DeleteSchedule { reply, .. } => send(reply, msg),
             Op::FireSchedule { reply, .. } => send(reply, msg),
+            Op::ClaimCallbacks { reply, .. } => send(reply, msg),
+            Op::RecordCallback { reply, .. } => send(reply, msg),
         }
     }
 }
@@ -311,6 +331,9 @@ fn run_batch<'a>(
                 Ok(done) => done,
                 Err(e) => return Err((e.to_string(), unrun(Vec::new(), settles, rest))),
             };
+            if let Err(e) = sql::enqueue_settled(&mut *conn, &all, &done).await {
+                return Err((e.to_string(), unrun(Vec::new(), settles, rest)));
+            }
             for (reply, moves) in settles {
                 let moved = settled(&moves, &done, &mut out.notices);
                 out.answers.push(answer(reply, Ok(moved)));
@@ -389,9 +412,13 @@ fn run_op<'a>(
             ),
             Op::Settle { moves, reply } => {
                 let all: Vec<&Settle> = moves.iter().collect();
-                let result = sql::settle_rows(&mut *conn, &all)
-                    .await
-                    .map(|done| settled(&moves, &done, &mut out.notices));
+                let result = match sql::settle_rows(&mut *conn, &all).await {
+                    Ok(done) => sql::enqueue_settled(&mut *conn, &all, &done)
+                        .await
+                        .map(|()| done),
+                    Err(e) => Err(e),
+                }
+                .map(|done| settled(&moves, &done, &mut out.notices));
                 finish!(reply, result)
             }
             Op::Cancel { id, now, reply } => {
@@ -459,6 +486,25 @@ fn run_op<'a>(
                 });
                 finish!(reply, result)
             }
+            Op::ClaimCallbacks {
+                limit,
+                now,
+                until,
+                reply,
+            } => finish!(
+                reply,
+                sql::claim_callbacks(&mut *conn, limit, now, until).await
+            ),
+            Op::RecordCallback {
+                job,
+                attempt,
+                outcome,
+                now,
+                reply,
+            } => finish!(
+                reply,
+                sql::record_callback(&mut *conn, job, attempt, outcome, now).await
+            ),
         }
     })
 }
