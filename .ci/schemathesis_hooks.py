@@ -13,6 +13,12 @@ as generated, so kind, priority, attempts, timeouts, run_at, delay_ms, isolate a
 idempotency key are still checked in both directions. Negative cases are left exactly as
 generated: whatever makes them invalid must still be refused.
 
+A schedule (`createSchedule`) has the same job spec, and three fields whose valid values no
+schema can list: its cron expression (a grammar), its time zone (the server's tz database) and
+its name (unique, so a second positive case with a generated name collides with the first, a
+409). Its positive cases get a cron expression and a time zone from small lists of valid ones,
+and a name made unique by a counter; the rest stays as generated.
+
 One more, for time only: `GET /v1/jobs/{id}?wait=S` holds the request up to S seconds (60 at
 most) while the job is unfinished, and many generated jobs are scheduled years ahead. A
 `wait` from 0.5 to 60 is cut to half a second, still a valid value, so that the run stays
@@ -24,6 +30,9 @@ from schemathesis.generation.modes import GenerationMode
 
 SUBMITS = {"submitJob", "submitBatch"}
 MAX_WAIT_S = 0.5
+CRONS = ["*/5 * * * *", "0 9 * * MON-FRI", "30 */2 * * * *", "@hourly", "0 0 1 * *"]
+ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo"]
+_made = 0
 
 
 def _specs(body):
@@ -52,6 +61,25 @@ def map_case(context, case):
             case.query["wait"] = MAX_WAIT_S
         return case
     meta = case.meta
+    if (
+        operation_id == "createSchedule"
+        and meta is not None
+        and meta.generation.mode == GenerationMode.POSITIVE
+        and isinstance(case.body, dict)
+    ):
+        global _made
+        _made += 1
+        body = case.body
+        if isinstance(body.get("name"), str):
+            body["name"] = f"{body['name'][:80]}-{_made}"
+        body["cron"] = CRONS[_made % len(CRONS)]
+        if "timezone" in body:
+            body["timezone"] = ZONES[_made % len(ZONES)]
+        for spec in _specs(body.get("job")):
+            spec["task"] = "noop"
+            if "args" in spec:
+                spec["args"] = {}
+        return case
     if operation_id not in SUBMITS or meta is None or meta.generation.mode != GenerationMode.POSITIVE:
         return case
     header_key = None

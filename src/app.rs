@@ -247,6 +247,16 @@ impl App {
             }
         });
 
+        // The schedules' ticker: it stops by itself when the drain starts.
+        let ticker = tokio::spawn(
+            crate::schedule::ticker::Ticker::new(
+                state.dispatcher.clone(),
+                state.spec_defaults(),
+                Duration::from_millis(state.settings.schedule_grace_ms),
+            )
+            .run(),
+        );
+
         let watchdog = {
             let dispatcher = state.dispatcher.clone();
             let threshold = Duration::from_millis(state.settings.stall_warn_ms);
@@ -279,6 +289,7 @@ impl App {
             .await
             .map_err(AppError::Serve);
         pruner.abort();
+        ticker.abort();
         watchdog.abort();
         tracing::info!("offload stopped");
         drop(lock);

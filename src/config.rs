@@ -81,6 +81,9 @@ pub struct Settings {
     pub lease_ms: u64,
     /// A runtime wake-up later than this is logged as a stall (a blocking call in async code).
     pub stall_warn_ms: u64,
+    /// A schedule's tick not fired within this long of its time counts as missed, and follows
+    /// the schedule's `catch_up` (src/schedule/).
+    pub schedule_grace_ms: u64,
     pub http_allow_hosts: Vec<String>,
     pub http_allow_private: bool,
     pub http_max_bytes: u64,
@@ -143,6 +146,7 @@ impl Settings {
             drain_timeout_ms: 10_000,
             lease_ms: 15_000,
             stall_warn_ms: 100,
+            schedule_grace_ms: 10_000,
             http_allow_hosts: vec!["*".into()],
             http_allow_private: false,
             http_max_bytes: 10 << 20,
@@ -207,6 +211,7 @@ impl Settings {
         pick!(drain_timeout_ms);
         pick!(lease_ms);
         pick!(stall_warn_ms);
+        pick!(schedule_grace_ms);
         pick!(http_allow_private);
         pick!(http_max_bytes);
         pick!(http_timeout_ms);
@@ -258,6 +263,7 @@ impl Settings {
             ("http-timeout-ms", self.http_timeout_ms),
             ("prune-interval-ms", self.prune_interval_ms),
             ("lease-ms", self.lease_ms),
+            ("schedule-grace-ms", self.schedule_grace_ms),
             ("callback-retry-secs", self.callback_retry_secs),
             ("callback-backoff-ms", self.callback_backoff_ms),
             ("callback-timeout-ms", self.callback_timeout_ms),
@@ -341,6 +347,7 @@ struct FileSettings {
     drain_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
     stall_warn_ms: Option<u64>,
+    schedule_grace_ms: Option<u64>,
     http_allow_hosts: Option<Vec<String>>,
     http_allow_private: Option<bool>,
     http_max_bytes: Option<u64>,
@@ -468,6 +475,10 @@ pub struct ServeArgs {
     /// Log a warning (and count a stall) when the runtime wakes a timer this much late [default: 100].
     #[arg(long, env = "OFFLOAD_STALL_WARN_MS")]
     pub stall_warn_ms: Option<u64>,
+    /// A schedule's tick not fired within this long of its time was missed, and follows the
+    /// schedule's catch_up [default: 10000].
+    #[arg(long, env = "OFFLOAD_SCHEDULE_GRACE_MS")]
+    pub schedule_grace_ms: Option<u64>,
     /// Hosts http_get may fetch, comma-separated; `*` is any, `*.example.com` a domain [default: *].
     #[arg(long, env = "OFFLOAD_HTTP_ALLOW_HOSTS", value_delimiter = ',')]
     pub http_allow_hosts: Option<Vec<String>>,

@@ -10,6 +10,8 @@
 //!   one place that decides what a job moves to after an attempt, and `after_parents()`: what
 //!   a job with parents moves to.
 //! - [`spec`]: a submitted spec parsed into a validated `NewJob` (the 422s live here).
+//! - [`schedule`]: cron schedules: their timetable (cron expression, time zone, catch-up), and
+//!   the ticker that makes one job per tick across every server on one database.
 //! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
 //! - [`dispatch`]: the router (kind + task → lane, once), admission, each lane's claim loop,
 //!   attempts (timeouts, cancel), retries, leases and rescue, drain.
@@ -43,6 +45,7 @@ pub mod events;
 pub mod executor;
 pub mod job;
 pub mod observe;
+pub mod schedule;
 pub mod schema;
 pub mod shm;
 pub mod spec;

@@ -121,6 +121,43 @@ pub struct SpecDefaults {
 /// that is missing here does not exist).
 pub type BlobSizes = std::collections::HashMap<String, u64>;
 
+/// Looks up the blobs the specs name (their tasks' blob arguments), so that parsing can check
+/// that each exists and fits its job, and route the job by its size. Unknown tasks and
+/// malformed ids are left for parsing to name.
+pub async fn blob_sizes(
+    store: &dyn crate::store::JobStore,
+    registry: &Registry,
+    specs: &[&Value],
+) -> Result<BlobSizes, crate::store::StoreError> {
+    let mut sizes = BlobSizes::new();
+    for spec in specs {
+        let Some(task) = spec
+            .get("task")
+            .and_then(Value::as_str)
+            .and_then(|t| registry.get(t))
+        else {
+            continue;
+        };
+        for arg in task.blob_args() {
+            let Some(id) = spec
+                .get("args")
+                .and_then(|a| a.get(*arg))
+                .and_then(Value::as_str)
+                .and_then(crate::blob::canonical_id)
+            else {
+                continue;
+            };
+            if sizes.contains_key(&id) {
+                continue;
+            }
+            if let Some(meta) = store.get_blob(&id).await? {
+                sizes.insert(id, meta.size);
+            }
+        }
+    }
+    Ok(sizes)
+}
+
 /// Parses one spec. `path` prefixes error messages (`jobs[3]` in a batch, empty for one spec); `header_key` is the
 /// `Idempotency-Key` header, if any.
 pub fn parse(

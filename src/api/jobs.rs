@@ -67,38 +67,10 @@ fn present(state: &AppState, mut job: Job) -> Job {
     job
 }
 
-/// Looks up the blobs the specs name (their tasks' blob arguments), so that parsing can check
-/// that each exists and fits its job, and route the job by its size. Unknown tasks and
-/// malformed ids are left for parsing to name.
+/// Looks up the blobs the specs name, for parsing (see [`spec::blob_sizes`]).
 async fn blob_sizes(state: &AppState, specs: &[&Value]) -> Result<spec::BlobSizes, ApiError> {
-    let registry = state.dispatcher.registry();
-    let mut sizes = spec::BlobSizes::new();
-    for spec in specs {
-        let Some(task) = spec
-            .get("task")
-            .and_then(Value::as_str)
-            .and_then(|t| registry.get(t))
-        else {
-            continue;
-        };
-        for arg in task.blob_args() {
-            let Some(id) = spec
-                .get("args")
-                .and_then(|a| a.get(*arg))
-                .and_then(Value::as_str)
-                .and_then(crate::blob::canonical_id)
-            else {
-                continue;
-            };
-            if sizes.contains_key(&id) {
-                continue;
-            }
-            if let Some(meta) = state.dispatcher.store().get_blob(&id).await? {
-                sizes.insert(id, meta.size);
-            }
-        }
-    }
-    Ok(sizes)
+    let store = state.dispatcher.store();
+    Ok(spec::blob_sizes(store.as_ref(), state.dispatcher.registry(), specs).await?)
 }
 
 fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {

@@ -5,6 +5,7 @@ mod blobs;
 mod error;
 mod jobs;
 mod ops;
+mod schedules;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,6 +61,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/events", get(jobs::all_events))
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{name}",
+            get(schedules::get_schedule).delete(schedules::delete),
+        )
+        .route("/v1/schedules/{name}/pause", post(schedules::pause))
+        .route("/v1/schedules/{name}/resume", post(schedules::resume))
         .route("/v1/blobs", post(blobs::upload))
         .route("/v1/blobs/{id}", get(blobs::download).delete(blobs::remove))
         .route("/v1/tasks", get(ops::tasks))

@@ -138,6 +138,8 @@ pub struct Dispatcher {
     api_token: Option<String>,
     /// For fetching blobs from other servers.
     http: reqwest::Client,
+    /// Wakes the schedule ticker (`crate::schedule::ticker`) when schedules change.
+    schedule_wake: Arc<Notify>,
     /// How completion callbacks are sent; `None` (no secret): none are.
     callbacks: Option<CallbackOptions>,
     /// Wakes the callback delivery task when a job with a callback became final here.
@@ -230,6 +232,7 @@ impl Dispatcher {
             lease,
             api_token,
             http,
+            schedule_wake: Arc::new(Notify::new()),
             callbacks,
             callback_wake: Arc::new(Notify::new()),
             sweep_after: Mutex::new(None),
@@ -283,6 +286,8 @@ impl Dispatcher {
                 }
             }
             Notice::Cancel(id) => self.stop_attempt(id, None, StopReason::Cancelled),
+            // A permit is kept if the ticker is busy: it looks again when it is done.
+            Notice::Schedules => self.schedule_wake.notify_one(),
             Notice::Changed(id) => {
                 // Wake this server's long-polls and streams on a job another server moved.
                 if self.events.is_watched_alone(id) {
@@ -670,6 +675,27 @@ impl Dispatcher {
         for lane in self.lanes.values() {
             lane.executor.shutdown();
         }
+    }
+
+    /// Accounts for jobs stored by another part of this server (a schedule's ticks): the
+    /// lanes' queued counts and whoever watches.
+    pub fn stored(&self, jobs: &[Job]) {
+        for job in jobs {
+            if let Some(lane) = self.lanes.get(&job.executor) {
+                lane.count_queued(1);
+            }
+            self.events.publish(job);
+        }
+    }
+
+    /// Notified when the store announces a schedule change.
+    pub fn schedule_wake(&self) -> Arc<Notify> {
+        self.schedule_wake.clone()
+    }
+
+    /// Turns `true` when the server starts to drain: whatever makes new jobs stops.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stop_lanes.subscribe()
     }
 
     /// The address rules a spec's `callback_url` must pass; `None` when this server sends no

@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{CallbackStatus, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
+use crate::schedule::Schedule;
 use serde_json::Value;
 
 pub use postgres::PostgresStore;
@@ -412,6 +413,40 @@ pub enum Notice {
     Cancel(JobId),
     /// A job changed on another server: wake whoever waits on it here.
     Changed(JobId),
+    /// A schedule was created, paused, resumed or deleted: tickers look again.
+    Schedules,
+}
+
+/// One wake-up of a schedule, as the ticker decided it: the jobs for its ticks, stored only if
+/// the schedule is still active and still due at `expected` (no other server fired it
+/// first), in the same transaction that moves its `next_run` on.
+#[derive(Debug, Clone)]
+pub struct Fire {
+    pub name: String,
+    /// The `next_run` the ticker read: the guard.
+    pub expected: Micros,
+    /// One per fired tick, each keyed `schedule:<name>:<tick>`. A job whose key is already
+    /// stored is left out (that tick's job exists).
+    pub jobs: Vec<NewJob>,
+    pub next_run: Micros,
+    pub last_tick: Option<Micros>,
+    /// Why this wake-up made no job (its spec no longer parses), or `None`.
+    pub error: Option<String>,
+    pub now: Micros,
+}
+
+/// The jobs of `jobs` whose idempotency key is not in `taken`.
+pub(crate) fn untaken<'a>(
+    jobs: &'a [NewJob],
+    taken: &std::collections::HashSet<String>,
+) -> Vec<&'a NewJob> {
+    jobs.iter()
+        .filter(|j| {
+            j.idempotency_key
+                .as_ref()
+                .is_none_or(|k| !taken.contains(k))
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -476,6 +511,42 @@ pub trait JobStore: Send + Sync + 'static {
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // Schedules (`crate::schedule`). Every write announces `Notice::Schedules` at its commit,
+    // except a fire, whose jobs announce themselves as submits do.
+
+    /// Stores a new schedule; `false` (nothing stored) when its name is taken.
+    async fn create_schedule(&self, schedule: Schedule) -> Result<bool, StoreError>;
+    async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, StoreError>;
+    /// In name order, after the name `after`.
+    async fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError>;
+    /// Up to `limit` active (not paused) schedules, soonest `next_run` first: what a ticker
+    /// fires or sleeps until.
+    async fn next_schedules(&self, limit: u32) -> Result<Vec<Schedule>, StoreError>;
+    /// Pauses a schedule (no ticks until resumed); the schedule as it is now, `None` if
+    /// unknown. Pausing a paused schedule changes nothing.
+    async fn pause_schedule(&self, name: &str, now: Micros)
+        -> Result<Option<Schedule>, StoreError>;
+    /// Resumes a paused schedule, due next at `next_run`; the schedule as it is now, `None`
+    /// if unknown. Resuming an active schedule changes nothing.
+    async fn resume_schedule(
+        &self,
+        name: &str,
+        next_run: Micros,
+        now: Micros,
+    ) -> Result<Option<Schedule>, StoreError>;
+    /// Forgets a schedule (the jobs it made stay); `false` if unknown.
+    async fn delete_schedule(&self, name: &str) -> Result<bool, StoreError>;
+    /// Fires a wake-up of a schedule (see [`Fire`]), all or nothing. `None` when its guard
+    /// refused (fired elsewhere, paused, resumed or deleted since it was read); else the jobs
+    /// stored.
+    async fn fire_schedule(&self, fire: Fire) -> Result<Option<Vec<Job>>, StoreError>;
+    /// The latest `limit` jobs a schedule made, newest tick first.
+    async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
 
     // Completion callbacks. The outbox row of a job with a `callback_url` is written in the
     // same transaction as the job's move into a final state (settle, rescue, cancel: every

@@ -366,6 +366,89 @@ async fn bad_callback_urls_are_a_422_that_stores_nothing() {
         .contains("--callback-secret"));
 }
 
+/// A schedule's job spec takes `callback_url` as a submit does: each tick's job calls back
+/// when final, the schedule's `recent_jobs` show how the delivery went, and a bad URL (or a
+/// server without a secret) refuses the schedule with nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedules_tick_jobs_call_back() {
+    let receiver = Receiver::start(200).await;
+    let app = app_with_callbacks(50).await;
+    let created = app
+        .post(
+            "/v1/schedules",
+            json!({"name": "hooked", "cron": "* * * * * *",
+                   "job": {"task": "noop", "callback_url": receiver.url}}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let delivered = loop {
+        let got = app.get("/v1/schedules/hooked").await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+        let done: Vec<Value> = got.body["recent_jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["callback"]["status"] == "delivered")
+            .cloned()
+            .collect();
+        if let Some(job) = done.first() {
+            break job.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no tick's callback delivered: {}",
+            got.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(delivered["callback"]["url"], json!(receiver.url));
+    assert_eq!(delivered["callback"]["attempts"], 1);
+    let id = id_of(&delivered);
+    let hits = receiver.hits_for(&id);
+    assert_eq!(hits.len(), 1, "one delivery of the tick's job");
+    assert_signed(&hits[0]);
+    let sent = hits[0].job();
+    assert_eq!(sent["id"], json!(id));
+    assert_eq!(sent["status"], "succeeded");
+    assert!(sent["idempotency_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("schedule:hooked:"));
+
+    // Refused like a submit's: a URL off the rules, and any URL without a secret.
+    let bad = app
+        .post(
+            "/v1/schedules",
+            json!({"name": "bad", "cron": "* * * * *",
+                   "job": {"task": "noop", "callback_url": "ftp://127.0.0.1/hook"}}),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert!(bad.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("job.callback_url"));
+    let unsigned = spawn_with(|s| s.http_allow_private = true).await;
+    let bad = unsigned
+        .post(
+            "/v1/schedules",
+            json!({"name": "unsigned", "cron": "* * * * *",
+                   "job": {"task": "noop", "callback_url": receiver.url}}),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert!(bad.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("--callback-secret"));
+    for (server, name) in [(&app, "bad"), (&unsigned, "unsigned")] {
+        let got = server.get(&format!("/v1/schedules/{name}")).await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "nothing stored");
+    }
+}
+
 /// The crash window the outbox exists for: the job is final and its callback owed, but not
 /// delivered (the receiver is failing), when the server is killed with SIGKILL. The restarted
 /// server on the same data dir delivers it.

@@ -20,6 +20,7 @@ mod postgres;
 mod process;
 mod programs;
 mod progress;
+mod schedules;
 mod store;
 mod store_graph;
 mod stranded;

@@ -1006,3 +1006,5 @@ async fn concurrent_callback_claims_never_take_one_row_twice(store: Arc<dyn JobS
         "each callback claimed exactly once"
     );
 }
+
+mod schedules;

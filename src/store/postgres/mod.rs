@@ -16,6 +16,7 @@
 
 mod batcher;
 mod graph;
+mod schedules;
 mod sql;
 
 use std::collections::HashMap;
@@ -35,12 +36,13 @@ use self::sql::{
 use super::graph::Cascade;
 use super::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Delivery, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice, RetryOutcome, Settle,
-    StoreError,
+    Delivery, Fire, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice, RetryOutcome,
+    Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::schedule::Schedule;
 
 /// The migrations, compiled into the binary.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -78,6 +80,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         8,
         "dependencies",
         include_str!("../../../migrations/postgres/0008_dependencies.sql"),
+    ),
+    (
+        9,
+        "schedules",
+        include_str!("../../../migrations/postgres/0009_schedules.sql"),
     ),
     (
         10,
@@ -540,6 +547,57 @@ impl JobStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn create_schedule(&self, schedule: Schedule) -> Result<bool, StoreError> {
+        schedules::create(&self.pool, &self.channel, schedule).await
+    }
+
+    async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, StoreError> {
+        schedules::get(&self.pool, name).await
+    }
+
+    async fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        schedules::list(&self.pool, after, limit).await
+    }
+
+    async fn next_schedules(&self, limit: u32) -> Result<Vec<Schedule>, StoreError> {
+        schedules::next(&self.pool, limit).await
+    }
+
+    async fn pause_schedule(
+        &self,
+        name: &str,
+        now: Micros,
+    ) -> Result<Option<Schedule>, StoreError> {
+        schedules::set_paused(&self.pool, &self.channel, name, None, now).await
+    }
+
+    async fn resume_schedule(
+        &self,
+        name: &str,
+        next_run: Micros,
+        now: Micros,
+    ) -> Result<Option<Schedule>, StoreError> {
+        schedules::set_paused(&self.pool, &self.channel, name, Some(next_run), now).await
+    }
+
+    async fn delete_schedule(&self, name: &str) -> Result<bool, StoreError> {
+        schedules::delete(&self.pool, &self.channel, name).await
+    }
+
+    async fn fire_schedule(&self, fire: Fire) -> Result<Option<Vec<Job>>, StoreError> {
+        schedules::fire(&self.pool, &self.channel, fire).await
+    }
+
+    async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let mut jobs = schedules::jobs(&self.pool, name, limit).await?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     async fn claim_callbacks(

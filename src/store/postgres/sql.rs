@@ -518,9 +518,13 @@ impl Notices {
     }
 }
 
-/// Parses one notification's payload: `new:<executor>`, `cancel:<id>` or `change:<id>,<id>,...`.
+/// Parses one notification's payload: `new:<executor>`, `cancel:<id>`,
+/// `change:<id>,<id>,...` or `schedules`.
 pub(super) fn parse_payload(payload: &str) -> Vec<crate::store::Notice> {
     use crate::store::Notice;
+    if payload == "schedules" {
+        return vec![Notice::Schedules];
+    }
     match payload.split_once(':') {
         Some(("new", e)) => e.parse().ok().map(Notice::New).into_iter().collect(),
         Some(("cancel", id)) => id.parse().ok().map(Notice::Cancel).into_iter().collect(),

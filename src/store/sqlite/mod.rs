@@ -11,6 +11,7 @@
 //! `exclusive`.
 
 mod graph;
+mod schedules;
 mod sql;
 mod writer;
 
@@ -28,12 +29,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Inserted, JobStore, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
+    Fire, Inserted, JobStore, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::schedule::Schedule;
 use sql::{job_from_row, COLUMNS};
 use writer::{Op, MAX_BATCH};
 
@@ -68,6 +70,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         8,
         "dependencies",
         include_str!("../../../migrations/sqlite/0008_dependencies.sql"),
+    ),
+    (
+        9,
+        "schedules",
+        include_str!("../../../migrations/sqlite/0009_schedules.sql"),
     ),
     (
         10,
@@ -310,6 +317,73 @@ impl JobStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reads).await?;
         Ok(())
+    }
+
+    async fn create_schedule(&self, schedule: Schedule) -> Result<bool, StoreError> {
+        self.write(|reply| Op::CreateSchedule { schedule, reply })
+            .await
+    }
+
+    async fn get_schedule(&self, name: &str) -> Result<Option<Schedule>, StoreError> {
+        schedules::get(&self.reads, name).await
+    }
+
+    async fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        schedules::list(&self.reads, after, limit).await
+    }
+
+    async fn next_schedules(&self, limit: u32) -> Result<Vec<Schedule>, StoreError> {
+        schedules::next(&self.reads, limit).await
+    }
+
+    async fn pause_schedule(
+        &self,
+        name: &str,
+        now: Micros,
+    ) -> Result<Option<Schedule>, StoreError> {
+        let name = name.to_string();
+        self.write(|reply| Op::SetPaused {
+            name,
+            resume: None,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn resume_schedule(
+        &self,
+        name: &str,
+        next_run: Micros,
+        now: Micros,
+    ) -> Result<Option<Schedule>, StoreError> {
+        let name = name.to_string();
+        self.write(|reply| Op::SetPaused {
+            name,
+            resume: Some(next_run),
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn delete_schedule(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.write(|reply| Op::DeleteSchedule { name, reply }).await
+    }
+
+    async fn fire_schedule(&self, fire: Fire) -> Result<Option<Vec<Job>>, StoreError> {
+        self.write(|reply| Op::FireSchedule { fire, reply }).await
+    }
+
+    async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let mut jobs = schedules::jobs(&self.reads, name, limit).await?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     async fn claim_callbacks(

@@ -18,15 +18,17 @@ use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::graph;
+use super::schedules;
 use super::sql::{self, exec, mergeable, MERGED_INSERT_MAX, SETTLE_CHUNK};
 use super::NoticeTx;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::schedule::Schedule;
 use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Inserted, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
+    Fire, Inserted, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -82,6 +84,25 @@ pub(super) enum Op {
     PruneBlobs {
         limit: u32,
         reply: Reply<Vec<String>>,
+    },
+    CreateSchedule {
+        schedule: Schedule,
+        reply: Reply<bool>,
+    },
+    /// Pause (`resume: None`) or resume, due next at `resume`.
+    SetPaused {
+        name: String,
+        resume: Option<Micros>,
+        now: Micros,
+        reply: Reply<Option<Schedule>>,
+    },
+    DeleteSchedule {
+        name: String,
+        reply: Reply<bool>,
+    },
+    FireSchedule {
+        fire: Fire,
+        reply: Reply<Option<Vec<Job>>>,
     },
     ClaimCallbacks {
         limit: u32,
@@ -147,6 +168,8 @@ impl Op {
             | Op::RetryMatching { .. }
             | Op::CancelMatching { .. }
             | Op::ResolveWaiting { .. } => false,
+            // A guarded update, then the tick's jobs: one transaction.
+            Op::FireSchedule { .. } => false,
             _ => true,
         }
     }
@@ -167,6 +190,10 @@ impl Op {
             Op::InsertBlob { reply, .. } => send(reply, msg),
             Op::DeleteBlob { reply, .. } => send(reply, msg),
             Op::PruneBlobs { reply, .. } => send(reply, msg),
+            Op::CreateSchedule { reply, .. } => send(reply, msg),
+            Op::SetPaused { reply, .. } => send(reply, msg),
+            Op::DeleteSchedule { reply, .. } => send(reply, msg),
+            Op::FireSchedule { reply, .. } => send(reply, msg),
             Op::ClaimCallbacks { reply, .. } => send(reply, msg),
             Op::RecordCallback { reply, .. } => send(reply, msg),
             Op::Retry { reply, .. } => send(reply, msg),
@@ -604,6 +631,41 @@ fn run_op<'a>(
             Op::DeleteBlob { id, reply } => finish!(reply, sql::delete_blob(&mut *conn, id).await),
             Op::PruneBlobs { limit, reply } => {
                 finish!(reply, sql::prune_blobs(&mut *conn, limit).await)
+            }
+            Op::CreateSchedule { schedule, reply } => {
+                let result = schedules::create(&mut *conn, schedule).await;
+                if matches!(result, Ok(true)) {
+                    out.notices.push(Notice::Schedules);
+                }
+                finish!(reply, result)
+            }
+            Op::SetPaused {
+                name,
+                resume,
+                now,
+                reply,
+            } => {
+                let result = schedules::set_paused(&mut *conn, &name, resume, now).await;
+                if matches!(result, Ok(Some(_))) {
+                    out.notices.push(Notice::Schedules);
+                }
+                finish!(reply, result)
+            }
+            Op::DeleteSchedule { name, reply } => {
+                let result = schedules::delete(&mut *conn, &name).await;
+                if matches!(result, Ok(true)) {
+                    out.notices.push(Notice::Schedules);
+                }
+                finish!(reply, result)
+            }
+            Op::FireSchedule { fire, reply } => {
+                let result = schedules::fire(&mut *conn, fire).await.map(|fired| {
+                    fired.map(|(jobs, lanes)| {
+                        out.notices.extend(lanes.into_iter().map(Notice::New));
+                        jobs
+                    })
+                });
+                finish!(reply, result)
             }
             Op::ClaimCallbacks {
                 limit,
