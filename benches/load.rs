@@ -185,6 +185,28 @@ impl Env {
             .collect()
     }
 
+    /// `total` jobs made by `spec(i)` (i: the index in its batch of 1,000), sent by 8 clients
+    /// in batches, until every one is final: jobs/s, and the server's µs of CPU per job.
+    async fn end_to_end(&self, total: usize, spec: fn(usize) -> Value) -> (f64, f64) {
+        let before = self.settle().await;
+        let cpu0 = cpu_us(self.pid);
+        let t = Instant::now();
+        let batches = total / 1000;
+        let mut sends = Vec::new();
+        for sender in 0..8 {
+            sends.push(async move {
+                for _ in (sender..batches).step_by(8) {
+                    self.batch((0..1000).map(spec).collect()).await;
+                }
+            });
+        }
+        futures_util::future::join_all(sends).await;
+        let done = self.settle().await - before;
+        let rate = done as f64 / t.elapsed().as_secs_f64();
+        let cpu = (cpu_us(self.pid) - cpu0) / done.max(1) as f64;
+        (rate, cpu)
+    }
+
     /// Submit-then-wait round trips in sequence; sorted latencies in ms.
     async fn round_trips(&self, n: usize) -> Vec<f64> {
         let mut out = Vec::with_capacity(n);
@@ -224,28 +246,39 @@ async fn main() {
     };
     let s = env.smoke;
 
-    // 3. End to end: noop jobs by batch until every one is final.
+    // 3. End to end: noop jobs by batch until every one is final; then the same with flow
+    //    control and graphs in play, so their cost reads as a ratio to the plain rate.
     let total: usize = if s { 10_000 } else { 100_000 };
-    let before = env.settle().await;
-    let cpu0 = cpu_us(env.pid);
-    let t = Instant::now();
-    let mut sends = Vec::new();
-    let batches = total / 1000;
-    for sender in 0..8 {
-        let env = &env;
-        sends.push(async move {
-            for _ in (sender..batches).step_by(8) {
-                env.batch(vec![json!({"task": "noop"}); 1000]).await;
-            }
-        });
-    }
-    futures_util::future::join_all(sends).await;
-    let done = env.settle().await - before;
-    let e2e = done as f64 / t.elapsed().as_secs_f64();
-    let per_job = (cpu_us(env.pid) - cpu0) / done.max(1) as f64;
+    let (plain, plain_cpu) = env.end_to_end(total, |_| json!({"task": "noop"})).await;
     println!(
-        "| end to end: {done} noop jobs by batch until final, jobs/s (server µs CPU per job) | {e2e:.0} ({per_job:.1}) |"
+        "| end to end: {total} noop jobs by batch until final, jobs/s (server µs CPU per job) | {plain:.0} ({plain_cpu:.1}) |"
     );
+    type Spec = fn(usize) -> Value;
+    let variants: [(&str, Spec); 4] = [
+        ("16 tenants, round-robin", |i| {
+            json!({"task": "noop", "tenant": format!("t{}", i % 16)})
+        }),
+        ("64 concurrency keys, limit 64 each", |i| {
+            json!({"task": "noop", "concurrency": {"key": format!("k{}", i % 64), "limit": 64}})
+        }),
+        ("one rate key, 1,000,000/s", |_| {
+            json!({"task": "noop", "rate": {"key": "bench", "per_second": 1_000_000, "burst": 1_000_000}})
+        }),
+        ("graphs: chains of 10, each job depends on the one before", |i| {
+            if i % 10 == 0 {
+                json!({"task": "noop"})
+            } else {
+                json!({"task": "noop", "depends_on": [format!("#{}", i - 1)]})
+            }
+        }),
+    ];
+    for (label, spec) in variants {
+        let (rate, cpu) = env.end_to_end(total, spec).await;
+        println!(
+            "| end to end with {label}, jobs/s (server µs CPU per job; ÷ plain) | {rate:.0} ({cpu:.1}; {:.2}) |",
+            rate / plain
+        );
+    }
 
     // 4. Round trip on an idle server.
     let idle = env.round_trips(if s { 200 } else { 1000 }).await;
