@@ -4,6 +4,12 @@
 //! commits is published here. Only jobs someone watches cost anything: a publish is a map
 //! lookup, and a watcher is woken only by its own job, so ten thousand waiters are not all
 //! woken by every change.
+//!
+//! On a shared store the changes other servers make arrive as the store's notices; the
+//! dispatcher reads those jobs (one query per notice) and publishes them here only when
+//! someone follows them, so the stream of every change carries the whole cluster's changes
+//! (all but claims, which no store announces: a job another server runs shows as queued,
+//! then as finished).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -58,20 +64,6 @@ impl Events {
     pub fn is_watched(&self, id: JobId) -> bool {
         self.all.receiver_count() > 0
             || self.watchers.lock().expect("events lock").contains_key(&id)
-    }
-
-    /// Whether this job has watchers of its own (long-polls, per-job streams).
-    pub fn is_watched_alone(&self, id: JobId) -> bool {
-        self.watchers.lock().expect("events lock").contains_key(&id)
-    }
-
-    /// Tells only the job's own watchers (a change made by another server: the stream of every
-    /// change carries this server's changes).
-    pub fn publish_to_watchers(&self, job: &Job) {
-        let watchers = self.watchers.lock().expect("events lock");
-        if let Some(tx) = watchers.get(&job.id) {
-            tx.send_replace(Some(Arc::new(job.clone())));
-        }
     }
 
     /// Watches one job. Subscribe *before* reading the job's current state, so no change can

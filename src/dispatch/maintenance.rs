@@ -8,11 +8,17 @@ use std::time::Duration;
 use super::Dispatcher;
 use crate::clock::Micros;
 use crate::job::{next_state, AttemptEnd, JobId, JobStatus};
-use crate::store::{Settle, StoreError};
+use crate::store::{Expired, Expiry, Settle, StoreError};
 use crate::task::StopReason;
 
 /// Most jobs rescued per store call.
 const RESCUE_BATCH: u32 = 500;
+/// How often a server on a shared store recounts the queues. Other servers' submits reach it
+/// at once through the store's notices (with their counts), but their claims and cancels are
+/// not announced: this recount, one cheap `GROUP BY` on the queued rows' partial index, is
+/// what brings the count down again, so admission refuses (429) no longer than this after
+/// the database's queue has room again.
+const SHARED_RECOUNT: Duration = Duration::from_secs(1);
 
 impl Dispatcher {
     /// Every third of a lease: renew this server's leases (stopping attempts the store says
@@ -32,6 +38,27 @@ impl Dispatcher {
         });
     }
 
+    /// On a shared store, recounts the queues every [`SHARED_RECOUNT`] (the heartbeat
+    /// recounts too, on every store).
+    pub(super) fn spawn_recount(self: &Arc<Self>) {
+        if self.store.exclusive() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SHARED_RECOUNT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(this) = weak.upgrade() else { return };
+                if let Err(e) = this.recount().await {
+                    tracing::warn!(error = %e, "counting queued jobs failed");
+                }
+            }
+        });
+    }
+
     async fn heartbeat(&self) {
         let running: Vec<(JobId, u32)> = self
             .attempts
@@ -41,8 +68,7 @@ impl Dispatcher {
             .iter()
             .map(|(id, r)| (*id, r.ctx.attempt))
             .collect();
-        let until = Micros::now().plus(self.lease);
-        match self.store.renew(&self.node, &running, until).await {
+        match self.store.renew(&self.node, &running, self.lease).await {
             Ok(gone) => {
                 for (id, attempt) in gone {
                     // Cancelled (a notice this server missed) or rescued by another server:
@@ -54,8 +80,8 @@ impl Dispatcher {
         }
         // Attempts running here are never rescued by this server, even if their lease ran out
         // (a renewal delayed by a full disk): the work is still going on.
-        let mine: HashSet<JobId> = running.iter().map(|(id, _)| *id).collect();
-        match self.rescue(Micros::now(), &mine).await {
+        let mine: HashSet<(JobId, u32)> = running.into_iter().collect();
+        match self.rescue(Expiry::Lapsed, &mine).await {
             Ok((requeued, lost)) if requeued + lost > 0 => tracing::warn!(
                 requeued,
                 lost,
@@ -69,17 +95,18 @@ impl Dispatcher {
         }
     }
 
-    /// Moves running jobs whose lease ended before `before` on, as [`next_state`] decides for a
-    /// lost attempt: queued again while attempts remain, else failed as `lost`. Returns how
-    /// many were requeued and how many lost.
+    /// Moves running jobs whose lease ran out (by the store's clock; or all of them, at the
+    /// start of an exclusive store) on, as [`next_state`] decides for a lost attempt: queued
+    /// again while attempts remain, else failed as `lost`. Attempts in `skip` (job, attempt)
+    /// are left alone. Returns how many were requeued and how many lost.
     pub(super) async fn rescue(
         &self,
-        before: Micros,
-        skip: &HashSet<JobId>,
+        which: Expiry,
+        skip: &HashSet<(JobId, u32)>,
     ) -> Result<(u64, u64), StoreError> {
         let (mut requeued, mut lost) = (0, 0);
         loop {
-            let jobs = self.store.expired(before, RESCUE_BATCH).await?;
+            let Expired { jobs, before } = self.store.expired(which, RESCUE_BATCH).await?;
             if jobs.is_empty() {
                 break;
             }
@@ -87,7 +114,7 @@ impl Dispatcher {
             let full = jobs.len() as u32 == RESCUE_BATCH;
             let moves: Vec<Settle> = jobs
                 .into_iter()
-                .filter(|job| !skip.contains(&job.id))
+                .filter(|job| !skip.contains(&(job.id, job.attempt)))
                 .filter_map(|job| {
                     let next = next_state(&job, AttemptEnd::Lost, Duration::ZERO, now)?;
                     Some(Settle {

@@ -32,7 +32,7 @@ use crate::clock::Micros;
 use crate::events::Events;
 use crate::executor::Executor;
 use crate::job::{AttemptEnd, ExecutorKind, Job, JobId, JobStatus, NewJob};
-use crate::store::{CancelOutcome, Inserted, JobStore, Notice, Settle, StoreError};
+use crate::store::{CancelOutcome, Expiry, Inserted, JobStore, Notice, Settle, StoreError};
 use crate::task::{JobCtx, Registry, StopReason};
 
 pub use retry::RetryPolicy;
@@ -55,8 +55,9 @@ pub enum SubmitError {
 }
 
 /// How many jobs a lane has queued in the store, as far as this server knows: recounted from
-/// the store on every heartbeat, kept up to date in between by what this server adds and takes.
-/// Used for admission (a bound per lane) and `/v1/stats`.
+/// the store on every heartbeat (and every second on a shared store), kept up to date in
+/// between by what this server adds and takes and by the counts other servers' submits
+/// announce. Used for admission (a bound per lane, over the whole database) and `/v1/stats`.
 #[derive(Default)]
 struct Admission {
     queued: i64,
@@ -231,7 +232,7 @@ impl Dispatcher {
             }
         });
         if self.store.exclusive() {
-            let (requeued, lost) = self.rescue(Micros(i64::MAX), &HashSet::new()).await?;
+            let (requeued, lost) = self.rescue(Expiry::All, &HashSet::new()).await?;
             if requeued + lost > 0 {
                 tracing::warn!(
                     requeued,
@@ -246,6 +247,7 @@ impl Dispatcher {
             tokio::spawn(async move { this.lane_loop(kind).await });
         }
         self.spawn_heartbeat();
+        self.spawn_recount();
         self.spawn_progress_ticker();
         tracing::info!(node = %self.node, exclusive = self.store.exclusive(), "lanes started");
         Ok(())
@@ -253,17 +255,46 @@ impl Dispatcher {
 
     async fn on_notice(&self, notice: Notice) {
         match notice {
-            Notice::New(kind) => {
+            Notice::New { lane: kind, added } => {
                 if let Some(lane) = self.lanes.get(&kind) {
+                    // Jobs another server queued: counted here at once, so admission and
+                    // `/v1/stats` see the whole database's queue before the next recount.
+                    if added > 0 {
+                        lane.count_queued(added as i64);
+                    }
                     lane.wake.notify_one();
                 }
             }
             Notice::Cancel(id) => self.stop_attempt(id, None, StopReason::Cancelled),
-            Notice::Changed(id) => {
-                // Wake this server's long-polls and streams on a job another server moved.
-                if self.events.is_watched_alone(id) {
-                    if let Ok(Some(job)) = self.store.get(id).await {
-                        self.events.publish_to_watchers(&job);
+            Notice::Changed(ids) => {
+                // Jobs another server moved: wake this server's long-polls and streams that
+                // follow them, and the stream of every change, with their rows (one query).
+                let watched: Vec<JobId> = ids
+                    .into_iter()
+                    .filter(|id| self.events.is_watched(*id))
+                    .collect();
+                if watched.is_empty() {
+                    return;
+                }
+                match self.store.get_many(&watched).await {
+                    Ok(mut jobs) => {
+                        jobs.sort_by_key(|j| j.id);
+                        for job in &jobs {
+                            self.events.publish(job);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading jobs another server changed failed")
+                    }
+                }
+            }
+            Notice::BlobsDeleted(ids) => {
+                // Copies fetched from the blob's origin (or the origin's own file).
+                if let Some(blobs) = &self.blobs {
+                    for id in ids {
+                        if let Err(e) = blobs.remove(&id).await {
+                            tracing::warn!(blob = %id, error = %e, "a deleted blob's file could not be removed");
+                        }
                     }
                 }
             }
@@ -294,17 +325,35 @@ impl Dispatcher {
 
     /// Registers a claimed attempt, so cancels, progress and drains reach it. A cancel that
     /// arrived first stops it at once.
+    ///
+    /// An older attempt of the same job may still be running here: its lease ran out (renewals
+    /// failed for a while), another server rescued the job, and this server claimed it again
+    /// before its next renewal said the old attempt was gone. The store refuses that attempt's
+    /// outcome (its attempt number is stale), so it is stopped now and the new attempt takes
+    /// its place: the old one's unregister and stops, which name their attempt, cannot touch
+    /// the new one.
     fn register(&self, job: &Job) -> JobCtx {
         let ctx = JobCtx::new(job.id, job.attempt);
         let mut attempts = self.attempts.lock().expect("attempts lock");
-        attempts.live.insert(
-            job.id,
-            Running {
-                ctx: ctx.clone(),
-                job: Arc::new(job.clone()),
-                published: AtomicU64::new(0f64.to_bits()),
-            },
-        );
+        let running = Running {
+            ctx: ctx.clone(),
+            job: Arc::new(job.clone()),
+            published: AtomicU64::new(0f64.to_bits()),
+        };
+        match attempts.live.insert(job.id, running) {
+            Some(old) if old.ctx.attempt < job.attempt => {
+                tracing::warn!(job = %job.id, old = old.ctx.attempt, new = job.attempt,
+                    "a newer attempt of a job still running here was claimed; stopping the old one");
+                old.ctx.stop(StopReason::Cancelled);
+            }
+            // Never expected (attempts only grow), but a newer attempt must stay the one known.
+            Some(newer) if newer.ctx.attempt > job.attempt => {
+                ctx.stop(StopReason::Cancelled);
+                attempts.live.insert(job.id, newer);
+                return ctx;
+            }
+            _ => {}
+        }
         if attempts.cancelled.remove(&job.id).is_some() {
             ctx.stop(StopReason::Cancelled);
         }

@@ -228,12 +228,38 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-/// Who runs a claimed job, and until when: a server renews its leases while it runs the jobs;
-/// a job whose lease ran out is rescued by whichever server does maintenance.
+/// Who runs a claimed job, and for how long without renewal: a server renews its leases while
+/// it runs the jobs; a job whose lease ran out is rescued by whichever server does maintenance.
+///
+/// A lease is a duration, not an instant: the store stamps the expiry with its own clock (the
+/// database's `now()` on PostgreSQL, the one process's clock on SQLite) when it claims or
+/// renews, and [`JobStore::expired`] compares against that same clock. No server's wall clock
+/// takes part, so a server whose clock is hours off can neither make its own leases look
+/// endless nor another server's look expired.
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub owner: String,
-    pub until: Micros,
+    pub ttl: std::time::Duration,
+}
+
+/// Which running jobs [`JobStore::expired`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Those whose lease ended, by the store's clock.
+    Lapsed,
+    /// Every running job, whatever its lease: on an exclusive store at start, the jobs of the
+    /// process that stopped.
+    All,
+}
+
+/// What [`JobStore::expired`] found.
+#[derive(Debug, Default)]
+pub struct Expired {
+    pub jobs: Vec<Job>,
+    /// The store's clock when it looked (for [`Expiry::All`], the end of time): a rescue of
+    /// these jobs passes it as [`Settle::expired_before`], so a job whose owner renewed its
+    /// lease since is left alone.
+    pub before: Micros,
 }
 
 /// What a claim took.
@@ -285,12 +311,16 @@ impl Settle {
 /// cancel is found by the next lease renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Jobs became queued in this lane.
-    New(ExecutorKind),
+    /// Jobs became queued in this lane; `added` of them were queued by another server (this
+    /// server counts the jobs it queues itself as it writes them, so its own notices say 0).
+    New { lane: ExecutorKind, added: u64 },
     /// A running job was cancelled: whoever runs it must stop it.
     Cancel(JobId),
-    /// A job changed on another server: wake whoever waits on it here.
-    Changed(JobId),
+    /// Jobs changed on another server (submitted, finished, requeued, cancelled; claims and
+    /// lease renewals are not announced): wake whoever follows them here.
+    Changed(Vec<JobId>),
+    /// Blobs were deleted or pruned (on any server): copies of their files here go too.
+    BlobsDeleted(Vec<String>),
 }
 
 #[async_trait]
@@ -306,6 +336,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Stores new jobs, all or nothing, and answers only once they are committed.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError>;
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+    /// The jobs of `ids` that exist, in one query, in no particular order.
+    async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError>;
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError>;
     /// Claims up to `limit` due queued jobs of a lane, in priority then schedule order:
@@ -326,20 +358,23 @@ pub trait JobStore: Send + Sync + 'static {
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError>;
     /// Removes a finished job.
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError>;
-    /// Extends the leases of the attempts `owner` runs (`running`, and only those: a row the
-    /// owner no longer runs lets its lease run out and is rescued) to `until`. Answers which of
-    /// `running` no longer run under its lease: cancelled, rescued or finished elsewhere; the
-    /// owner stops them.
+    /// Extends the leases of the attempts `owner` runs (`running`: (job, attempt) pairs, and
+    /// only those: a row the owner no longer runs lets its lease run out and is rescued) to
+    /// `ttl` from now by the store's clock. An attempt is known by its job and its number: a
+    /// job rescued and claimed again, even by the same owner, is not renewed for its old
+    /// attempt. Answers which of `running` no longer run under its lease: cancelled, rescued
+    /// or finished elsewhere; the owner stops them.
     async fn renew(
         &self,
         owner: &str,
         running: &[(JobId, u32)],
-        until: Micros,
+        ttl: std::time::Duration,
     ) -> Result<Vec<(JobId, u32)>, StoreError>;
-    /// Up to `limit` running jobs whose lease ended before `before`: the jobs of a server that
-    /// died or stopped renewing. One server at a time gets an answer on a shared store; the
-    /// others get none that round.
-    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError>;
+    /// Up to `limit` running jobs whose lease ended by the store's clock (or all of them,
+    /// [`Expiry::All`]): the jobs of a server that died or stopped renewing, and the clock
+    /// reading a rescue guards with. One server at a time gets an answer on a shared store;
+    /// the others get none that round.
+    async fn expired(&self, which: Expiry, limit: u32) -> Result<Expired, StoreError>;
     /// How many jobs are queued in each lane (for admission and `/v1/stats`).
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError>;
     /// Deletes up to `limit` jobs that finished before `before`; returns how many.

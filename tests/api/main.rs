@@ -11,6 +11,7 @@ mod helpers;
 mod inputs;
 mod jobs;
 mod lanes;
+mod leases;
 mod observe;
 mod openapi;
 mod overload;

@@ -10,9 +10,15 @@
 //! statement or one transaction on the shared pool. Every move is guarded in SQL by the status
 //! it moves from and, for a running job, its attempt, exactly as in SQLite.
 //!
-//! Notifications (`offload_<schema>`): `new:<executor>` once per lane that got queued jobs,
-//! `cancel:<id>` for a cancelled running job, `change:<id>,<id>,...` for jobs whose state
-//! changed (settles, cancels). Claims and lease renewals announce nothing.
+//! Notifications (`offload_<schema>`): `new:<origin>:<executor>=<n>,...` once per write with
+//! how many jobs each lane got queued (servers add the others' counts to their own, for
+//! admission and `/v1/stats`), `cancel:<id>` for a cancelled running job,
+//! `change:<origin>:<id>,<id>,...` for jobs whose state changed (submits, settles, cancels),
+//! `blobdel:<id>,...` for deleted blobs. `<origin>` names the sending store, so a server skips
+//! its own changes. Claims and lease renewals announce nothing.
+//!
+//! Leases are stamped and compared with the database's clock (`sql::DB_NOW`), never a
+//! server's.
 
 mod batcher;
 mod sql;
@@ -29,11 +35,11 @@ use uuid::Uuid;
 
 use self::sql::{
     corrupt, error_json, insert_rows, is_unique_violation, job_from_row, maintenance_leader,
-    qualified, Notices, COLUMNS,
+    qualified, Notices, COLUMNS, DB_NOW,
 };
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, KeyedSubmit,
-    Lease, ListFilter, Notice, Settle, StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Expired, Expiry, Inserted, JobStore,
+    KeyedSubmit, Lease, ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -77,6 +83,9 @@ pub struct PostgresStore {
     pool: PgPool,
     /// The schema's notification channel (`offload_<schema>`).
     channel: String,
+    /// This store's name in the notifications it sends, so it can tell its own from those of
+    /// the other servers on the schema.
+    origin: String,
     /// The batcher task's queue (`batcher.rs`): submits without keys, and settles.
     batcher: mpsc::Sender<batcher::Op>,
 }
@@ -115,11 +124,18 @@ impl PostgresStore {
             .max_connections(1)
             .connect_with(options)
             .await?;
+        let origin = Uuid::now_v7().simple().to_string();
         let (batcher, rx) = mpsc::channel(batcher::MAX_BATCH * 4);
-        tokio::spawn(batcher::run(batch_pool, channel.clone(), rx));
+        tokio::spawn(batcher::run(
+            batch_pool,
+            channel.clone(),
+            origin.clone(),
+            rx,
+        ));
         Ok(PostgresStore {
             pool,
             channel,
+            origin,
             batcher,
         })
     }
@@ -139,11 +155,12 @@ impl PostgresStore {
         let plan = KeyedSubmit::plan(jobs, &stored)?;
         let rows = plan.fresh();
         insert_rows(&mut tx, &rows).await?;
-        let notices = Notices {
-            new: rows.iter().map(|j| j.executor).collect(),
-            changed: Vec::new(),
-        };
-        notices.send(&mut tx, &self.channel).await?;
+        let mut notices = Notices::default();
+        for job in &rows {
+            *notices.new.entry(job.executor).or_default() += 1;
+            notices.changed.push(job.id);
+        }
+        notices.send(&mut tx, &self.channel, &self.origin).await?;
         tx.commit().await?;
         Ok(plan.answer())
     }
@@ -191,14 +208,14 @@ impl JobStore for PostgresStore {
              AND scheduled_at <= $1 AND attempt < max_attempts \
              ORDER BY priority DESC, scheduled_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
              UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
-             progress = 0, owner = $2, lease_until = $3 FROM picked \
+             progress = 0, owner = $2, lease_until = {DB_NOW} + $3 FROM picked \
              WHERE jobs.id = picked.id RETURNING {}",
             qualified()
         );
         let rows = sqlx::query(&sql)
             .bind(now.0)
             .bind(&lease.owner)
-            .bind(lease.until.0)
+            .bind(sql::micros(lease.ttl))
             .bind(lane.as_str())
             .bind(limit as i64)
             .fetch_all(&self.pool)
@@ -236,11 +253,10 @@ impl JobStore for PostgresStore {
         &self,
         owner: &str,
         running: &[(JobId, u32)],
-        until: Micros,
+        ttl: std::time::Duration,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
-        let ids: Vec<Uuid> = running.iter().map(|(id, _)| id.0).collect();
         let mut conn = self.pool.acquire().await?;
-        let held = sql::renew(&mut conn, owner, ids, until.0).await?;
+        let held = sql::renew(&mut conn, owner, running, ttl).await?;
         Ok(running
             .iter()
             .filter(|r| !held.contains(r))
@@ -248,11 +264,21 @@ impl JobStore for PostgresStore {
             .collect())
     }
 
-    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError> {
+    async fn expired(&self, which: Expiry, limit: u32) -> Result<Expired, StoreError> {
         let mut tx = self.pool.begin().await?;
         if !maintenance_leader(&mut tx).await? {
-            return Ok(Vec::new());
+            return Ok(Expired::default());
         }
+        // The database's clock, not this server's: a server whose clock runs ahead must not
+        // see the leases of the others as run out.
+        let before = match which {
+            Expiry::Lapsed => Micros(
+                sqlx::query_scalar(&format!("SELECT {DB_NOW}"))
+                    .fetch_one(&mut *tx)
+                    .await?,
+            ),
+            Expiry::All => Micros(i64::MAX),
+        };
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs WHERE status = 'running' \
              AND (lease_until IS NULL OR lease_until < $1) LIMIT $2"
@@ -263,7 +289,10 @@ impl JobStore for PostgresStore {
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        rows.iter().map(job_from_row).collect()
+        Ok(Expired {
+            jobs: rows.iter().map(job_from_row).collect::<Result<_, _>>()?,
+            before,
+        })
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
@@ -279,6 +308,7 @@ impl JobStore for PostgresStore {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         listener.listen(&self.channel).await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let own = self.origin.clone();
         tokio::spawn(async move {
             loop {
                 // recv reconnects after a lost connection; notices sent meanwhile are lost,
@@ -291,7 +321,7 @@ impl JobStore for PostgresStore {
                         continue;
                     }
                 };
-                for notice in sql::parse_payload(n.payload()) {
+                for notice in sql::parse_payload(n.payload(), &own) {
                     if tx.send(notice).is_err() {
                         return;
                     }
@@ -318,6 +348,15 @@ impl JobStore for PostgresStore {
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
         self.one(&sql, |q| q.bind(id.0)).await
+    }
+
+    async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
+        let rows = sqlx::query(&sql)
+            .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
@@ -373,7 +412,8 @@ impl JobStore for PostgresStore {
              SELECT moved.*, \
              CASE WHEN moved.was = 'running' THEN pg_notify($4, 'cancel:' || moved.id::text) \
              END::text AS cancel_notified, \
-             pg_notify($4, 'change:' || moved.id::text)::text AS change_notified FROM moved",
+             pg_notify($4, 'change:' || $5 || ':' || moved.id::text)::text AS change_notified \
+             FROM moved",
             qualified()
         );
         let row = sqlx::query(&sql)
@@ -381,6 +421,7 @@ impl JobStore for PostgresStore {
             .bind(now.0)
             .bind(id.0)
             .bind(&self.channel)
+            .bind(&self.origin)
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {
@@ -470,18 +511,27 @@ impl JobStore for PostgresStore {
     }
 
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "DELETE FROM blobs WHERE id IN (SELECT b.id FROM blobs b WHERE b.used AND NOT b.keep \
              AND NOT EXISTS (SELECT 1 FROM job_blobs jb WHERE jb.blob_id = b.id) LIMIT $1) \
              RETURNING id",
         )
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(ids
+        let gone: Vec<String> = ids
             .into_iter()
             .map(|u| u.hyphenated().to_string())
-            .collect())
+            .collect();
+        // Every server removes its copies of them (at the commit).
+        let notices = Notices {
+            blobs_deleted: gone.clone(),
+            ..Notices::default()
+        };
+        notices.send(&mut tx, &self.channel, &self.origin).await?;
+        tx.commit().await?;
+        Ok(gone)
     }
 
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {
@@ -512,6 +562,12 @@ impl JobStore for PostgresStore {
             .bind(uuid)
             .execute(&mut *tx)
             .await?;
+        // Every server removes its copy (at the commit).
+        let notices = Notices {
+            blobs_deleted: vec![uuid.hyphenated().to_string()],
+            ..Notices::default()
+        };
+        notices.send(&mut tx, &self.channel, &self.origin).await?;
         tx.commit().await?;
         Ok(BlobDeleteOutcome::Deleted)
     }

@@ -1,7 +1,7 @@
 //! The PostgreSQL store's statements: row decoding, the merged insert and settle, and the
 //! notifications a write sends inside its transaction (delivered at its commit).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -16,6 +16,16 @@ pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
     spec_hash, created_at, scheduled_at, started_at, finished_at";
+
+/// The database's clock, in the microseconds every timestamp column holds: what leases are
+/// stamped and compared with, so the servers' own clocks never decide whether a lease ran out.
+/// (`now()` is the transaction's start, the same for every row a statement writes.)
+pub(super) const DB_NOW: &str = "(extract(epoch from now()) * 1000000)::bigint";
+
+/// A duration as the microseconds a lease adds to [`DB_NOW`].
+pub(super) fn micros(d: std::time::Duration) -> i64 {
+    d.as_micros().min(i64::MAX as u128) as i64
+}
 
 /// The columns, each qualified with the `jobs` table, for statements that join another.
 pub(super) fn qualified() -> String {
@@ -240,25 +250,30 @@ pub(super) async fn settle_rows(
     Ok(done)
 }
 
-/// Extends the leases of `owner`'s running attempts (`ids`) to `until`; answers the (id,
-/// attempt) of those it extended. Rows are locked in id order, as [`settle_rows`] locks them.
+/// Extends the leases of `owner`'s running attempts (`running`: (job, attempt) pairs, matched
+/// as pairs) to `ttl` from now by the database's clock; answers the (id, attempt) of those it
+/// extended. Rows are locked in id order, as [`settle_rows`] locks them.
 pub(super) async fn renew(
     conn: &mut PgConnection,
     owner: &str,
-    ids: Vec<Uuid>,
-    until: i64,
+    running: &[(JobId, u32)],
+    ttl: std::time::Duration,
 ) -> Result<HashSet<(JobId, u32)>, StoreError> {
-    let rows = sqlx::query(
-        "WITH locked AS (SELECT id FROM jobs WHERE owner = $2 AND status = 'running' \
-         AND id = ANY($3) ORDER BY id FOR UPDATE) \
-         UPDATE jobs SET lease_until = $1 FROM locked WHERE jobs.id = locked.id \
-         AND jobs.owner = $2 AND jobs.status = 'running' RETURNING jobs.id, jobs.attempt",
-    )
-    .bind(until)
-    .bind(owner)
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await?;
+    let sql = format!(
+        "WITH locked AS (SELECT jobs.id FROM jobs \
+         JOIN UNNEST($3::uuid[], $4::int[]) AS r(id, attempt) \
+         ON jobs.id = r.id AND jobs.attempt = r.attempt \
+         WHERE jobs.owner = $2 AND jobs.status = 'running' ORDER BY jobs.id FOR UPDATE OF jobs) \
+         UPDATE jobs SET lease_until = {DB_NOW} + $1 FROM locked WHERE jobs.id = locked.id \
+         AND jobs.owner = $2 AND jobs.status = 'running' RETURNING jobs.id, jobs.attempt"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(micros(ttl))
+        .bind(owner)
+        .bind(running.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
+        .bind(running.iter().map(|(_, a)| *a as i32).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
     let mut held = HashSet::with_capacity(rows.len());
     for row in rows {
         held.insert((
@@ -274,35 +289,68 @@ pub(super) async fn renew(
 const PAYLOAD_MAX: usize = 7900;
 
 /// What one transaction announces, gathered while it runs and sent just before its commit
-/// ([`Notices::send`]): one notification per lane and kind, not one per row.
+/// ([`Notices::send`]): a few notifications per round, not one per row.
 #[derive(Default)]
 pub(super) struct Notices {
-    /// Lanes that got queued jobs: `new:<executor>`.
-    pub new: HashSet<crate::job::ExecutorKind>,
-    /// Jobs whose state changed: `change:<id>,<id>,...`, for watchers on other servers.
+    /// How many jobs each lane got queued: `new:<origin>:<executor>=<n>,...`, which wakes the
+    /// lanes of every server and tells the others how many to add to their queued counts.
+    pub new: HashMap<crate::job::ExecutorKind, u64>,
+    /// Jobs whose state changed: `change:<origin>:<id>,<id>,...`, for watchers and event
+    /// streams on other servers.
     pub changed: Vec<JobId>,
+    /// Blobs deleted: `blobdel:<id>,<id>,...`, so every server removes its copies.
+    pub blobs_deleted: Vec<String>,
+}
+
+/// Appends `items` to `out` as `<prefix><item>,<item>,...` payloads, each under PostgreSQL's
+/// limit.
+fn lists<'a>(out: &mut Vec<String>, prefix: &str, items: impl Iterator<Item = &'a str>) {
+    let mut list = String::new();
+    for item in items {
+        if !list.is_empty() && list.len() + 1 + item.len() > PAYLOAD_MAX {
+            out.push(std::mem::take(&mut list));
+        }
+        if list.is_empty() {
+            list.push_str(prefix);
+        } else {
+            list.push(',');
+        }
+        list.push_str(item);
+    }
+    if !list.is_empty() {
+        out.push(list);
+    }
 }
 
 impl Notices {
-    /// The payloads, `change:` lists cut to fit PostgreSQL's limit.
-    pub(super) fn payloads(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .new
+    /// The payloads, lists cut to fit PostgreSQL's limit. `origin` names the store that sends
+    /// them, so its own server can tell its own notices from the others'.
+    pub(super) fn payloads(&self, origin: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut new: Vec<_> = self.new.iter().filter(|(_, n)| **n > 0).collect();
+        new.sort_by_key(|(e, _)| e.index());
+        if !new.is_empty() {
+            let counts: Vec<String> = new
+                .iter()
+                .map(|(e, n)| format!("{}={n}", e.as_str()))
+                .collect();
+            out.push(format!("new:{origin}:{}", counts.join(",")));
+        }
+        let ids: Vec<String> = self
+            .changed
             .iter()
-            .map(|e| format!("new:{}", e.as_str()))
+            .map(|id| id.0.hyphenated().to_string())
             .collect();
-        let mut list = String::new();
-        for id in &self.changed {
-            let id = id.0.hyphenated().to_string();
-            if !list.is_empty() && list.len() + 1 + id.len() > PAYLOAD_MAX {
-                out.push(std::mem::take(&mut list));
-            }
-            list.push_str(if list.is_empty() { "change:" } else { "," });
-            list.push_str(&id);
-        }
-        if !list.is_empty() {
-            out.push(list);
-        }
+        lists(
+            &mut out,
+            &format!("change:{origin}:"),
+            ids.iter().map(String::as_str),
+        );
+        lists(
+            &mut out,
+            "blobdel:",
+            self.blobs_deleted.iter().map(String::as_str),
+        );
         out
     }
 
@@ -312,8 +360,9 @@ impl Notices {
         &self,
         conn: &mut PgConnection,
         channel: &str,
+        origin: &str,
     ) -> Result<(), StoreError> {
-        let payloads = self.payloads();
+        let payloads = self.payloads(origin);
         if payloads.is_empty() {
             return Ok(());
         }
@@ -326,16 +375,53 @@ impl Notices {
     }
 }
 
-/// Parses one notification's payload: `new:<executor>`, `cancel:<id>` or `change:<id>,<id>,...`.
-pub(super) fn parse_payload(payload: &str) -> Vec<crate::store::Notice> {
+/// Parses one notification's payload: `new:<origin>:<executor>=<n>,...`, `cancel:<id>`,
+/// `change:<origin>:<id>,<id>,...` or `blobdel:<id>,...`. `own` is this store's origin: its
+/// own jobs this server has counted and published already, so its `new:` adds nothing to the
+/// counts and its `change:` is dropped.
+pub(super) fn parse_payload(payload: &str, own: &str) -> Vec<crate::store::Notice> {
     use crate::store::Notice;
     match payload.split_once(':') {
-        Some(("new", e)) => e.parse().ok().map(Notice::New).into_iter().collect(),
+        Some(("new", rest)) => {
+            let Some((origin, counts)) = rest.split_once(':') else {
+                return Vec::new();
+            };
+            counts
+                .split(',')
+                .filter_map(|c| {
+                    let (lane, n) = c.split_once('=')?;
+                    let lane = lane.parse().ok()?;
+                    let n: u64 = n.parse().ok()?;
+                    Some(Notice::New {
+                        lane,
+                        added: if origin == own { 0 } else { n },
+                    })
+                })
+                .collect()
+        }
         Some(("cancel", id)) => id.parse().ok().map(Notice::Cancel).into_iter().collect(),
-        Some(("change", ids)) => ids
-            .split(',')
-            .filter_map(|id| id.parse().ok().map(Notice::Changed))
-            .collect(),
+        Some(("change", rest)) => match rest.split_once(':') {
+            Some((origin, ids)) if origin != own => {
+                let ids: Vec<JobId> = ids.split(',').filter_map(|id| id.parse().ok()).collect();
+                if ids.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Notice::Changed(ids)]
+                }
+            }
+            _ => Vec::new(),
+        },
+        Some(("blobdel", ids)) => {
+            let ids: Vec<String> = ids
+                .split(',')
+                .filter_map(crate::blob::canonical_id)
+                .collect();
+            if ids.is_empty() {
+                Vec::new()
+            } else {
+                vec![Notice::BlobsDeleted(ids)]
+            }
+        }
         _ => Vec::new(),
     }
 }
@@ -350,15 +436,73 @@ mod tests {
     fn a_long_change_list_is_cut_below_the_payload_limit_and_parses_back() {
         let ids: Vec<JobId> = (0..1000).map(|_| JobId::new()).collect();
         let notices = Notices {
-            new: [ExecutorKind::Async].into_iter().collect(),
+            new: [(ExecutorKind::Async, 1000)].into_iter().collect(),
             changed: ids.clone(),
+            blobs_deleted: Vec::new(),
         };
-        let payloads = notices.payloads();
+        let payloads = notices.payloads("them");
         assert!(payloads.len() > 2, "cut into several");
         assert!(payloads.iter().all(|p| p.len() < 8000));
-        let heard: Vec<Notice> = payloads.iter().flat_map(|p| parse_payload(p)).collect();
-        let mut want = vec![Notice::New(ExecutorKind::Async)];
-        want.extend(ids.into_iter().map(Notice::Changed));
-        assert_eq!(heard, want);
+        let heard: Vec<Notice> = payloads
+            .iter()
+            .flat_map(|p| parse_payload(p, "me"))
+            .collect();
+        let Notice::New { lane, added } = &heard[0] else {
+            panic!("{heard:?}")
+        };
+        assert_eq!((*lane, *added), (ExecutorKind::Async, 1000));
+        let changed: Vec<JobId> = heard[1..]
+            .iter()
+            .flat_map(|n| match n {
+                Notice::Changed(ids) => ids.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(changed, ids);
+    }
+
+    #[test]
+    fn a_servers_own_notices_add_nothing_and_its_changes_are_dropped() {
+        let notices = Notices {
+            new: [(ExecutorKind::Rayon, 3), (ExecutorKind::Async, 2)]
+                .into_iter()
+                .collect(),
+            changed: vec![JobId::new()],
+            blobs_deleted: vec![uuid::Uuid::now_v7().hyphenated().to_string()],
+        };
+        let heard: Vec<Notice> = notices
+            .payloads("me")
+            .iter()
+            .flat_map(|p| parse_payload(p, "me"))
+            .collect();
+        assert_eq!(
+            heard,
+            vec![
+                Notice::New {
+                    lane: ExecutorKind::Async,
+                    added: 0
+                },
+                Notice::New {
+                    lane: ExecutorKind::Rayon,
+                    added: 0
+                },
+                Notice::BlobsDeleted(notices.blobs_deleted.clone()),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_are_ignored() {
+        for p in [
+            "new:x",
+            "new:x:async",
+            "new:x:nolane=3",
+            "change:x",
+            "cancel:nope",
+            "blobdel:../etc",
+            "",
+        ] {
+            assert!(parse_payload(p, "me").is_empty(), "{p}");
+        }
     }
 }

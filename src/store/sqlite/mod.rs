@@ -26,8 +26,8 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
-    ListFilter, Notice, Settle, StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Expired, Expiry, Inserted, JobStore,
+    Lease, ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -144,6 +144,23 @@ impl JobStore for SqliteStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        // Within SQLite's limit on bound parameters.
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id IN ({marks})");
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for row in q.fetch_all(&self.reads).await? {
+                out.push(job_from_row(&row)?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
         let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1");
         if filter.status.is_some() {
@@ -213,20 +230,25 @@ impl JobStore for SqliteStore {
         &self,
         owner: &str,
         running: &[(JobId, u32)],
-        until: Micros,
+        ttl: Duration,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
         let owner = owner.to_string();
         let running = running.to_vec();
         self.write(|reply| Op::Renew {
             owner,
             running,
-            until,
+            ttl,
             reply,
         })
         .await
     }
 
-    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError> {
+    async fn expired(&self, which: Expiry, limit: u32) -> Result<Expired, StoreError> {
+        // One machine: the process's clock is the store's clock.
+        let before = match which {
+            Expiry::Lapsed => Micros::now(),
+            Expiry::All => Micros(i64::MAX),
+        };
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs WHERE status = 'running' \
              AND (lease_until IS NULL OR lease_until < ?) LIMIT ?"
@@ -236,7 +258,10 @@ impl JobStore for SqliteStore {
             .bind(limit as i64)
             .fetch_all(&self.reads)
             .await?;
-        rows.iter().map(job_from_row).collect()
+        Ok(Expired {
+            jobs: rows.iter().map(job_from_row).collect::<Result<_, _>>()?,
+            before,
+        })
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {

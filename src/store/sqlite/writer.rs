@@ -61,7 +61,7 @@ pub(super) enum Op {
     Renew {
         owner: String,
         running: Vec<(JobId, u32)>,
-        until: Micros,
+        ttl: std::time::Duration,
         reply: Reply<Vec<(JobId, u32)>>,
     },
     Prune {
@@ -272,7 +272,8 @@ fn run_batch<'a>(
                 return Err((e.to_string(), unrun(inserts, settles, rest)));
             }
             let lanes: HashSet<ExecutorKind> = rows.iter().map(|j| j.executor).collect();
-            out.notices.extend(lanes.into_iter().map(Notice::New));
+            out.notices
+                .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
             for (reply, jobs) in inserts {
                 let created = jobs.iter().map(|j| Inserted::Created(j.to_job())).collect();
                 out.answers.push(answer(reply, Ok(created)));
@@ -309,7 +310,10 @@ fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -
             done.contains(&m.job.id).then(|| {
                 let job = m.moved();
                 if job.status == JobStatus::Queued {
-                    notices.push(Notice::New(job.executor));
+                    notices.push(Notice::New {
+                        lane: job.executor,
+                        added: 0,
+                    });
                 }
                 job
             })
@@ -346,7 +350,8 @@ fn run_op<'a>(
                 let lanes: HashSet<ExecutorKind> = jobs.iter().map(|j| j.executor).collect();
                 let result = sql::insert(&mut *conn, jobs).await;
                 if result.is_ok() {
-                    out.notices.extend(lanes.into_iter().map(Notice::New));
+                    out.notices
+                        .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
                 }
                 finish!(reply, result)
             }
@@ -382,9 +387,9 @@ fn run_op<'a>(
             Op::Renew {
                 owner,
                 running,
-                until,
+                ttl,
                 reply,
-            } => finish!(reply, sql::renew(&mut *conn, &owner, &running, until).await),
+            } => finish!(reply, sql::renew(&mut *conn, &owner, &running, ttl).await),
             Op::Prune {
                 before,
                 limit,
@@ -393,9 +398,21 @@ fn run_op<'a>(
             Op::InsertBlob { meta, reply } => {
                 finish!(reply, sql::insert_blob(&mut *conn, meta).await)
             }
-            Op::DeleteBlob { id, reply } => finish!(reply, sql::delete_blob(&mut *conn, id).await),
+            Op::DeleteBlob { id, reply } => {
+                let result = sql::delete_blob(&mut *conn, id.clone()).await;
+                if let Ok(BlobDeleteOutcome::Deleted) = &result {
+                    out.notices.push(Notice::BlobsDeleted(vec![id]));
+                }
+                finish!(reply, result)
+            }
             Op::PruneBlobs { limit, reply } => {
-                finish!(reply, sql::prune_blobs(&mut *conn, limit).await)
+                let result = sql::prune_blobs(&mut *conn, limit).await;
+                if let Ok(gone) = &result {
+                    if !gone.is_empty() {
+                        out.notices.push(Notice::BlobsDeleted(gone.clone()));
+                    }
+                }
+                finish!(reply, result)
             }
         }
     })
