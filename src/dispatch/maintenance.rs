@@ -13,6 +13,11 @@ use crate::task::StopReason;
 
 /// Most jobs rescued per store call.
 const RESCUE_BATCH: u32 = 500;
+/// A server whose heartbeat is older than this many leases (and than [`SERVER_GONE_MIN`]) is
+/// taken off the servers list: it died or was cut off. Its jobs are rescued sooner, by their
+/// leases; the list is for people, and a server that only paused should not blink out of it.
+const SERVER_GONE_LEASES: u32 = 4;
+const SERVER_GONE_MIN: Duration = Duration::from_secs(30);
 /// How often a server on a shared store recounts the queues. Other servers' submits reach it
 /// at once through the store's notices (with their counts), but their claims and cancels are
 /// not announced: this recount, one cheap `GROUP BY` on the queued rows' partial index, is
@@ -92,6 +97,15 @@ impl Dispatcher {
         }
         if let Err(e) = self.recount().await {
             tracing::warn!(error = %e, "counting queued jobs failed");
+        }
+        if let Err(e) = self.store.beat(&self.server_beat()).await {
+            tracing::warn!(error = %e, "recording this server's heartbeat failed");
+        }
+        let silent = (self.lease * SERVER_GONE_LEASES).max(SERVER_GONE_MIN);
+        match self.store.forget_servers(silent).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(servers = n, "forgot servers that stopped beating"),
+            Err(e) => tracing::warn!(error = %e, "forgetting silent servers failed"),
         }
     }
 
@@ -175,20 +189,24 @@ impl Dispatcher {
             }
             tokio::task::yield_now().await;
         }
-        // Then the blobs those jobs were the last to use (unless uploaded to be kept).
+        // Then the blobs those jobs were the last to use (unless uploaded to be kept); other
+        // servers remove their copies when the store announces it.
         loop {
             let gone = self.store.prune_blobs(BATCH).await?;
-            if let Some(blobs) = &self.blobs {
-                for id in &gone {
-                    if let Err(e) = blobs.remove(id).await {
-                        tracing::warn!(blob = %id, error = %e, "a pruned blob's file could not be removed");
-                    }
-                }
-            }
+            self.remove_blob_files(&gone).await;
             if gone.len() < BATCH as usize {
-                return Ok(total);
+                break;
             }
             tokio::task::yield_now().await;
         }
+        // And the files of blobs that went while this server was not listening.
+        let swept = self.sweep_blob_files().await?;
+        if swept > 0 {
+            tracing::info!(
+                files = swept,
+                "removed the files of blobs that no longer exist"
+            );
+        }
+        Ok(total)
     }
 }

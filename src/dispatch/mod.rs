@@ -11,9 +11,11 @@
 //! - [`claim`]: a lane's loop: wait for room, claim, start attempts.
 //! - [`attempt`]: one attempt: blobs, run, timeout, cancel, and writing its outcome.
 //! - [`retry`]: the backoff between attempts, and for the server's own failed writes.
-//! - [`maintenance`]: leases (renewal, rescue), counts, pruning.
+//! - [`maintenance`]: leases (renewal, rescue), counts, the servers list, pruning.
+//! - [`blobs`]: blobs across servers: fetching a copy from the origin, removing copies.
 
 mod attempt;
+mod blobs;
 mod claim;
 mod maintenance;
 mod retry;
@@ -35,6 +37,7 @@ use crate::job::{AttemptEnd, ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::store::{CancelOutcome, Expiry, Inserted, JobStore, Notice, Settle, StoreError};
 use crate::task::{JobCtx, Registry, StopReason};
 
+pub use blobs::BlobFetchError;
 pub use retry::RetryPolicy;
 pub use route::{route, RouteHints};
 
@@ -134,6 +137,8 @@ pub struct Dispatcher {
     api_token: Option<String>,
     /// For fetching blobs from other servers.
     http: reqwest::Client,
+    /// Where other servers reach this one.
+    address: Option<String>,
 }
 
 /// How the dispatcher behaves, from the settings.
@@ -147,6 +152,8 @@ pub struct DispatchOptions {
     pub lease: Duration,
     /// The API token, for fetching a blob from the server that holds it.
     pub api_token: Option<String>,
+    /// Where other servers reach this one (its advertised URL), for the servers list.
+    pub address: Option<String>,
 }
 
 /// Admission slots taken for a submit; given back when dropped.
@@ -179,6 +186,7 @@ impl Dispatcher {
             blobs,
             lease,
             api_token,
+            address,
         } = options;
         let lanes = executors
             .into_iter()
@@ -216,6 +224,7 @@ impl Dispatcher {
             lease,
             api_token,
             http,
+            address,
         })
     }
 
@@ -241,6 +250,11 @@ impl Dispatcher {
                 );
             }
         }
+        if self.store.exclusive() {
+            // The servers listed are earlier processes of this one.
+            self.store.forget_servers(Duration::ZERO).await?;
+        }
+        self.store.beat(&self.server_beat()).await?;
         self.recount().await?;
         for &kind in self.lanes.keys() {
             let this = self.clone();
@@ -288,16 +302,8 @@ impl Dispatcher {
                     }
                 }
             }
-            Notice::BlobsDeleted(ids) => {
-                // Copies fetched from the blob's origin (or the origin's own file).
-                if let Some(blobs) = &self.blobs {
-                    for id in ids {
-                        if let Err(e) = blobs.remove(&id).await {
-                            tracing::warn!(blob = %id, error = %e, "a deleted blob's file could not be removed");
-                        }
-                    }
-                }
-            }
+            // Copies fetched from the blob's origin (or the origin's own file).
+            Notice::BlobsDeleted(ids) => self.remove_blob_files(&ids).await,
         }
     }
 
@@ -377,6 +383,33 @@ impl Dispatcher {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// This server's id: the owner on its leases, its row in the servers list.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// What this server's heartbeat writes about it.
+    fn server_beat(&self) -> crate::store::ServerBeat {
+        let lanes: serde_json::Map<String, serde_json::Value> = self
+            .lanes
+            .iter()
+            .map(|(kind, lane)| {
+                (
+                    kind.as_str().to_string(),
+                    serde_json::json!({
+                        "capacity": lane.executor.capacity(),
+                        "running": lane.running.load(Ordering::Relaxed),
+                    }),
+                )
+            })
+            .collect();
+        crate::store::ServerBeat {
+            id: self.node.clone(),
+            address: self.address.clone(),
+            lanes: serde_json::Value::Object(lanes),
+        }
     }
 
     pub fn has_lane(&self, kind: ExecutorKind) -> bool {

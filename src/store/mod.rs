@@ -262,6 +262,27 @@ pub struct Expired {
     pub before: Micros,
 }
 
+/// What a server writes on each heartbeat about itself.
+#[derive(Debug, Clone)]
+pub struct ServerBeat {
+    /// The server's node id (the owner on its leases).
+    pub id: String,
+    /// Where other servers and clients reach it (its advertised URL), if known.
+    pub address: Option<String>,
+    /// Its lanes: capacity and running jobs per lane, as JSON.
+    pub lanes: serde_json::Value,
+}
+
+/// A server using the store, as its last heartbeat left it. Times are the store's clock.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerInfo {
+    pub id: String,
+    pub address: Option<String>,
+    pub started_at: Micros,
+    pub heartbeat_at: Micros,
+    pub lanes: serde_json::Value,
+}
+
 /// What a claim took.
 #[derive(Debug, Default)]
 pub struct Claimed {
@@ -382,11 +403,21 @@ pub trait JobStore: Send + Sync + 'static {
     /// Records a blob whose file is complete and in place.
     async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError>;
     async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError>;
+    /// Which of `ids` name blobs the store has.
+    async fn known_blobs(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
     /// Forgets a blob unless a queued or running job names it.
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError>;
     /// Forgets up to `limit` blobs that jobs used, that no job names any more, and that were
     /// not uploaded to be kept; returns their ids so their files can go too.
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError>;
+    /// Records that a server is alive, now by the store's clock: its address and lanes (its
+    /// first beat also records its start).
+    async fn beat(&self, beat: &ServerBeat) -> Result<(), StoreError>;
+    /// The servers using the store, longest running first.
+    async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError>;
+    /// Forgets servers whose last beat is older than `silent` by the store's clock (ones that
+    /// died, or earlier processes of an exclusive store); returns how many.
+    async fn forget_servers(&self, silent: std::time::Duration) -> Result<u64, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }

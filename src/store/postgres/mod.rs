@@ -39,7 +39,7 @@ use self::sql::{
 };
 use super::{
     BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Expired, Expiry, Inserted, JobStore,
-    KeyedSubmit, Lease, ListFilter, Notice, Settle, StoreError,
+    KeyedSubmit, Lease, ListFilter, Notice, ServerBeat, ServerInfo, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -76,6 +76,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "notify_per_round",
         include_str!("../../../migrations/postgres/0006_notify_per_round.sql"),
+    ),
+    (
+        7,
+        "servers",
+        include_str!("../../../migrations/postgres/0007_servers.sql"),
     ),
 ];
 
@@ -534,6 +539,18 @@ impl JobStore for PostgresStore {
         Ok(gone)
     }
 
+    async fn known_blobs(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let uuids: Vec<Uuid> = ids.iter().filter_map(|i| Uuid::parse_str(i).ok()).collect();
+        let found: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM blobs WHERE id = ANY($1)")
+            .bind(uuids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|u| u.hyphenated().to_string())
+            .collect())
+    }
+
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {
         let Ok(uuid) = Uuid::parse_str(id) else {
             return Ok(BlobDeleteOutcome::NotFound);
@@ -570,6 +587,52 @@ impl JobStore for PostgresStore {
         notices.send(&mut tx, &self.channel, &self.origin).await?;
         tx.commit().await?;
         Ok(BlobDeleteOutcome::Deleted)
+    }
+
+    async fn beat(&self, beat: &ServerBeat) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO servers (id, address, started_at, heartbeat_at, lanes) \
+             VALUES ($1, $2, {DB_NOW}, {DB_NOW}, $3::jsonb) ON CONFLICT (id) DO UPDATE SET \
+             address = excluded.address, heartbeat_at = excluded.heartbeat_at, \
+             lanes = excluded.lanes"
+        ))
+        .bind(&beat.id)
+        .bind(&beat.address)
+        .bind(beat.lanes.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, address, started_at, heartbeat_at, lanes::text AS lanes FROM servers \
+             ORDER BY started_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ServerInfo {
+                    id: r.try_get("id")?,
+                    address: r.try_get("address")?,
+                    started_at: Micros(r.try_get("started_at")?),
+                    heartbeat_at: Micros(r.try_get("heartbeat_at")?),
+                    lanes: serde_json::from_str(&r.try_get::<String, _>("lanes")?)
+                        .map_err(|e| corrupt("lanes", e))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_servers(&self, silent: std::time::Duration) -> Result<u64, StoreError> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM servers WHERE heartbeat_at < {DB_NOW} - $1"
+        ))
+        .bind(sql::micros(silent))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

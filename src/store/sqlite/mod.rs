@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Expired, Expiry, Inserted, JobStore,
-    Lease, ListFilter, Notice, Settle, StoreError,
+    Lease, ListFilter, Notice, ServerBeat, ServerInfo, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -62,6 +62,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "store_is_queue",
         include_str!("../../../migrations/sqlite/0005_store_is_queue.sql"),
+    ),
+    (
+        7,
+        "servers",
+        include_str!("../../../migrations/sqlite/0007_servers.sql"),
     ),
 ];
 
@@ -308,6 +313,20 @@ impl JobStore for SqliteStore {
         .transpose()
     }
 
+    async fn known_blobs(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT id FROM blobs WHERE id IN ({marks})");
+            let mut q = sqlx::query_scalar(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            out.extend(q.fetch_all(&self.reads).await?);
+        }
+        Ok(out)
+    }
+
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {
         let id = id.to_string();
         self.write(|reply| Op::DeleteBlob { id, reply }).await
@@ -315,6 +334,37 @@ impl JobStore for SqliteStore {
 
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
         self.write(|reply| Op::PruneBlobs { limit, reply }).await
+    }
+
+    async fn beat(&self, beat: &ServerBeat) -> Result<(), StoreError> {
+        let beat = beat.clone();
+        self.write(|reply| Op::Beat { beat, reply }).await
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, address, started_at, heartbeat_at, lanes FROM servers \
+             ORDER BY started_at, id",
+        )
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ServerInfo {
+                    id: r.try_get("id")?,
+                    address: r.try_get("address")?,
+                    started_at: Micros(r.try_get("started_at")?),
+                    heartbeat_at: Micros(r.try_get("heartbeat_at")?),
+                    lanes: serde_json::from_str(&r.try_get::<String, _>("lanes")?)
+                        .map_err(|e| super::corrupt("lanes", e))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_servers(&self, silent: Duration) -> Result<u64, StoreError> {
+        self.write(|reply| Op::ForgetServers { silent, reply })
+            .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -14,8 +14,8 @@ use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, KeyedSubmit, Lease, Settle,
-    StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, KeyedSubmit, Lease,
+    ServerBeat, Settle, StoreError,
 };
 
 pub(super) const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, \
@@ -476,5 +476,38 @@ pub(super) fn exec<'c>(
             sqlx::query(sql).execute(&mut *conn).await?;
         }
         Ok(())
+    })
+}
+
+/// Upserts a server's row; its start is its first beat.
+pub(super) fn beat(conn: Conn<'_>, beat: ServerBeat) -> BoxFuture<'_, Result<(), StoreError>> {
+    Box::pin(async move {
+        let now = Micros::now();
+        sqlx::query(
+            "INSERT INTO servers (id, address, started_at, heartbeat_at, lanes) \
+             VALUES (?1, ?2, ?3, ?3, ?4) ON CONFLICT (id) DO UPDATE SET \
+             address = excluded.address, heartbeat_at = excluded.heartbeat_at, \
+             lanes = excluded.lanes",
+        )
+        .bind(beat.id)
+        .bind(beat.address)
+        .bind(now.0)
+        .bind(beat.lanes.to_string())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    })
+}
+
+pub(super) fn forget_servers(
+    conn: Conn<'_>,
+    silent: std::time::Duration,
+) -> BoxFuture<'_, Result<u64, StoreError>> {
+    Box::pin(async move {
+        let done = sqlx::query("DELETE FROM servers WHERE heartbeat_at < ?")
+            .bind(Micros::now().minus(silent).0)
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected())
     })
 }

@@ -23,8 +23,8 @@ use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, Settle,
-    StoreError,
+    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, ServerBeat,
+    Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -81,6 +81,14 @@ pub(super) enum Op {
         limit: u32,
         reply: Reply<Vec<String>>,
     },
+    Beat {
+        beat: ServerBeat,
+        reply: Reply<()>,
+    },
+    ForgetServers {
+        silent: std::time::Duration,
+        reply: Reply<u64>,
+    },
 }
 
 impl Op {
@@ -113,6 +121,8 @@ impl Op {
             Op::InsertBlob { reply, .. } => send(reply, msg),
             Op::DeleteBlob { reply, .. } => send(reply, msg),
             Op::PruneBlobs { reply, .. } => send(reply, msg),
+            Op::Beat { reply, .. } => send(reply, msg),
+            Op::ForgetServers { reply, .. } => send(reply, msg),
         }
     }
 }
@@ -413,6 +423,10 @@ fn run_op<'a>(
                     }
                 }
                 finish!(reply, result)
+            }
+            Op::Beat { beat, reply } => finish!(reply, sql::beat(&mut *conn, beat).await),
+            Op::ForgetServers { silent, reply } => {
+                finish!(reply, sql::forget_servers(&mut *conn, silent).await)
             }
         }
     })
