@@ -66,6 +66,21 @@ impl Events {
             || self.watchers.lock().expect("events lock").contains_key(&id)
     }
 
+    /// Which of `ids` anyone follows: all of them while the stream of every change has
+    /// readers, else those with watchers of their own (one lock for the whole list).
+    pub fn watched_of(&self, ids: Vec<JobId>) -> Vec<JobId> {
+        if self.all.receiver_count() > 0 {
+            return ids;
+        }
+        let watchers = self.watchers.lock().expect("events lock");
+        if watchers.is_empty() {
+            return Vec::new();
+        }
+        ids.into_iter()
+            .filter(|id| watchers.contains_key(id))
+            .collect()
+    }
+
     /// Watches one job. Subscribe *before* reading the job's current state, so no change can
     /// fall between the read and the wait.
     pub fn watch(self: &Arc<Self>, id: JobId) -> JobWatch {

@@ -10,19 +10,21 @@
 //!   one place that decides what a job moves to after an attempt.
 //! - [`spec`]: a submitted spec parsed into a validated `NewJob` (the 422s live here).
 //! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
-//! - [`dispatch`]: the router (kind + task → lane, once), admission, each lane's claim loop,
-//!   attempts (timeouts, cancel), retries, leases and rescue, drain.
+//! - [`dispatch`]: the router (kind + task → lane, once), admission (over the whole store's
+//!   queue), each lane's claim loop, attempts (timeouts, cancel), retries, leases and rescue,
+//!   the servers list, blobs across servers, drain.
 //! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`, and
 //!   `process` (worker processes: re-executed from this binary, or task programs in any
 //!   language, both speaking docs/worker-protocol.md).
 //! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
 //!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
-//!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY).
+//!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY, leases timed by the
+//!   database's clock).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
 //! - [`schema`]: the small JSON Schema validator for task args and the OpenAPI tests.
-//! - [`clock`]: timestamps as microseconds, shown as RFC 3339.
+//! - [`clock`]: timestamps as microseconds, shown as RFC 3339 (and the test-only clock offset).
 //! - [`observe`]: Prometheus metrics, the runtime-lag watchdog, HTTP metrics.
 //! - [`telemetry`]: logging setup.
 

@@ -283,10 +283,7 @@ impl Dispatcher {
             Notice::Changed(ids) => {
                 // Jobs another server moved: wake this server's long-polls and streams that
                 // follow them, and the stream of every change, with their rows (one query).
-                let watched: Vec<JobId> = ids
-                    .into_iter()
-                    .filter(|id| self.events.is_watched(*id))
-                    .collect();
+                let watched = self.events.watched_of(ids);
                 if watched.is_empty() {
                     return;
                 }

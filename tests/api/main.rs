@@ -1,5 +1,6 @@
 //! Integration tests: the real server over real HTTP, a fresh data dir per test.
 
+mod as_one;
 mod blobs;
 mod browser;
 mod cluster;

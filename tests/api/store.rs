@@ -706,13 +706,12 @@ async fn the_store_announces_deleted_blobs(store: Arc<dyn JobStore>) {
     let mut deleted = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while deleted.len() < 2 {
-        match tokio::time::timeout_at(deadline, notices.recv())
+        if let Notice::BlobsDeleted(ids) = tokio::time::timeout_at(deadline, notices.recv())
             .await
             .expect("notices of both deletions")
             .unwrap()
         {
-            Notice::BlobsDeleted(ids) => deleted.extend(ids),
-            _ => {}
+            deleted.extend(ids);
         }
     }
     assert_eq!(deleted, vec![gone.id, pruned.id]);
