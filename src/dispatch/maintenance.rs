@@ -109,6 +109,28 @@ impl Dispatcher {
         }
     }
 
+    /// What this server's heartbeat writes about it.
+    pub(super) fn server_beat(&self) -> crate::store::ServerBeat {
+        let lanes: serde_json::Map<String, serde_json::Value> = self
+            .lanes
+            .iter()
+            .map(|(kind, lane)| {
+                (
+                    kind.as_str().to_string(),
+                    serde_json::json!({
+                        "capacity": lane.executor.capacity(),
+                        "running": lane.running.load(std::sync::atomic::Ordering::Relaxed),
+                    }),
+                )
+            })
+            .collect();
+        crate::store::ServerBeat {
+            id: self.node.clone(),
+            address: self.address.clone(),
+            lanes: serde_json::Value::Object(lanes),
+        }
+    }
+
     /// Moves running jobs whose lease ran out (by the store's clock; or all of them, at the
     /// start of an exclusive store) on, as [`next_state`] decides for a lost attempt: queued
     /// again while attempts remain, else failed as `lost`. Attempts in `skip` (job, attempt)

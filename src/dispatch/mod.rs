@@ -387,28 +387,6 @@ impl Dispatcher {
         &self.node
     }
 
-    /// What this server's heartbeat writes about it.
-    fn server_beat(&self) -> crate::store::ServerBeat {
-        let lanes: serde_json::Map<String, serde_json::Value> = self
-            .lanes
-            .iter()
-            .map(|(kind, lane)| {
-                (
-                    kind.as_str().to_string(),
-                    serde_json::json!({
-                        "capacity": lane.executor.capacity(),
-                        "running": lane.running.load(Ordering::Relaxed),
-                    }),
-                )
-            })
-            .collect();
-        crate::store::ServerBeat {
-            id: self.node.clone(),
-            address: self.address.clone(),
-            lanes: serde_json::Value::Object(lanes),
-        }
-    }
-
     pub fn has_lane(&self, kind: ExecutorKind) -> bool {
         self.lanes.contains_key(&kind)
     }

@@ -13,7 +13,7 @@ use offload::job::{
 };
 use offload::store::{
     BlobDeleteOutcome, CancelOutcome, DeleteOutcome, Expiry, Inserted, JobStore, Lease, ListFilter,
-    Notice, PostgresStore, Settle, SqliteStore, StoreError,
+    Notice, PostgresStore, ServerBeat, Settle, SqliteStore, StoreError,
 };
 use serde_json::json;
 
@@ -759,6 +759,44 @@ async fn stores_sharing_a_schema_hear_each_others_counts_and_changes() {
     );
     drop(other);
     crate::helpers::drop_pg_schema(&schema).await;
+}
+
+conformance!(servers_beat_and_the_silent_are_forgotten);
+async fn servers_beat_and_the_silent_are_forgotten(store: Arc<dyn JobStore>) {
+    let beat = |id: &str, capacity: u64| ServerBeat {
+        id: id.into(),
+        address: Some(format!("http://{id}:8080")),
+        lanes: json!({"async": {"capacity": capacity, "running": 0}}),
+    };
+    store.beat(&beat("old", 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    store.beat(&beat("new", 1)).await.unwrap();
+    // A second beat keeps the start and moves the heartbeat and the lanes.
+    lapse().await;
+    store.beat(&beat("new", 7)).await.unwrap();
+    let servers = store.servers().await.unwrap();
+    let ids: Vec<&str> = servers.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, vec!["old", "new"], "longest running first");
+    let new = &servers[1];
+    assert!(new.started_at < new.heartbeat_at, "{new:?}");
+    assert_eq!(new.lanes["async"]["capacity"], 7);
+    assert_eq!(new.address.as_deref(), Some("http://new:8080"));
+    // `old` has been silent for over a second, `new` for a moment.
+    assert_eq!(
+        store
+            .forget_servers(Duration::from_millis(600))
+            .await
+            .unwrap(),
+        1
+    );
+    let ids: Vec<String> = store
+        .servers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, vec!["new"]);
 }
 
 conformance!(concurrent_writes_each_get_their_own_answer);
