@@ -455,3 +455,42 @@ async fn the_sweep_removes_files_of_blobs_the_store_no_longer_has() {
     assert!(stray_new.exists(), "a young file stays");
     assert!(not_a_blob.exists(), "only blob files are swept");
 }
+
+/// The server holding a blob is gone: another server answers 503 (try again later) as
+/// problem+json, keeps no partial copy, and stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_whose_origin_is_down_is_a_503_and_leaves_nothing_behind() {
+    let Some((schema, url)) = pg_schema("k").await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let mut a = start_with(&url, 5_000, &[]);
+    let b = start_with(&url, 5_000, &[]);
+    let blob = upload(&client, &a, vec![7u8; 10_000]).await;
+    let id = blob["id"].as_str().unwrap();
+    a.bin.kill9();
+    let r = client
+        .get(format!("{}/v1/blobs/{id}", b.bin.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/problem+json"));
+    let files: Vec<_> = std::fs::read_dir(b.dir.path().join("blobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(files.is_empty(), "no copy, whole or partial: {files:?}");
+    let health = client
+        .get(format!("{}/healthz", b.bin.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    drop((a, b));
+    drop_pg_schema(&schema).await;
+}
