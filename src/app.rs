@@ -187,6 +187,7 @@ impl App {
                 lease: Duration::from_millis(settings.lease_ms),
                 api_token: settings.api_token.clone(),
                 address: origin.clone(),
+                callbacks: crate::callback::CallbackOptions::from_settings(&settings),
             },
         );
         dispatcher.start().await?;

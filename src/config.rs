@@ -85,6 +85,16 @@ pub struct Settings {
     pub http_allow_private: bool,
     pub http_max_bytes: u64,
     pub http_timeout_ms: u64,
+    /// The secret completion callbacks are signed with (HMAC-SHA256); without one, specs with
+    /// a `callback_url` are refused and no callbacks are sent.
+    #[serde(serialize_with = "mask")]
+    pub callback_secret: Option<String>,
+    /// How long a callback is retried after its job became final before it is given up.
+    pub callback_retry_secs: u64,
+    /// The wait before a callback's second try; doubles each try (with jitter), up to an hour.
+    pub callback_backoff_ms: u64,
+    /// Time limit of one callback request.
+    pub callback_timeout_ms: u64,
 }
 
 fn mask<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -137,6 +147,10 @@ impl Settings {
             http_allow_private: false,
             http_max_bytes: 10 << 20,
             http_timeout_ms: 30_000,
+            callback_secret: None,
+            callback_retry_secs: 24 * 3600,
+            callback_backoff_ms: 1_000,
+            callback_timeout_ms: 10_000,
         }
     }
 
@@ -196,6 +210,9 @@ impl Settings {
         pick!(http_allow_private);
         pick!(http_max_bytes);
         pick!(http_timeout_ms);
+        pick!(callback_retry_secs);
+        pick!(callback_backoff_ms);
+        pick!(callback_timeout_ms);
         if let Some(v) = args.http_allow_hosts.clone().or(file.http_allow_hosts) {
             s.http_allow_hosts = v;
         }
@@ -217,6 +234,11 @@ impl Settings {
             .clone()
             .or(file.api_token)
             .filter(|t| !t.is_empty());
+        s.callback_secret = args
+            .callback_secret
+            .clone()
+            .or(file.callback_secret)
+            .filter(|t| !t.is_empty());
         s.validate()?;
         Ok(s)
     }
@@ -236,6 +258,9 @@ impl Settings {
             ("http-timeout-ms", self.http_timeout_ms),
             ("prune-interval-ms", self.prune_interval_ms),
             ("lease-ms", self.lease_ms),
+            ("callback-retry-secs", self.callback_retry_secs),
+            ("callback-backoff-ms", self.callback_backoff_ms),
+            ("callback-timeout-ms", self.callback_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -320,6 +345,10 @@ struct FileSettings {
     http_allow_private: Option<bool>,
     http_max_bytes: Option<u64>,
     http_timeout_ms: Option<u64>,
+    callback_secret: Option<String>,
+    callback_retry_secs: Option<u64>,
+    callback_backoff_ms: Option<u64>,
+    callback_timeout_ms: Option<u64>,
 }
 
 /// offload: an HTTP job service that runs each job in the lane that fits it.
@@ -451,6 +480,18 @@ pub struct ServeArgs {
     /// Time limit of one http_get request [default: 30000].
     #[arg(long, env = "OFFLOAD_HTTP_TIMEOUT_MS")]
     pub http_timeout_ms: Option<u64>,
+    /// Sign completion callbacks with this secret (HMAC-SHA256, the `Offload-Signature` header); without it, a spec's `callback_url` is refused (422).
+    #[arg(long, env = "OFFLOAD_CALLBACK_SECRET", hide_env_values = true)]
+    pub callback_secret: Option<String>,
+    /// How long a completion callback is retried after its job finished [default: 86400, 24 hours].
+    #[arg(long, env = "OFFLOAD_CALLBACK_RETRY_SECS")]
+    pub callback_retry_secs: Option<u64>,
+    /// Wait before a callback's second try; doubles each try, with jitter, up to an hour [default: 1000].
+    #[arg(long, env = "OFFLOAD_CALLBACK_BACKOFF_MS")]
+    pub callback_backoff_ms: Option<u64>,
+    /// Time limit of one callback request [default: 10000].
+    #[arg(long, env = "OFFLOAD_CALLBACK_TIMEOUT_MS")]
+    pub callback_timeout_ms: Option<u64>,
 }
 
 #[cfg(test)]
@@ -542,6 +583,52 @@ mod tests {
         };
         let e = Settings::load(&args).unwrap_err();
         assert!(e.0.contains("task-program"), "{e}");
+    }
+
+    #[test]
+    fn callback_settings_come_from_flags_and_an_empty_secret_is_none() {
+        use clap::Parser;
+        let serve = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            Settings::load(&args)
+        };
+        let s = serve(&["offload", "serve"]).unwrap();
+        assert_eq!(s.callback_secret, None);
+        assert_eq!(s.callback_retry_secs, 86_400);
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--callback-secret",
+            "k",
+            "--callback-retry-secs",
+            "60",
+            "--callback-backoff-ms",
+            "10",
+            "--callback-timeout-ms",
+            "500",
+        ])
+        .unwrap();
+        assert_eq!(s.callback_secret.as_deref(), Some("k"));
+        assert_eq!(
+            (
+                s.callback_retry_secs,
+                s.callback_backoff_ms,
+                s.callback_timeout_ms
+            ),
+            (60, 10, 500)
+        );
+        // Masked where the configuration is printed.
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(!shown.contains("\"k\""), "{shown}");
+        assert!(serve(&["offload", "serve", "--callback-secret", ""])
+            .unwrap()
+            .callback_secret
+            .is_none());
+        let e = serve(&["offload", "serve", "--callback-timeout-ms", "0"]).unwrap_err();
+        assert!(e.0.contains("callback-timeout-ms"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! lookup, and a watcher is woken only by its own job, so ten thousand waiters are not all
 //! woken by every change.
 //!
-//! On a shared store the changes other servers make arrive as the store's notices; the
+//! On a shared store the changes other servers make arrive as the store's notices (as do, on
+//! every store, the children a cascade moved, which no server published itself); the
 //! dispatcher reads those jobs (one query per notice) and publishes them here only when
 //! someone follows them, so the stream of every change carries the whole cluster's changes
 //! (all but claims, which no store announces: a job another server runs shows as queued,

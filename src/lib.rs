@@ -6,8 +6,9 @@
 //! - [`app`]: wiring: store, lanes, dispatcher, HTTP server; the shutdown order.
 //! - [`datadir`]: the data dir's lock file: one server per data dir.
 //! - [`api`]: axum handlers, the JSON body extractor, `ApiError` → problem+json.
-//! - [`job`]: `Job`, `JobId`, the states, their allowed transitions, and `next_state()`: the
-//!   one place that decides what a job moves to after an attempt.
+//! - [`job`]: `Job`, `JobId`, the states, their allowed transitions, `next_state()`: the
+//!   one place that decides what a job moves to after an attempt, and `after_parents()`: what
+//!   a job with parents moves to.
 //! - [`spec`]: a submitted spec parsed into a validated `NewJob` (the 422s live here).
 //! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
 //! - [`dispatch`]: the router (kind + task → lane, once), admission (over the whole store's
@@ -19,7 +20,11 @@
 //! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
 //!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
 //!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY, leases timed by the
-//!   database's clock).
+//!   database's clock); `store::graph` and each backend's `graph.rs`: jobs that depend on
+//!   jobs, moved in their parent's transaction.
+//! - [`callback`]: completion callbacks: the signature (`Offload-Signature`), one delivery,
+//!   and the retry policy for failed tries (the outbox lives in the store, the delivery task
+//!   in the dispatcher).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
@@ -31,6 +36,7 @@
 pub mod api;
 pub mod app;
 pub mod blob;
+pub mod callback;
 pub mod clock;
 pub mod config;
 pub mod datadir;

@@ -1,5 +1,5 @@
 //! Maintenance: leases (renewal, and the rescue of jobs whose server stopped renewing),
-//! recounting the queues, and pruning.
+//! recounting the queues, the servers list, the sweep of waiting jobs, and pruning.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,6 +24,8 @@ const SERVER_GONE_MIN: Duration = Duration::from_secs(30);
 /// what brings the count down again, so admission refuses (429) no longer than this after
 /// the database's queue has room again.
 const SHARED_RECOUNT: Duration = Duration::from_secs(1);
+/// Most waiting jobs the sweep decides again per beat.
+const SWEEP_BATCH: u32 = 500;
 
 impl Dispatcher {
     /// Every third of a lease: renew this server's leases (stopping attempts the store says
@@ -95,6 +97,14 @@ impl Dispatcher {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "rescuing expired leases failed"),
         }
+        match self.sweep_waiting().await {
+            Ok(0) => {}
+            Ok(moved) => tracing::warn!(
+                moved,
+                "waiting jobs whose parents had finished were moved on by the sweep"
+            ),
+            Err(e) => tracing::warn!(error = %e, "sweeping waiting jobs failed"),
+        }
         if let Err(e) = self.recount().await {
             tracing::warn!(error = %e, "counting queued jobs failed");
         }
@@ -129,6 +139,20 @@ impl Dispatcher {
             address: self.address.clone(),
             lanes: serde_json::Value::Object(lanes),
         }
+    }
+
+    /// The safety net for jobs that depend on jobs: a parent's final state moves its children
+    /// in the same transaction, so this finds nothing unless that failed somehow. Each beat
+    /// decides again one page of waiting jobs that have a final parent, going on from where
+    /// the last beat stopped, and starting over at the end. Returns how many moved.
+    pub(super) async fn sweep_waiting(&self) -> Result<u64, StoreError> {
+        let after = *self.sweep_after.lock().expect("sweep lock");
+        let (moved, next) = self
+            .store
+            .resolve_waiting(after, SWEEP_BATCH, Micros::now())
+            .await?;
+        *self.sweep_after.lock().expect("sweep lock") = next;
+        Ok(moved)
     }
 
     /// Moves running jobs whose lease ran out (by the store's clock; or all of them, at the
@@ -175,6 +199,7 @@ impl Dispatcher {
                     }
                     _ => lost += 1,
                 }
+                self.callback_owed(&job);
                 self.events.publish(&job);
             }
             if !full || !moved_any {

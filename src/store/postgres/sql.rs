@@ -9,13 +9,15 @@ use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, Job, JobId, NewJob, Timings};
-use crate::store::{Settle, StoreError};
+use crate::job::{Callback, ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
+use crate::store::graph::NewRow;
+use crate::store::{ListFilter, Settle, StoreError};
 
 pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
-    spec_hash, created_at, scheduled_at, started_at, finished_at";
+    spec_hash, created_at, scheduled_at, started_at, finished_at, callback_url, \
+    depends_on::text AS depends_on, run_on_parent_failure, retried";
 
 /// The database's clock, in the microseconds every timestamp column holds: what leases are
 /// stamped and compared with, so the servers' own clocks never decide whether a lease ran out.
@@ -31,7 +33,7 @@ pub(super) fn micros(d: std::time::Duration) -> i64 {
 pub(super) fn qualified() -> String {
     COLUMNS
         .split(", ")
-        .map(|c| format!("jobs.{c}"))
+        .map(|c| format!("jobs.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -90,28 +92,41 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
             queued_ms: None,
             run_ms: None,
         },
+        callback: row
+            .try_get::<Option<String>, _>("callback_url")?
+            .map(Callback::pending),
+        depends_on: crate::store::graph::parse_ids(row.try_get("depends_on")?)?,
+        run_on_parent_failure: row.try_get("run_on_parent_failure")?,
+        retried: row.try_get::<i32, _>("retried")? as u32,
+        children: None,
     };
     job.compute_timings();
     Ok(job)
 }
 
-/// Inserts new queued jobs in one statement (arrays unnested into rows).
+/// Inserts new jobs in one statement (arrays unnested into rows), with the blobs they name
+/// and the parents they wait for.
 pub(super) async fn insert_rows(
     tx: &mut Transaction<'_, Postgres>,
-    rows: &[&NewJob],
+    new: &[NewRow<'_>],
 ) -> Result<(), StoreError> {
-    if rows.is_empty() {
+    if new.is_empty() {
         return Ok(());
     }
+    let rows: Vec<&NewJob> = new.iter().map(|r| r.job).collect();
     let col = |f: &dyn Fn(&NewJob) -> String| rows.iter().map(|j| f(j)).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
-         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at) \
-         SELECT id, task, kind, executor, 'queued', args::jsonb, priority, 0, max_attempts, \
-         timeout_ms, 0, key, hash, created_at, scheduled_at FROM UNNEST($1::uuid[], $2::text[], \
+         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at, \
+         callback_url, error, finished_at, depends_on, run_on_parent_failure) \
+         SELECT id, task, kind, executor, status, args::jsonb, priority, 0, max_attempts, \
+         timeout_ms, 0, key, hash, created_at, scheduled_at, callback_url, error::jsonb, \
+         finished_at, depends_on::jsonb, ropf FROM UNNEST($1::uuid[], $2::text[], \
          $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
-         $10::text[], $11::bigint[], $12::bigint[]) AS t(id, task, kind, executor, args, priority, \
-         max_attempts, timeout_ms, key, hash, created_at, scheduled_at)",
+         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::bigint[], \
+         $16::text[], $17::bool[], $18::text[]) AS t(id, task, kind, executor, args, priority, \
+         max_attempts, timeout_ms, key, hash, created_at, scheduled_at, status, error, \
+         finished_at, depends_on, ropf, callback_url)",
     )
     .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
     .bind(col(&|j| j.task.clone()))
@@ -137,8 +152,44 @@ pub(super) async fn insert_rows(
     .bind(rows.iter().map(|j| j.spec_hash.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.created_at.0).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
+    .bind(new.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(
+        new.iter()
+            .map(|r| r.error.as_ref().map(error_json))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|r| r.finished_at().map(|t| t.0))
+            .collect::<Vec<_>>(),
+    )
+    .bind(new.iter().map(|r| r.depends_on_json()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|j| j.run_on_parent_failure)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.callback_url.clone())
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
+    let (parents, children): (Vec<Uuid>, Vec<Uuid>) = new
+        .iter()
+        .flat_map(|r| r.depends_on.iter().map(move |p| (p.0, r.job.id.0)))
+        .unzip();
+    if !parents.is_empty() {
+        sqlx::query(
+            "INSERT INTO job_deps (parent_id, child_id) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(parents)
+        .bind(children)
+        .execute(&mut **tx)
+        .await?;
+    }
     // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
     // the last job that names them.
     let (blobs, jobs): (Vec<Uuid>, Vec<Uuid>) = rows
@@ -160,7 +211,136 @@ pub(super) async fn insert_rows(
             .execute(&mut **tx)
             .await?;
     }
+    // A job cancelled at submit (a parent had already failed) owes its callback too.
+    let owed: Vec<JobId> = new
+        .iter()
+        .filter(|r| r.status.is_final() && r.job.callback_url.is_some())
+        .map(|r| r.job.id)
+        .collect();
+    enqueue_owed(tx, &owed, crate::clock::Micros::now().0).await?;
     Ok(())
+}
+
+/// The outbox row of each job in `ids` (just made final, with a callback URL): pending, due
+/// at its `since`. A row left from an earlier final state (the job was retried) starts over.
+pub(super) async fn enqueue_callbacks(
+    conn: &mut PgConnection,
+    ids: &[JobId],
+    since: &[i64],
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
+         SELECT id, 'pending', 0, t, t FROM UNNEST($1::uuid[], $2::bigint[]) AS v(id, t) \
+         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+         last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .bind(since)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// `(job id, status, attempts, last_error)` of the outbox rows of `ids`.
+pub(super) async fn callback_rows(
+    pool: &sqlx::PgPool,
+    ids: &[JobId],
+) -> Result<Vec<(JobId, String, i64, Option<String>)>, StoreError> {
+    let rows: Vec<(Uuid, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT job_id, status, attempts, last_error FROM callbacks WHERE job_id = ANY($1)",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, s, n, e)| (JobId(id), s, n as i64, e))
+        .collect())
+}
+
+/// The outbox rows owed by jobs among `ids` that are now final and have a callback URL
+/// (children a cascade cancelled, cancels, bulk cancels): every move into a final state owes
+/// one (`Job::calls_back_on`).
+pub(super) async fn enqueue_owed(
+    conn: &mut PgConnection,
+    ids: &[JobId],
+    now: i64,
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
+         SELECT id, 'pending', 0, $2, $2 FROM jobs WHERE id = ANY($1) \
+         AND callback_url IS NOT NULL AND status IN ('succeeded', 'failed', 'cancelled') \
+         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+         last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A value bound to a filter's placeholder.
+pub(super) enum Bind {
+    Text(String),
+    Int(i64),
+    Id(Uuid),
+}
+
+/// The `WHERE` conditions of a list filter (with `statuses` for its status), numbered from
+/// `$1`, and their binds.
+pub(super) fn filter_where(filter: &ListFilter, statuses: &[JobStatus]) -> (String, Vec<Bind>) {
+    let mut sql = String::from("TRUE");
+    let mut binds = Vec::new();
+    if !statuses.is_empty() {
+        let list = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Statuses are the enum's own names, never the caller's text.
+        sql.push_str(&format!(" AND status IN ({list})"));
+    }
+    let mut add = |cond: &str, b: Bind, binds: &mut Vec<Bind>| {
+        binds.push(b);
+        sql.push_str(&format!(" AND {cond} ${}", binds.len()));
+    };
+    if let Some(t) = &filter.task {
+        add("task =", Bind::Text(t.clone()), &mut binds);
+    }
+    if let Some(k) = filter.kind {
+        add("kind =", Bind::Text(k.as_str().into()), &mut binds);
+    }
+    if let Some(t) = filter.created_before {
+        add("created_at <", Bind::Int(t.0), &mut binds);
+    }
+    if let Some(t) = filter.created_after {
+        add("created_at >=", Bind::Int(t.0), &mut binds);
+    }
+    if let Some(b) = filter.before {
+        add("id <", Bind::Id(b.0), &mut binds);
+    }
+    (sql, binds)
+}
+
+pub(super) fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    for b in binds {
+        q = match b {
+            Bind::Text(t) => q.bind(t),
+            Bind::Int(i) => q.bind(i),
+            Bind::Id(u) => q.bind(u),
+        };
+    }
+    q
 }
 
 /// PostgreSQL's `deadlock_detected`: the transaction was rolled back to break a deadlock.
@@ -288,18 +468,30 @@ pub(super) async fn renew(
 /// well below that.
 const PAYLOAD_MAX: usize = 7900;
 
+/// The origin of what no server has counted or published itself yet: the jobs a cascade
+/// moved (children of a job that became final, or of a retried one). Every server acts on
+/// these, the sender's own included. (Stores name themselves with hex UUIDs, never this.)
+pub(super) const EVERY: &str = "*";
+
 /// What one transaction announces, gathered while it runs and sent just before its commit
 /// ([`Notices::send`]): a few notifications per round, not one per row.
 #[derive(Default)]
 pub(super) struct Notices {
-    /// How many jobs each lane got queued: `new:<origin>:<executor>=<n>,...`, which wakes the
-    /// lanes of every server and tells the others how many to add to their queued counts.
+    /// How many jobs each lane got queued by the writes the sending server asked for (and
+    /// counted itself): `new:<origin>:<executor>=<n>,...`, which wakes the lanes of every
+    /// server and tells the others how many to add to their queued counts.
     pub new: HashMap<crate::job::ExecutorKind, u64>,
-    /// Jobs whose state changed: `change:<origin>:<id>,<id>,...`, for watchers and event
-    /// streams on other servers.
+    /// Jobs whose state changed by those writes (the sending server publishes them itself):
+    /// `change:<origin>:<id>,<id>,...`, for watchers and event streams on other servers.
     pub changed: Vec<JobId>,
     /// Blobs deleted: `blobdel:<id>,<id>,...`, so every server removes its copies.
     pub blobs_deleted: Vec<String>,
+    /// Running jobs cancelled: `cancel:<id>`, one each, to whoever runs them.
+    pub cancelled: Vec<JobId>,
+    /// Jobs a cascade queued, per lane: `new:*:<executor>=<n>,...`, counted by every server.
+    pub cascade_new: HashMap<crate::job::ExecutorKind, u64>,
+    /// Jobs a cascade moved: `change:*:<id>,...`, published by every server.
+    pub cascade_changed: Vec<JobId>,
 }
 
 /// Appends `items` to `out` as `<prefix><item>,<item>,...` payloads, each under PostgreSQL's
@@ -322,30 +514,53 @@ fn lists<'a>(out: &mut Vec<String>, prefix: &str, items: impl Iterator<Item = &'
     }
 }
 
+/// `new:<origin>:<executor>=<n>,...` for the lanes with jobs in `counts`, if any.
+fn new_payload(
+    out: &mut Vec<String>,
+    origin: &str,
+    counts: &HashMap<crate::job::ExecutorKind, u64>,
+) {
+    let mut new: Vec<_> = counts.iter().filter(|(_, n)| **n > 0).collect();
+    new.sort_by_key(|(e, _)| e.index());
+    if !new.is_empty() {
+        let counts: Vec<String> = new
+            .iter()
+            .map(|(e, n)| format!("{}={n}", e.as_str()))
+            .collect();
+        out.push(format!("new:{origin}:{}", counts.join(",")));
+    }
+}
+
+/// `change:<origin>:<id>,...` payloads for `ids`.
+fn change_payloads(out: &mut Vec<String>, origin: &str, ids: &[JobId]) {
+    let ids: Vec<String> = ids.iter().map(|id| id.0.hyphenated().to_string()).collect();
+    lists(
+        out,
+        &format!("change:{origin}:"),
+        ids.iter().map(String::as_str),
+    );
+}
+
 impl Notices {
+    /// Adds what a parent's final state (or a retry) moved besides its own job. The server
+    /// that wrote it neither counted nor published these, so they go out for every server,
+    /// the sender included ([`EVERY`]).
+    pub(super) fn cascaded(&mut self, cascade: crate::store::graph::Cascade) {
+        for (_, lane) in &cascade.queued {
+            *self.cascade_new.entry(*lane).or_default() += 1;
+        }
+        self.cascade_changed.extend(cascade.moved);
+    }
+
     /// The payloads, lists cut to fit PostgreSQL's limit. `origin` names the store that sends
     /// them, so its own server can tell its own notices from the others'.
     pub(super) fn payloads(&self, origin: &str) -> Vec<String> {
         let mut out = Vec::new();
-        let mut new: Vec<_> = self.new.iter().filter(|(_, n)| **n > 0).collect();
-        new.sort_by_key(|(e, _)| e.index());
-        if !new.is_empty() {
-            let counts: Vec<String> = new
-                .iter()
-                .map(|(e, n)| format!("{}={n}", e.as_str()))
-                .collect();
-            out.push(format!("new:{origin}:{}", counts.join(",")));
-        }
-        let ids: Vec<String> = self
-            .changed
-            .iter()
-            .map(|id| id.0.hyphenated().to_string())
-            .collect();
-        lists(
-            &mut out,
-            &format!("change:{origin}:"),
-            ids.iter().map(String::as_str),
-        );
+        new_payload(&mut out, origin, &self.new);
+        new_payload(&mut out, EVERY, &self.cascade_new);
+        out.extend(self.cancelled.iter().map(|id| format!("cancel:{id}")));
+        change_payloads(&mut out, origin, &self.changed);
+        change_payloads(&mut out, EVERY, &self.cascade_changed);
         lists(
             &mut out,
             "blobdel:",
@@ -378,7 +593,8 @@ impl Notices {
 /// Parses one notification's payload: `new:<origin>:<executor>=<n>,...`, `cancel:<id>`,
 /// `change:<origin>:<id>,<id>,...` or `blobdel:<id>,...`. `own` is this store's origin: its
 /// own jobs this server has counted and published already, so its `new:` adds nothing to the
-/// counts and its `change:` is dropped.
+/// counts and its `change:` is dropped. The origin [`EVERY`] (what a cascade moved) is never
+/// `own`: every server, the sender too, counts and publishes those.
 pub(super) fn parse_payload(payload: &str, own: &str) -> Vec<crate::store::Notice> {
     use crate::store::Notice;
     match payload.split_once(':') {
@@ -438,7 +654,7 @@ mod tests {
         let notices = Notices {
             new: [(ExecutorKind::Async, 1000)].into_iter().collect(),
             changed: ids.clone(),
-            blobs_deleted: Vec::new(),
+            ..Notices::default()
         };
         let payloads = notices.payloads("them");
         assert!(payloads.len() > 2, "cut into several");
@@ -469,6 +685,8 @@ mod tests {
                 .collect(),
             changed: vec![JobId::new()],
             blobs_deleted: vec![uuid::Uuid::now_v7().hyphenated().to_string()],
+            cancelled: vec![JobId::new()],
+            ..Notices::default()
         };
         let heard: Vec<Notice> = notices
             .payloads("me")
@@ -486,7 +704,43 @@ mod tests {
                     lane: ExecutorKind::Rayon,
                     added: 0
                 },
+                // Cancels name no origin: the server running the job stops it, whoever
+                // cancelled it.
+                Notice::Cancel(notices.cancelled[0]),
                 Notice::BlobsDeleted(notices.blobs_deleted.clone()),
+            ]
+        );
+    }
+
+    #[test]
+    fn what_a_cascade_moved_reaches_every_server_the_sender_too() {
+        let (own, child) = (JobId::new(), JobId::new());
+        let mut notices = Notices {
+            new: [(ExecutorKind::Async, 1)].into_iter().collect(),
+            changed: vec![own],
+            ..Notices::default()
+        };
+        notices.cascaded(crate::store::graph::Cascade {
+            queued: vec![(child, ExecutorKind::Rayon)],
+            moved: vec![child],
+        });
+        let heard: Vec<Notice> = notices
+            .payloads("me")
+            .iter()
+            .flat_map(|p| parse_payload(p, "me"))
+            .collect();
+        assert_eq!(
+            heard,
+            vec![
+                Notice::New {
+                    lane: ExecutorKind::Async,
+                    added: 0
+                },
+                Notice::New {
+                    lane: ExecutorKind::Rayon,
+                    added: 1
+                },
+                Notice::Changed(vec![child]),
             ]
         );
     }

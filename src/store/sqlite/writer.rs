@@ -10,21 +10,23 @@
 //! an HTTP server may drop when its client hangs up) stands between a commit and the lanes
 //! hearing of it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::future::BoxFuture;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::graph;
 use super::sql::{self, exec, mergeable, MERGED_INSERT_MAX, SETTLE_CHUNK};
 use super::NoticeTx;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, ServerBeat,
-    Settle, StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Inserted, Lease, ListFilter, Notice, RetryOutcome, ServerBeat, Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -89,18 +91,70 @@ pub(super) enum Op {
         silent: std::time::Duration,
         reply: Reply<u64>,
     },
+    ClaimCallbacks {
+        limit: u32,
+        now: Micros,
+        until: Micros,
+        reply: Reply<ClaimedCallbacks>,
+    },
+    RecordCallback {
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+        reply: Reply<bool>,
+    },
+    Retry {
+        id: JobId,
+        now: Micros,
+        reply: Reply<RetryOutcome>,
+    },
+    RetryMatching {
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+        now: Micros,
+        reply: Reply<Vec<Job>>,
+    },
+    CancelMatching {
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+        now: Micros,
+        reply: Reply<Vec<(Job, JobStatus)>>,
+    },
+    ResolveWaiting {
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+        reply: Reply<(u64, Option<JobId>)>,
+    },
 }
 
 impl Op {
     /// Whether the op writes with at most one statement, so that SQLite's autocommit makes it
     /// atomic without a transaction of its own. (Reads that explain a miss do not count: this
-    /// task is the only writer.)
-    fn single_write(&self) -> bool {
+    /// task is the only writer.) `edges`: whether any job has parents, so that a job reaching
+    /// a final state may move children too (more writes, which must share its transaction).
+    fn single_write(&self, edges: bool) -> bool {
         match self {
             Op::Insert { jobs, .. } => {
-                jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.blobs.is_empty())
+                jobs.len() <= MERGED_INSERT_MAX
+                    && jobs
+                        .iter()
+                        .all(|j| j.blobs.is_empty() && j.depends_on.is_empty())
             }
-            Op::Settle { moves, .. } => moves.len() <= SETTLE_CHUNK,
+            // A move that owes a callback writes its outbox row too; with edges, a job
+            // reaching a final state may move its children.
+            Op::Settle { moves, .. } => {
+                moves.len() <= SETTLE_CHUNK
+                    && !moves.iter().any(Settle::calls_back)
+                    && !(edges && moves.iter().any(|m| m.next.status().is_final()))
+            }
+            // Its job may have a callback to enqueue: not known before the read.
+            Op::Cancel { .. } => false,
+            Op::Retry { .. }
+            | Op::RetryMatching { .. }
+            | Op::CancelMatching { .. }
+            | Op::ResolveWaiting { .. } => false,
             _ => true,
         }
     }
@@ -123,6 +177,12 @@ impl Op {
             Op::PruneBlobs { reply, .. } => send(reply, msg),
             Op::Beat { reply, .. } => send(reply, msg),
             Op::ForgetServers { reply, .. } => send(reply, msg),
+            Op::ClaimCallbacks { reply, .. } => send(reply, msg),
+            Op::RecordCallback { reply, .. } => send(reply, msg),
+            Op::Retry { reply, .. } => send(reply, msg),
+            Op::RetryMatching { reply, .. } => send(reply, msg),
+            Op::CancelMatching { reply, .. } => send(reply, msg),
+            Op::ResolveWaiting { reply, .. } => send(reply, msg),
         }
     }
 }
@@ -152,6 +212,29 @@ fn stops_batch(e: &StoreError) -> bool {
 struct Outcome {
     answers: Vec<Answer>,
     notices: Vec<Notice>,
+    /// Whether any job has parents (`job_deps` has rows): until one has, no final state can
+    /// move another job, and the writer does not look for children.
+    edges: bool,
+}
+
+impl Outcome {
+    /// Announces what a parent's final state (or a retry) moved besides its own job. The
+    /// server neither counted nor published these jobs itself: its queued counts take the
+    /// ones queued (`added`), and its watchers and streams hear of all of them.
+    fn cascaded(&mut self, cascade: Cascade) {
+        let mut lanes: HashMap<ExecutorKind, u64> = HashMap::new();
+        for (_, lane) in &cascade.queued {
+            *lanes.entry(*lane).or_default() += 1;
+        }
+        self.notices.extend(
+            lanes
+                .into_iter()
+                .map(|(lane, added)| Notice::New { lane, added }),
+        );
+        if !cascade.moved.is_empty() {
+            self.notices.push(Notice::Changed(cascade.moved));
+        }
+    }
 }
 
 pub(super) fn run(
@@ -161,26 +244,33 @@ pub(super) fn run(
 ) -> BoxFuture<'static, ()> {
     Box::pin(async move {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        // Read once; from then on this task (the only writer) sets it when it stores an edge.
+        let mut edges = graph::any_edges(&mut conn).await.unwrap_or(true);
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            commit_batch(&mut conn, std::mem::take(&mut batch), &notices).await;
+            edges = commit_batch(&mut conn, std::mem::take(&mut batch), &notices, edges).await;
         }
         let _ = conn.close().await;
     })
 }
 
+/// Commits one batch; answers whether any job has parents now.
 fn commit_batch<'a>(
     conn: &'a mut SqliteConnection,
     mut batch: Vec<Op>,
     notices: &'a NoticeTx,
-) -> BoxFuture<'a, ()> {
+    edges: bool,
+) -> BoxFuture<'a, bool> {
     Box::pin(async move {
         let started = std::time::Instant::now();
         let ops = batch.len();
         // One op that writes once needs no transaction of its own: SQLite runs the statement as
         // one (autocommit). Skipping BEGIN and COMMIT saves two round trips to SQLite's
         // thread, most of an idle server's submit latency.
-        let solo = ops == 1 && batch[0].single_write();
-        let mut out = Outcome::default();
+        let solo = ops == 1 && batch[0].single_write(edges);
+        let mut out = Outcome {
+            edges,
+            ..Outcome::default()
+        };
         let result = if solo {
             let op = batch.pop().expect("one op");
             run_op(conn, op, &mut out).await
@@ -195,6 +285,7 @@ fn commit_batch<'a>(
                 },
             }
         };
+        let edges = out.edges;
         match result {
             Ok(()) => {
                 metrics::histogram!("offload_store_commit_seconds")
@@ -218,6 +309,7 @@ fn commit_batch<'a>(
                 }
             }
         }
+        edges
     })
 }
 
@@ -277,11 +369,14 @@ fn run_batch<'a>(
                 .collect::<Vec<Op>>()
         };
         if !inserts.is_empty() {
-            let rows: Vec<&NewJob> = inserts.iter().flat_map(|(_, jobs)| jobs.iter()).collect();
+            let rows: Vec<NewRow> = inserts
+                .iter()
+                .flat_map(|(_, jobs)| jobs.iter().map(NewRow::queued))
+                .collect();
             if let Err(e) = sql::insert_rows(&mut *conn, &rows).await {
                 return Err((e.to_string(), unrun(inserts, settles, rest)));
             }
-            let lanes: HashSet<ExecutorKind> = rows.iter().map(|j| j.executor).collect();
+            let lanes: HashSet<ExecutorKind> = rows.iter().map(|r| r.job.executor).collect();
             out.notices
                 .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
             for (reply, jobs) in inserts {
@@ -295,6 +390,22 @@ fn run_batch<'a>(
                 Ok(done) => done,
                 Err(e) => return Err((e.to_string(), unrun(Vec::new(), settles, rest))),
             };
+            if let Err(e) = sql::enqueue_settled(&mut *conn, &all, &done).await {
+                return Err((e.to_string(), unrun(Vec::new(), settles, rest)));
+            }
+            if out.edges {
+                let finals = finished(&all, &done);
+                let mut cascade = Cascade::default();
+                let now = Micros::now();
+                let moved = match graph::resolve(&mut *conn, finals, now, &mut cascade).await {
+                    Ok(()) => sql::enqueue_owed(&mut *conn, &cascade.moved, now).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = moved {
+                    return Err((e.to_string(), unrun(Vec::new(), settles, rest)));
+                }
+                out.cascaded(cascade);
+            }
             for (reply, moves) in settles {
                 let moved = settled(&moves, &done, &mut out.notices);
                 out.answers.push(answer(reply, Ok(moved)));
@@ -310,6 +421,15 @@ fn run_batch<'a>(
         }
         Ok(())
     })
+}
+
+/// The jobs that the applied moves of a settle left final: their children move next.
+fn finished(moves: &[&Settle], done: &HashSet<JobId>) -> Vec<JobId> {
+    moves
+        .iter()
+        .filter(|m| m.next.status().is_final() && done.contains(&m.job.id))
+        .map(|m| m.job.id)
+        .collect()
 }
 
 /// The answer to a settle: each move's job as moved, or `None` where its guard refused.
@@ -329,6 +449,18 @@ fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -
             })
         })
         .collect()
+}
+
+/// Announces retried jobs: their lanes, if queued.
+fn retried(out: &mut Outcome, jobs: &[Job]) {
+    let lanes: HashSet<ExecutorKind> = jobs
+        .iter()
+        .filter(|j| j.status == JobStatus::Queued)
+        .map(|j| j.executor)
+        .collect();
+    // The dispatcher counts the retried jobs themselves.
+    out.notices
+        .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
 }
 
 /// Runs one op. A database error comes back as the message (the op itself has been answered
@@ -358,10 +490,12 @@ fn run_op<'a>(
         match op {
             Op::Insert { jobs, reply } => {
                 let lanes: HashSet<ExecutorKind> = jobs.iter().map(|j| j.executor).collect();
+                let has_parents = jobs.iter().any(|j| !j.depends_on.is_empty());
                 let result = sql::insert(&mut *conn, jobs).await;
                 if result.is_ok() {
                     out.notices
                         .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
+                    out.edges |= has_parents;
                 }
                 finish!(reply, result)
             }
@@ -377,13 +511,33 @@ fn run_op<'a>(
             ),
             Op::Settle { moves, reply } => {
                 let all: Vec<&Settle> = moves.iter().collect();
-                let result = sql::settle_rows(&mut *conn, &all)
-                    .await
-                    .map(|done| settled(&moves, &done, &mut out.notices));
+                let mut cascade = Cascade::default();
+                let result = match sql::settle_rows(&mut *conn, &all).await {
+                    Ok(done) => sql::enqueue_settled(&mut *conn, &all, &done)
+                        .await
+                        .map(|()| done),
+                    Err(e) => Err(e),
+                };
+                let result = match result {
+                    Ok(done) if out.edges => {
+                        let finals = finished(&all, &done);
+                        let now = Micros::now();
+                        match graph::resolve(&mut *conn, finals, now, &mut cascade).await {
+                            Ok(()) => sql::enqueue_owed(&mut *conn, &cascade.moved, now)
+                                .await
+                                .map(|()| done),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
+                let result = result.map(|done| settled(&moves, &done, &mut out.notices));
+                out.cascaded(cascade);
                 finish!(reply, result)
             }
             Op::Cancel { id, now, reply } => {
-                let result = sql::cancel(&mut *conn, id, now).await;
+                let mut cascade = Cascade::default();
+                let result = sql::cancel(&mut *conn, id, now, &mut cascade).await;
                 if let Ok(CancelOutcome::Cancelled {
                     was: JobStatus::Running,
                     ..
@@ -391,6 +545,72 @@ fn run_op<'a>(
                 {
                     out.notices.push(Notice::Cancel(id));
                 }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::Retry { id, now, reply } => {
+                let mut cascade = Cascade::default();
+                let result = graph::retry(&mut *conn, id, now, &mut cascade).await;
+                if let Ok(RetryOutcome::Retried(job)) = &result {
+                    retried(out, std::slice::from_ref(job));
+                }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::RetryMatching {
+                filter,
+                statuses,
+                now,
+                reply,
+            } => {
+                let mut cascade = Cascade::default();
+                let result = match sql::matching_ids(&mut *conn, &filter, &statuses).await {
+                    Ok(ids) => graph::retry_many(&mut *conn, ids, now, &mut cascade).await,
+                    Err(e) => Err(e),
+                };
+                if let Ok(jobs) = &result {
+                    retried(out, jobs);
+                }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::CancelMatching {
+                filter,
+                statuses,
+                now,
+                reply,
+            } => {
+                let mut cascade = Cascade::default();
+                let result = match sql::matching_ids(&mut *conn, &filter, &statuses).await {
+                    Ok(ids) => graph::cancel_many(&mut *conn, ids, now, &mut cascade).await,
+                    Err(e) => Err(e),
+                };
+                if let Ok(jobs) = &result {
+                    for (job, was) in jobs {
+                        if *was == JobStatus::Running {
+                            out.notices.push(Notice::Cancel(job.id));
+                        }
+                    }
+                }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::ResolveWaiting {
+                after,
+                limit,
+                now,
+                reply,
+            } => {
+                let mut cascade = Cascade::default();
+                let result =
+                    match graph::resolve_waiting(&mut *conn, after, limit, now, &mut cascade).await
+                    {
+                        Ok(r) => sql::enqueue_owed(&mut *conn, &cascade.moved, now)
+                            .await
+                            .map(|()| r),
+                        Err(e) => Err(e),
+                    };
+                out.cascaded(cascade);
                 finish!(reply, result)
             }
             Op::Delete { id, reply } => finish!(reply, sql::delete(&mut *conn, id).await),
@@ -428,6 +648,25 @@ fn run_op<'a>(
             Op::ForgetServers { silent, reply } => {
                 finish!(reply, sql::forget_servers(&mut *conn, silent).await)
             }
+            Op::ClaimCallbacks {
+                limit,
+                now,
+                until,
+                reply,
+            } => finish!(
+                reply,
+                sql::claim_callbacks(&mut *conn, limit, now, until).await
+            ),
+            Op::RecordCallback {
+                job,
+                attempt,
+                outcome,
+                now,
+                reply,
+            } => finish!(
+                reply,
+                sql::record_callback(&mut *conn, job, attempt, outcome, now).await
+            ),
         }
     })
 }
