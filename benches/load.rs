@@ -39,6 +39,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// CPU time (user + system) process `pid` has used, in µs (from `/proc/<pid>/stat`).
+// The crate denies `unsafe`; this benchmark's one call to libc is the exception.
+#[allow(unsafe_code)]
 fn cpu_us(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) end at its closing parenthesis.
@@ -255,22 +257,28 @@ async fn main() {
     );
     type Spec = fn(usize) -> Value;
     let variants: [(&str, Spec); 4] = [
-        ("16 tenants, round-robin", |i| {
-            json!({"task": "noop", "tenant": format!("t{}", i % 16)})
-        }),
-        ("64 concurrency keys, limit 64 each", |i| {
-            json!({"task": "noop", "concurrency": {"key": format!("k{}", i % 64), "limit": 64}})
-        }),
-        ("one rate key, 1,000,000/s", |_| {
-            json!({"task": "noop", "rate": {"key": "bench", "per_second": 1_000_000, "burst": 1_000_000}})
-        }),
-        ("graphs: chains of 10, each job depends on the one before", |i| {
-            if i % 10 == 0 {
-                json!({"task": "noop"})
-            } else {
-                json!({"task": "noop", "depends_on": [format!("#{}", i - 1)]})
-            }
-        }),
+        (
+            "16 tenants, round-robin",
+            |i| json!({"task": "noop", "tenant": format!("t{}", i % 16)}),
+        ),
+        (
+            "64 concurrency keys, limit 64 each",
+            |i| json!({"task": "noop", "concurrency": {"key": format!("k{}", i % 64), "limit": 64}}),
+        ),
+        (
+            "one rate key, 1,000,000/s",
+            |_| json!({"task": "noop", "rate": {"key": "bench", "per_second": 1_000_000, "burst": 1_000_000}}),
+        ),
+        (
+            "graphs: chains of 10, each job depends on the one before",
+            |i| {
+                if i % 10 == 0 {
+                    json!({"task": "noop"})
+                } else {
+                    json!({"task": "noop", "depends_on": [format!("#{}", i - 1)]})
+                }
+            },
+        ),
     ];
     for (label, spec) in variants {
         let (rate, cpu) = env.end_to_end(total, spec).await;

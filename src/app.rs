@@ -159,6 +159,19 @@ impl App {
             Arc::new(RayonLane::new(settings.cpu_threads, cpu_budget)?),
             Arc::new(process),
         ];
+        // Bound before the lanes start, so the servers list has this server's address from
+        // its first heartbeat; nothing is served until `run`.
+        let listener = TcpListener::bind(settings.bind)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: settings.bind,
+                source,
+            })?;
+        // How other servers reach this one for blobs uploaded here.
+        let origin = settings.advertise_url.clone().or_else(|| {
+            let addr = listener.local_addr().ok()?;
+            (!addr.ip().is_unspecified()).then(|| format!("http://{addr}"))
+        });
         let dispatcher = Dispatcher::new(
             store,
             Arc::new(registry),
@@ -173,21 +186,11 @@ impl App {
                 blobs: Some(blobs.clone()),
                 lease: Duration::from_millis(settings.lease_ms),
                 api_token: settings.api_token.clone(),
+                address: origin.clone(),
                 callbacks: crate::callback::CallbackOptions::from_settings(&settings),
             },
         );
         dispatcher.start().await?;
-        let listener = TcpListener::bind(settings.bind)
-            .await
-            .map_err(|source| AppError::Bind {
-                addr: settings.bind,
-                source,
-            })?;
-        // How other servers reach this one for blobs uploaded here.
-        let origin = settings.advertise_url.clone().or_else(|| {
-            let addr = listener.local_addr().ok()?;
-            (!addr.ip().is_unspecified()).then(|| format!("http://{addr}"))
-        });
         Ok(App {
             _lock: (lock, db_lock),
             listener,

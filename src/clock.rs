@@ -2,6 +2,15 @@
 //!
 //! Jobs are stored with integer timestamps (cheap to compare, index and subtract) and shown to
 //! callers as RFC 3339 strings.
+//!
+//! Leases are not timed by this clock on a shared store: PostgreSQL stamps lease expiries with
+//! its own clock (`now()`), so servers whose clocks disagree cannot requeue each other's live
+//! jobs (see `crate::store::Lease`).
+//!
+//! **Test only:** `OFFLOAD_TEST_CLOCK_OFFSET_MS` (a signed number of milliseconds, read once)
+//! shifts this process's clock, so tests can run a server whose clock is far off. It is not a
+//! setting: it is not in `--help`, the config file or the README's settings, and nothing but
+//! tests should set it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,15 +19,27 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 /// Microseconds since the Unix epoch, UTC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Micros(pub i64);
 
+/// The test-only shift of this process's clock, in microseconds (`OFFLOAD_TEST_CLOCK_OFFSET_MS`).
+fn test_offset() -> i64 {
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::env::var("OFFLOAD_TEST_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .map_or(0, |ms| ms.saturating_mul(1000))
+    })
+}
+
 impl Micros {
+    /// This process's wall clock (shifted by the test-only offset, if set).
     pub fn now() -> Self {
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
-        Micros(since.as_micros() as i64)
+        Micros((since.as_micros() as i64).saturating_add(test_offset()))
     }
 
     pub fn plus(self, d: Duration) -> Self {

@@ -4,6 +4,13 @@
 //! commits is published here. Only jobs someone watches cost anything: a publish is a map
 //! lookup, and a watcher is woken only by its own job, so ten thousand waiters are not all
 //! woken by every change.
+//!
+//! On a shared store the changes other servers make arrive as the store's notices (as do, on
+//! every store, the children a cascade moved, which no server published itself); the
+//! dispatcher reads those jobs (one query per notice) and publishes them here only when
+//! someone follows them, so the stream of every change carries the whole cluster's changes
+//! (all but claims, which no store announces: a job another server runs shows as queued,
+//! then as finished).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -60,18 +67,19 @@ impl Events {
             || self.watchers.lock().expect("events lock").contains_key(&id)
     }
 
-    /// Whether this job has watchers of its own (long-polls, per-job streams).
-    pub fn is_watched_alone(&self, id: JobId) -> bool {
-        self.watchers.lock().expect("events lock").contains_key(&id)
-    }
-
-    /// Tells only the job's own watchers (a change made by another server: the stream of every
-    /// change carries this server's changes).
-    pub fn publish_to_watchers(&self, job: &Job) {
-        let watchers = self.watchers.lock().expect("events lock");
-        if let Some(tx) = watchers.get(&job.id) {
-            tx.send_replace(Some(Arc::new(job.clone())));
+    /// Which of `ids` anyone follows: all of them while the stream of every change has
+    /// readers, else those with watchers of their own (one lock for the whole list).
+    pub fn watched_of(&self, ids: Vec<JobId>) -> Vec<JobId> {
+        if self.all.receiver_count() > 0 {
+            return ids;
         }
+        let watchers = self.watchers.lock().expect("events lock");
+        if watchers.is_empty() {
+            return Vec::new();
+        }
+        ids.into_iter()
+            .filter(|id| watchers.contains_key(id))
+            .collect()
     }
 
     /// Watches one job. Subscribe *before* reading the job's current state, so no change can

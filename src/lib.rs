@@ -13,15 +13,17 @@
 //! - [`schedule`]: cron schedules: their timetable (cron expression, time zone, catch-up), and
 //!   the ticker that makes one job per tick across every server on one database.
 //! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
-//! - [`dispatch`]: the router (kind + task → lane, once), admission, each lane's claim loop,
-//!   attempts (timeouts, cancel), retries, leases and rescue, drain.
+//! - [`dispatch`]: the router (kind + task → lane, once), admission (over the whole store's
+//!   queue), each lane's claim loop, attempts (timeouts, cancel), retries, leases and rescue,
+//!   the servers list, blobs across servers, drain.
 //! - [`executor`]: the lanes: `async` (tokio), `blocking` (spawn_blocking), `rayon`, and
 //!   `process` (worker processes: re-executed from this binary, or task programs in any
 //!   language, both speaking docs/worker-protocol.md).
 //! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
 //!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
-//!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY); `store::graph` and
-//!   each backend's `graph.rs`: jobs that depend on jobs, moved in their parent's transaction.
+//!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY, leases timed by the
+//!   database's clock); `store::graph` and each backend's `graph.rs`: jobs that depend on
+//!   jobs, moved in their parent's transaction.
 //! - [`callback`]: completion callbacks: the signature (`Offload-Signature`), one delivery,
 //!   and the retry policy for failed tries (the outbox lives in the store, the delivery task
 //!   in the dispatcher).
@@ -29,7 +31,7 @@
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
 //! - [`schema`]: the small JSON Schema validator for task args and the OpenAPI tests.
-//! - [`clock`]: timestamps as microseconds, shown as RFC 3339.
+//! - [`clock`]: timestamps as microseconds, shown as RFC 3339 (and the test-only clock offset).
 //! - [`observe`]: Prometheus metrics, the runtime-lag watchdog, HTTP metrics.
 //! - [`telemetry`]: logging setup.
 

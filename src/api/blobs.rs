@@ -1,4 +1,5 @@
-//! Blob endpoints: upload (streamed to disk), download, delete.
+//! Blob endpoints: upload (streamed to disk), download (from any server: one that did not
+//! take the upload fetches a copy from the one that did), delete (every server's copy goes).
 
 use std::collections::HashMap;
 
@@ -12,6 +13,7 @@ use tokio::io::AsyncReadExt;
 
 use super::{ApiError, AppState, Path, Query};
 use crate::blob::{BlobMeta, UploadError};
+use crate::dispatch::BlobFetchError;
 use crate::store::BlobDeleteOutcome;
 
 pub async fn upload(
@@ -95,6 +97,20 @@ pub async fn download(
         .await?
         .ok_or_else(|| unknown(&id))?;
     let path = state.blobs.path(&meta.id).ok_or_else(|| unknown(&id))?;
+    // Uploaded to another server: fetch a copy from it first (kept here for later reads).
+    if tokio::fs::metadata(&path).await.is_err() {
+        match state.dispatcher.local_blob(&meta).await {
+            Ok(()) => {}
+            Err(e @ BlobFetchError::Fetch(_)) => {
+                tracing::warn!(blob = %id, error = %e, "a blob could not be fetched from its origin");
+                return Err(ApiError::unavailable(format!(
+                    "blob {id} is held by another server, which did not give it now; try again later"
+                )));
+            }
+            // Falls through to the open, which says what is wrong.
+            Err(BlobFetchError::Missing(_)) => {}
+        }
+    }
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::internal(format!("blob {id}: {e}")))?;

@@ -45,7 +45,9 @@ pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "tasks": tasks }))
 }
 
-pub async fn stats(State(state): State<AppState>) -> Json<Value> {
+pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    // The servers sharing the store, as their heartbeats left them (on SQLite, this one).
+    let servers = state.dispatcher.store().servers().await?;
     let executors: Map<String, Value> = state
         .dispatcher
         .stats()
@@ -53,7 +55,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
         .map(|(k, s)| (k.as_str().to_string(), json!(s)))
         .collect();
     let last_stall = state.health.last.lock().expect("stall lock").clone();
-    Json(json!({
+    Ok(Json(json!({
         "executors": executors,
         "draining": state.dispatcher.is_draining(),
         "uptime_s": state.started.elapsed().as_secs_f64(),
@@ -61,7 +63,9 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
             "stalls": state.health.stalls.load(std::sync::atomic::Ordering::Relaxed),
             "last_stall": last_stall,
         },
-    }))
+        "server": state.dispatcher.node(),
+        "servers": servers,
+    })))
 }
 
 pub async fn healthz() -> Json<Value> {

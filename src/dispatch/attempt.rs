@@ -15,9 +15,6 @@ use crate::job::{next_state, AttemptEnd, Job, JobStatus};
 use crate::store::Settle;
 use crate::task::{JobCtx, StopReason, Task, TaskError, TaskResult};
 
-/// The longest a blob fetch from another server may take, whatever the job's own timeout.
-const BLOB_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
-
 impl Dispatcher {
     pub(super) async fn run_attempt(
         self: Arc<Self>,
@@ -171,19 +168,9 @@ impl Dispatcher {
                 .await
                 .map_err(|e| TaskError::Transient(format!("looking up blob {id}: {e}")))?
                 .ok_or_else(|| TaskError::Permanent(format!("blob {id} no longer exists")))?;
-            tokio::time::timeout(
-                BLOB_FETCH_TIMEOUT,
-                blobs.fetch(&meta, &self.http, self.api_token.as_deref()),
-            )
-            .await
-            .map_err(|_| {
-                TaskError::Transient(format!(
-                    "fetching blob {id} took longer than {} s",
-                    BLOB_FETCH_TIMEOUT.as_secs()
-                ))
-            })?
-            .map_err(TaskError::Transient)?;
-            tracing::info!(blob = %id, origin = ?meta.origin, "fetched a blob from the server that holds it");
+            self.local_blob(&meta)
+                .await
+                .map_err(|e| TaskError::Transient(e.to_string()))?;
         }
         Ok(())
     }

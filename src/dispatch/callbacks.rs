@@ -75,6 +75,9 @@ impl Dispatcher {
     /// One round: claim what is due, send it all at once, record each outcome. Answers how
     /// long to wait before the next round.
     async fn deliver_due(&self, options: &CallbackOptions) -> Result<Duration, StoreError> {
+        // This server's clock, not the store's as for job leases: a skewed clock can only
+        // make a callback go twice, which at-least-once delivery allows (see
+        // `JobStore::claim_callbacks`).
         let now = Micros::now();
         let claimed = self
             .store

@@ -62,7 +62,7 @@ impl Dispatcher {
             let now = Micros::now();
             let lease = Lease {
                 owner: self.node.clone(),
-                until: now.plus(self.lease),
+                ttl: self.lease,
             };
             lane.claiming.fetch_add(wanted, Ordering::AcqRel);
             // A drain that began meanwhile may have seen no claim in flight: claim nothing.

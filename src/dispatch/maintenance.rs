@@ -1,5 +1,5 @@
 //! Maintenance: leases (renewal, and the rescue of jobs whose server stopped renewing),
-//! recounting the queues, and pruning.
+//! recounting the queues, the servers list, the sweep of waiting jobs, and pruning.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -8,11 +8,22 @@ use std::time::Duration;
 use super::Dispatcher;
 use crate::clock::Micros;
 use crate::job::{next_state, AttemptEnd, JobId, JobStatus};
-use crate::store::{Settle, StoreError};
+use crate::store::{Expired, Expiry, Settle, StoreError};
 use crate::task::StopReason;
 
 /// Most jobs rescued per store call.
 const RESCUE_BATCH: u32 = 500;
+/// A server whose heartbeat is older than this many leases (and than [`SERVER_GONE_MIN`]) is
+/// taken off the servers list: it died or was cut off. Its jobs are rescued sooner, by their
+/// leases; the list is for people, and a server that only paused should not blink out of it.
+const SERVER_GONE_LEASES: u32 = 4;
+const SERVER_GONE_MIN: Duration = Duration::from_secs(30);
+/// How often a server on a shared store recounts the queues. Other servers' submits reach it
+/// at once through the store's notices (with their counts), but their claims and cancels are
+/// not announced: this recount, one cheap `GROUP BY` on the queued rows' partial index, is
+/// what brings the count down again, so admission refuses (429) no longer than this after
+/// the database's queue has room again.
+const SHARED_RECOUNT: Duration = Duration::from_secs(1);
 /// Most waiting jobs the sweep decides again per beat.
 const SWEEP_BATCH: u32 = 500;
 
@@ -34,6 +45,27 @@ impl Dispatcher {
         });
     }
 
+    /// On a shared store, recounts the queues every [`SHARED_RECOUNT`] (the heartbeat
+    /// recounts too, on every store).
+    pub(super) fn spawn_recount(self: &Arc<Self>) {
+        if self.store.exclusive() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SHARED_RECOUNT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(this) = weak.upgrade() else { return };
+                if let Err(e) = this.recount().await {
+                    tracing::warn!(error = %e, "counting queued jobs failed");
+                }
+            }
+        });
+    }
+
     async fn heartbeat(&self) {
         let running: Vec<(JobId, u32)> = self
             .attempts
@@ -43,8 +75,7 @@ impl Dispatcher {
             .iter()
             .map(|(id, r)| (*id, r.ctx.attempt))
             .collect();
-        let until = Micros::now().plus(self.lease);
-        match self.store.renew(&self.node, &running, until).await {
+        match self.store.renew(&self.node, &running, self.lease).await {
             Ok(gone) => {
                 for (id, attempt) in gone {
                     // Cancelled (a notice this server missed) or rescued by another server:
@@ -56,8 +87,8 @@ impl Dispatcher {
         }
         // Attempts running here are never rescued by this server, even if their lease ran out
         // (a renewal delayed by a full disk): the work is still going on.
-        let mine: HashSet<JobId> = running.iter().map(|(id, _)| *id).collect();
-        match self.rescue(Micros::now(), &mine).await {
+        let mine: HashSet<(JobId, u32)> = running.into_iter().collect();
+        match self.rescue(Expiry::Lapsed, &mine).await {
             Ok((requeued, lost)) if requeued + lost > 0 => tracing::warn!(
                 requeued,
                 lost,
@@ -77,6 +108,37 @@ impl Dispatcher {
         if let Err(e) = self.recount().await {
             tracing::warn!(error = %e, "counting queued jobs failed");
         }
+        if let Err(e) = self.store.beat(&self.server_beat()).await {
+            tracing::warn!(error = %e, "recording this server's heartbeat failed");
+        }
+        let silent = (self.lease * SERVER_GONE_LEASES).max(SERVER_GONE_MIN);
+        match self.store.forget_servers(silent).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(servers = n, "forgot servers that stopped beating"),
+            Err(e) => tracing::warn!(error = %e, "forgetting silent servers failed"),
+        }
+    }
+
+    /// What this server's heartbeat writes about it.
+    pub(super) fn server_beat(&self) -> crate::store::ServerBeat {
+        let lanes: serde_json::Map<String, serde_json::Value> = self
+            .lanes
+            .iter()
+            .map(|(kind, lane)| {
+                (
+                    kind.as_str().to_string(),
+                    serde_json::json!({
+                        "capacity": lane.executor.capacity(),
+                        "running": lane.running.load(std::sync::atomic::Ordering::Relaxed),
+                    }),
+                )
+            })
+            .collect();
+        crate::store::ServerBeat {
+            id: self.node.clone(),
+            address: self.address.clone(),
+            lanes: serde_json::Value::Object(lanes),
+        }
     }
 
     /// The safety net for jobs that depend on jobs: a parent's final state moves its children
@@ -93,17 +155,18 @@ impl Dispatcher {
         Ok(moved)
     }
 
-    /// Moves running jobs whose lease ended before `before` on, as [`next_state`] decides for a
-    /// lost attempt: queued again while attempts remain, else failed as `lost`. Returns how
-    /// many were requeued and how many lost.
+    /// Moves running jobs whose lease ran out (by the store's clock; or all of them, at the
+    /// start of an exclusive store) on, as [`next_state`] decides for a lost attempt: queued
+    /// again while attempts remain, else failed as `lost`. Attempts in `skip` (job, attempt)
+    /// are left alone. Returns how many were requeued and how many lost.
     pub(super) async fn rescue(
         &self,
-        before: Micros,
-        skip: &HashSet<JobId>,
+        which: Expiry,
+        skip: &HashSet<(JobId, u32)>,
     ) -> Result<(u64, u64), StoreError> {
         let (mut requeued, mut lost) = (0, 0);
         loop {
-            let jobs = self.store.expired(before, RESCUE_BATCH).await?;
+            let Expired { jobs, before } = self.store.expired(which, RESCUE_BATCH).await?;
             if jobs.is_empty() {
                 break;
             }
@@ -111,7 +174,7 @@ impl Dispatcher {
             let full = jobs.len() as u32 == RESCUE_BATCH;
             let moves: Vec<Settle> = jobs
                 .into_iter()
-                .filter(|job| !skip.contains(&job.id))
+                .filter(|job| !skip.contains(&(job.id, job.attempt)))
                 .filter_map(|job| {
                     let next = next_state(&job, AttemptEnd::Lost, Duration::ZERO, now)?;
                     Some(Settle {
@@ -173,20 +236,24 @@ impl Dispatcher {
             }
             tokio::task::yield_now().await;
         }
-        // Then the blobs those jobs were the last to use (unless uploaded to be kept).
+        // Then the blobs those jobs were the last to use (unless uploaded to be kept); other
+        // servers remove their copies when the store announces it.
         loop {
             let gone = self.store.prune_blobs(BATCH).await?;
-            if let Some(blobs) = &self.blobs {
-                for id in &gone {
-                    if let Err(e) = blobs.remove(id).await {
-                        tracing::warn!(blob = %id, error = %e, "a pruned blob's file could not be removed");
-                    }
-                }
-            }
+            self.remove_blob_files(&gone).await;
             if gone.len() < BATCH as usize {
-                return Ok(total);
+                break;
             }
             tokio::task::yield_now().await;
         }
+        // And the files of blobs that went while this server was not listening.
+        let swept = self.sweep_blob_files().await?;
+        if swept > 0 {
+            tracing::info!(
+                files = swept,
+                "removed the files of blobs that no longer exist"
+            );
+        }
+        Ok(total)
     }
 }

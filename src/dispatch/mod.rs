@@ -11,10 +11,13 @@
 //! - [`claim`]: a lane's loop: wait for room, claim, start attempts.
 //! - [`attempt`]: one attempt: blobs, run, timeout, cancel, and writing its outcome.
 //! - [`retry`]: the backoff between attempts, and for the server's own failed writes.
-//! - [`maintenance`]: leases (renewal, rescue), counts, pruning.
+//! - [`maintenance`]: leases (renewal, rescue), counts, the servers list, pruning, the sweep
+//!   of waiting jobs.
+//! - [`blobs`]: blobs across servers: fetching a copy from the origin, removing copies.
 //! - [`callbacks`]: the delivery task of completion callbacks (claims due outbox rows).
 
 mod attempt;
+mod blobs;
 mod callbacks;
 mod claim;
 mod maintenance;
@@ -36,10 +39,11 @@ use crate::events::Events;
 use crate::executor::Executor;
 use crate::job::{AttemptEnd, ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::store::{
-    CancelOutcome, Inserted, JobStore, ListFilter, Notice, RetryOutcome, Settle, StoreError,
+    CancelOutcome, Expiry, Inserted, JobStore, ListFilter, Notice, RetryOutcome, Settle, StoreError,
 };
 use crate::task::{JobCtx, Registry, StopReason};
 
+pub use blobs::BlobFetchError;
 pub use retry::RetryPolicy;
 pub use route::{route, RouteHints};
 
@@ -60,8 +64,9 @@ pub enum SubmitError {
 }
 
 /// How many jobs a lane has queued in the store, as far as this server knows: recounted from
-/// the store on every heartbeat, kept up to date in between by what this server adds and takes.
-/// Used for admission (a bound per lane) and `/v1/stats`.
+/// the store on every heartbeat (and every second on a shared store), kept up to date in
+/// between by what this server adds and takes and by the counts other servers' submits
+/// announce. Used for admission (a bound per lane, over the whole database) and `/v1/stats`.
 #[derive(Default)]
 struct Admission {
     queued: i64,
@@ -140,6 +145,8 @@ pub struct Dispatcher {
     http: reqwest::Client,
     /// Wakes the schedule ticker (`crate::schedule::ticker`) when schedules change.
     schedule_wake: Arc<Notify>,
+    /// Where other servers reach this one.
+    address: Option<String>,
     /// How completion callbacks are sent; `None` (no secret): none are.
     callbacks: Option<CallbackOptions>,
     /// Wakes the callback delivery task when a job with a callback became final here.
@@ -160,6 +167,8 @@ pub struct DispatchOptions {
     pub lease: Duration,
     /// The API token, for fetching a blob from the server that holds it.
     pub api_token: Option<String>,
+    /// Where other servers reach this one (its advertised URL), for the servers list.
+    pub address: Option<String>,
     /// How completion callbacks are sent; `None`: none are, and specs may not ask for them.
     pub callbacks: Option<CallbackOptions>,
 }
@@ -194,6 +203,7 @@ impl Dispatcher {
             blobs,
             lease,
             api_token,
+            address,
             callbacks,
         } = options;
         let lanes = executors
@@ -233,6 +243,7 @@ impl Dispatcher {
             api_token,
             http,
             schedule_wake: Arc::new(Notify::new()),
+            address,
             callbacks,
             callback_wake: Arc::new(Notify::new()),
             sweep_after: Mutex::new(None),
@@ -252,7 +263,7 @@ impl Dispatcher {
             }
         });
         if self.store.exclusive() {
-            let (requeued, lost) = self.rescue(Micros(i64::MAX), &HashSet::new()).await?;
+            let (requeued, lost) = self.rescue(Expiry::All, &HashSet::new()).await?;
             if requeued + lost > 0 {
                 tracing::warn!(
                     requeued,
@@ -261,6 +272,11 @@ impl Dispatcher {
                 );
             }
         }
+        if self.store.exclusive() {
+            // The servers listed are earlier processes of this one.
+            self.store.forget_servers(Duration::ZERO).await?;
+        }
+        self.store.beat(&self.server_beat()).await?;
         // On an exclusive store, a crash cannot have left work half done (a parent's final
         // state and its children's moves commit together), but the sweep costs little once.
         if self.store.exclusive() {
@@ -272,6 +288,7 @@ impl Dispatcher {
             tokio::spawn(async move { this.lane_loop(kind).await });
         }
         self.spawn_heartbeat();
+        self.spawn_recount();
         self.spawn_progress_ticker();
         self.spawn_callbacks();
         tracing::info!(node = %self.node, exclusive = self.store.exclusive(), "lanes started");
@@ -280,22 +297,42 @@ impl Dispatcher {
 
     async fn on_notice(&self, notice: Notice) {
         match notice {
-            Notice::New(kind) => {
+            Notice::New { lane: kind, added } => {
                 if let Some(lane) = self.lanes.get(&kind) {
+                    // Jobs another server queued: counted here at once, so admission and
+                    // `/v1/stats` see the whole database's queue before the next recount.
+                    if added > 0 {
+                        lane.count_queued(added as i64);
+                    }
                     lane.wake.notify_one();
                 }
             }
             Notice::Cancel(id) => self.stop_attempt(id, None, StopReason::Cancelled),
             // A permit is kept if the ticker is busy: it looks again when it is done.
             Notice::Schedules => self.schedule_wake.notify_one(),
-            Notice::Changed(id) => {
-                // Wake this server's long-polls and streams on a job another server moved.
-                if self.events.is_watched_alone(id) {
-                    if let Ok(Some(job)) = self.store.get(id).await {
-                        self.events.publish_to_watchers(&job);
+            Notice::Changed(ids) => {
+                // Jobs another server moved, or a cascade moved (children of a job that
+                // became final or was retried, here or elsewhere): wake this server's
+                // long-polls and streams that follow them, and the stream of every change,
+                // with their rows (one query).
+                let watched = self.events.watched_of(ids);
+                if watched.is_empty() {
+                    return;
+                }
+                match self.store.get_many(&watched).await {
+                    Ok(mut jobs) => {
+                        jobs.sort_by_key(|j| j.id);
+                        for job in &jobs {
+                            self.events.publish(job);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading jobs another server changed failed")
                     }
                 }
             }
+            // Copies fetched from the blob's origin (or the origin's own file).
+            Notice::BlobsDeleted(ids) => self.remove_blob_files(&ids).await,
         }
     }
 
@@ -323,17 +360,35 @@ impl Dispatcher {
 
     /// Registers a claimed attempt, so cancels, progress and drains reach it. A cancel that
     /// arrived first stops it at once.
+    ///
+    /// An older attempt of the same job may still be running here: its lease ran out (renewals
+    /// failed for a while), another server rescued the job, and this server claimed it again
+    /// before its next renewal said the old attempt was gone. The store refuses that attempt's
+    /// outcome (its attempt number is stale), so it is stopped now and the new attempt takes
+    /// its place: the old one's unregister and stops, which name their attempt, cannot touch
+    /// the new one.
     fn register(&self, job: &Job) -> JobCtx {
         let ctx = JobCtx::new(job.id, job.attempt);
         let mut attempts = self.attempts.lock().expect("attempts lock");
-        attempts.live.insert(
-            job.id,
-            Running {
-                ctx: ctx.clone(),
-                job: Arc::new(job.clone()),
-                published: AtomicU64::new(0f64.to_bits()),
-            },
-        );
+        let running = Running {
+            ctx: ctx.clone(),
+            job: Arc::new(job.clone()),
+            published: AtomicU64::new(0f64.to_bits()),
+        };
+        match attempts.live.insert(job.id, running) {
+            Some(old) if old.ctx.attempt < job.attempt => {
+                tracing::warn!(job = %job.id, old = old.ctx.attempt, new = job.attempt,
+                    "a newer attempt of a job still running here was claimed; stopping the old one");
+                old.ctx.stop(StopReason::Cancelled);
+            }
+            // Never expected (attempts only grow), but a newer attempt must stay the one known.
+            Some(newer) if newer.ctx.attempt > job.attempt => {
+                ctx.stop(StopReason::Cancelled);
+                attempts.live.insert(job.id, newer);
+                return ctx;
+            }
+            _ => {}
+        }
         if attempts.cancelled.remove(&job.id).is_some() {
             ctx.stop(StopReason::Cancelled);
         }
@@ -357,6 +412,11 @@ impl Dispatcher {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// This server's id: the owner on its leases, its row in the servers list.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     pub fn has_lane(&self, kind: ExecutorKind) -> bool {

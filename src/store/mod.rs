@@ -289,12 +289,59 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-/// Who runs a claimed job, and until when: a server renews its leases while it runs the jobs;
-/// a job whose lease ran out is rescued by whichever server does maintenance.
+/// Who runs a claimed job, and for how long without renewal: a server renews its leases while
+/// it runs the jobs; a job whose lease ran out is rescued by whichever server does maintenance.
+///
+/// A lease is a duration, not an instant: the store stamps the expiry with its own clock (the
+/// database's `now()` on PostgreSQL, the one process's clock on SQLite) when it claims or
+/// renews, and [`JobStore::expired`] compares against that same clock. No server's wall clock
+/// takes part, so a server whose clock is hours off can neither make its own leases look
+/// endless nor another server's look expired.
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub owner: String,
-    pub until: Micros,
+    pub ttl: std::time::Duration,
+}
+
+/// Which running jobs [`JobStore::expired`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Those whose lease ended, by the store's clock.
+    Lapsed,
+    /// Every running job, whatever its lease: on an exclusive store at start, the jobs of the
+    /// process that stopped.
+    All,
+}
+
+/// What [`JobStore::expired`] found.
+#[derive(Debug, Default)]
+pub struct Expired {
+    pub jobs: Vec<Job>,
+    /// The store's clock when it looked (for [`Expiry::All`], the end of time): a rescue of
+    /// these jobs passes it as [`Settle::expired_before`], so a job whose owner renewed its
+    /// lease since is left alone.
+    pub before: Micros,
+}
+
+/// What a server writes on each heartbeat about itself.
+#[derive(Debug, Clone)]
+pub struct ServerBeat {
+    /// The server's node id (the owner on its leases).
+    pub id: String,
+    /// Where other servers and clients reach it (its advertised URL), if known.
+    pub address: Option<String>,
+    /// Its lanes: capacity and running jobs per lane, as JSON.
+    pub lanes: serde_json::Value,
+}
+
+/// A server using the store, as its last heartbeat left it. Times are the store's clock.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerInfo {
+    pub id: String,
+    pub address: Option<String>,
+    pub started_at: Micros,
+    pub heartbeat_at: Micros,
+    pub lanes: serde_json::Value,
 }
 
 /// What a claim took.
@@ -407,12 +454,20 @@ impl CallbackOutcome {
 /// cancel is found by the next lease renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Jobs became queued in this lane.
-    New(ExecutorKind),
+    /// Jobs became queued in this lane; `added` of them were not counted by this server yet:
+    /// those another server queued, and children a cascade queued on any server (this server
+    /// counts the jobs it submits, requeues or retries itself as it writes them, so its own
+    /// notices of those say 0).
+    New { lane: ExecutorKind, added: u64 },
     /// A running job was cancelled: whoever runs it must stop it.
     Cancel(JobId),
-    /// A job changed on another server: wake whoever waits on it here.
-    Changed(JobId),
+    /// Jobs changed on another server (submitted, finished, requeued, cancelled, retried;
+    /// claims and lease renewals are not announced), or moved by a cascade on any server, this
+    /// one included (children a parent's final state or retry moved, which no server published
+    /// itself): wake whoever follows them here.
+    Changed(Vec<JobId>),
+    /// Blobs were deleted or pruned (on any server): copies of their files here go too.
+    BlobsDeleted(Vec<String>),
     /// A schedule was created, paused, resumed or deleted: tickers look again.
     Schedules,
 }
@@ -462,6 +517,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Stores new jobs, all or nothing, and answers only once they are committed.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError>;
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+    /// The jobs of `ids` that exist, in one query, in no particular order.
+    async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError>;
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError>;
     /// Claims up to `limit` due queued jobs of a lane, in priority then schedule order:
@@ -483,20 +540,23 @@ pub trait JobStore: Send + Sync + 'static {
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError>;
     /// Removes a finished job.
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError>;
-    /// Extends the leases of the attempts `owner` runs (`running`, and only those: a row the
-    /// owner no longer runs lets its lease run out and is rescued) to `until`. Answers which of
-    /// `running` no longer run under its lease: cancelled, rescued or finished elsewhere; the
-    /// owner stops them.
+    /// Extends the leases of the attempts `owner` runs (`running`: (job, attempt) pairs, and
+    /// only those: a row the owner no longer runs lets its lease run out and is rescued) to
+    /// `ttl` from now by the store's clock. An attempt is known by its job and its number: a
+    /// job rescued and claimed again, even by the same owner, is not renewed for its old
+    /// attempt. Answers which of `running` no longer run under its lease: cancelled, rescued
+    /// or finished elsewhere; the owner stops them.
     async fn renew(
         &self,
         owner: &str,
         running: &[(JobId, u32)],
-        until: Micros,
+        ttl: std::time::Duration,
     ) -> Result<Vec<(JobId, u32)>, StoreError>;
-    /// Up to `limit` running jobs whose lease ended before `before`: the jobs of a server that
-    /// died or stopped renewing. One server at a time gets an answer on a shared store; the
-    /// others get none that round.
-    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError>;
+    /// Up to `limit` running jobs whose lease ended by the store's clock (or all of them,
+    /// [`Expiry::All`]): the jobs of a server that died or stopped renewing, and the clock
+    /// reading a rescue guards with. One server at a time gets an answer on a shared store;
+    /// the others get none that round.
+    async fn expired(&self, which: Expiry, limit: u32) -> Result<Expired, StoreError>;
     /// How many jobs are queued in each lane (for admission and `/v1/stats`).
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError>;
     /// Deletes up to `limit` jobs that finished before `before`; returns how many.
@@ -504,11 +564,21 @@ pub trait JobStore: Send + Sync + 'static {
     /// Records a blob whose file is complete and in place.
     async fn insert_blob(&self, meta: BlobMeta) -> Result<(), StoreError>;
     async fn get_blob(&self, id: &str) -> Result<Option<BlobMeta>, StoreError>;
+    /// Which of `ids` name blobs the store has.
+    async fn known_blobs(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
     /// Forgets a blob unless a queued or running job names it.
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError>;
     /// Forgets up to `limit` blobs that jobs used, that no job names any more, and that were
     /// not uploaded to be kept; returns their ids so their files can go too.
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError>;
+    /// Records that a server is alive, now by the store's clock: its address and lanes (its
+    /// first beat also records its start).
+    async fn beat(&self, beat: &ServerBeat) -> Result<(), StoreError>;
+    /// The servers using the store, longest running first.
+    async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError>;
+    /// Forgets servers whose last beat is older than `silent` by the store's clock (ones that
+    /// died, or earlier processes of an exclusive store); returns how many.
+    async fn forget_servers(&self, silent: std::time::Duration) -> Result<u64, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -557,6 +627,13 @@ pub trait JobStore: Send + Sync + 'static {
     /// more attempt, and is not due again before `until` (a lease: if the claimer dies
     /// mid-delivery, the callback is tried again after it). Rows another server is claiming at
     /// the same moment are skipped, not waited for, so no two servers deliver one row at once.
+    ///
+    /// Unlike a job's [`Lease`], `now` and `until` are the claiming server's own clock, not
+    /// the store's: a server whose clock runs ahead of another's by more than the callback
+    /// lease may take a row the other is still delivering, and the receiver gets it twice.
+    /// Callbacks are at least once anyway (receivers tell tries apart by the job id and the
+    /// signature's timestamp), so the outbox keeps the simpler clock; job leases, whose expiry
+    /// requeues running work, do not.
     async fn claim_callbacks(
         &self,
         limit: u32,

@@ -8,33 +8,38 @@ use serde_json::{json, Value};
 use crate::helpers::{drop_pg_schema, id_of, pg_schema, Binary};
 
 /// A server on the shared database, with a data dir of its own.
-struct Node {
-    bin: Binary,
-    dir: tempfile::TempDir,
+pub(crate) struct Node {
+    pub bin: Binary,
+    pub dir: tempfile::TempDir,
 }
 
-fn start(url: &str, lease_ms: u64) -> Node {
+pub(crate) fn start(url: &str, lease_ms: u64) -> Node {
     start_with(url, lease_ms, &[])
 }
 
-fn start_with(url: &str, lease_ms: u64, extra: &[&str]) -> Node {
+pub(crate) fn start_with(url: &str, lease_ms: u64, extra: &[&str]) -> Node {
+    start_env(url, lease_ms, extra, &[])
+}
+
+/// A server with extra flags and environment variables.
+pub(crate) fn start_env(url: &str, lease_ms: u64, extra: &[&str], envs: &[(&str, &str)]) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let lease = lease_ms.to_string();
     let mut args = vec!["--lease-ms", &lease, "--database-url", url];
     args.extend_from_slice(extra);
     let data = dir.path().to_str().unwrap().to_string();
     args.extend_from_slice(&["--data-dir", &data]);
-    let bin = Binary::start(&args);
+    let bin = Binary::start_env(&args, envs);
     Node { bin, dir }
 }
 
 /// GETs a JSON answer.
-async fn get_json(client: &reqwest::Client, url: String) -> Value {
+pub(crate) async fn get_json(client: &reqwest::Client, url: String) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 /// POSTs a JSON body and reads the JSON answer.
-async fn post_json(client: &reqwest::Client, url: String, body: Value) -> Value {
+pub(crate) async fn post_json(client: &reqwest::Client, url: String, body: Value) -> Value {
     client
         .post(url)
         .json(&body)

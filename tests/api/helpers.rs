@@ -340,10 +340,16 @@ impl Binary {
     /// Starts `offload serve --bind 127.0.0.1:0 --retry-base-ms 50 <args>` and waits for the
     /// address it logs.
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Binary {
+        Binary::start_env(args, &[])
+    }
+
+    /// As [`Binary::start`], with extra environment variables.
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(args: &[S], envs: &[(&str, &str)]) -> Binary {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_offload"))
             .args(["serve", "--bind", "127.0.0.1:0", "--retry-base-ms", "50"])
             .args(args)
+            .envs(envs.iter().copied())
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())

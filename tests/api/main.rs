@@ -1,5 +1,6 @@
 //! Integration tests: the real server over real HTTP, a fresh data dir per test.
 
+mod as_one;
 mod blobs;
 mod browser;
 mod callbacks;
@@ -13,6 +14,7 @@ mod helpers;
 mod inputs;
 mod jobs;
 mod lanes;
+mod leases;
 mod observe;
 mod openapi;
 mod overload;

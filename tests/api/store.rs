@@ -13,8 +13,8 @@ use offload::job::{
     next_state, AttemptEnd, ErrorKind, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next,
 };
 use offload::store::{
-    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, DeleteOutcome, Inserted, JobStore, Lease,
-    ListFilter, Notice, PostgresStore, Settle, SqliteStore, StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, DeleteOutcome, Expiry, Inserted, JobStore,
+    Lease, ListFilter, Notice, PostgresStore, ServerBeat, Settle, SqliteStore, StoreError,
 };
 use serde_json::json;
 
@@ -51,8 +51,13 @@ fn calling_back(task: &str) -> NewJob {
 pub(crate) fn lease(owner: &str) -> Lease {
     Lease {
         owner: owner.into(),
-        until: Micros::now().plus(Duration::from_secs(30)),
+        ttl: Duration::from_secs(30),
     }
+}
+
+/// Long enough for a lease of a millisecond to have run out by any clock.
+async fn lapse() {
+    tokio::time::sleep(Duration::from_millis(30)).await;
 }
 
 pub(crate) async fn claim_all(store: &Arc<dyn JobStore>, limit: u32) -> Vec<Job> {
@@ -152,6 +157,16 @@ async fn insert_then_get_list_and_count(store: Arc<dyn JobStore>) {
         .unwrap();
     assert_eq!(only_b.len(), 1);
     assert!(store.get(JobId::new()).await.unwrap().is_none());
+    let mut many: Vec<JobId> = store
+        .get_many(&[a.id, JobId::new(), b.id])
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    many.sort();
+    assert_eq!(many, vec![a.id, b.id], "the ones that exist");
+    assert!(store.get_many(&[]).await.unwrap().is_empty());
     assert_eq!(
         store.queued_counts().await.unwrap(),
         vec![(ExecutorKind::Async, 2)]
@@ -375,33 +390,38 @@ async fn leases_are_renewed_and_expired_ones_rescued(store: Arc<dyn JobStore>) {
         .insert(vec![once.clone(), twice.clone(), cancelled.clone()])
         .await
         .unwrap();
-    let now = Micros::now();
     let short = Lease {
         owner: "dead".into(),
-        until: now.plus(Duration::from_millis(1)),
+        ttl: Duration::from_millis(1),
     };
     let claimed = store
-        .claim(ExecutorKind::Async, 10, now, &short)
+        .claim(ExecutorKind::Async, 10, Micros::now(), &short)
         .await
         .unwrap()
         .jobs;
     assert_eq!(claimed.len(), 3);
     store.cancel(cancelled.id, Micros::now()).await.unwrap();
+    lapse().await;
     // The owner renews: the cancelled job is no longer its own; an unknown attempt neither.
     let mine: Vec<(JobId, u32)> = claimed.iter().map(|j| (j.id, j.attempt)).collect();
     let gone = store
-        .renew("dead", &mine, now.plus(Duration::from_millis(2)))
+        .renew("dead", &mine, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(gone, vec![(cancelled.id, 1)]);
-    assert!(
-        store.expired(now, 10).await.unwrap().is_empty(),
-        "leases renewed to later than `now`"
-    );
-    // The owner stops renewing; later, its jobs are expired and rescued.
-    let later = now.plus(Duration::from_secs(1));
-    let expired = store.expired(later, 10).await.unwrap();
-    assert_eq!(expired.len(), 2);
+    let found = store.expired(Expiry::Lapsed, 10).await.unwrap();
+    assert!(found.jobs.is_empty(), "renewed by the store's clock");
+    // Every running job, lease or not, is what an exclusive store rescues at start.
+    let all = store.expired(Expiry::All, 10).await.unwrap();
+    assert_eq!(all.jobs.len(), 2);
+    // The owner stops renewing (its last renewal was short); its jobs are expired and rescued.
+    store
+        .renew("dead", &mine, Duration::from_millis(1))
+        .await
+        .unwrap();
+    lapse().await;
+    let found = store.expired(Expiry::Lapsed, 10).await.unwrap();
+    assert_eq!(found.jobs.len(), 2);
     // A rescue moves a job only if its lease still ended before the rescuer's look: here the
     // owner renews `twice` in between, and the first rescue of it is refused.
     let rescue = |job: &Job, before: Micros| Settle {
@@ -411,23 +431,25 @@ async fn leases_are_renewed_and_expired_ones_rescued(store: Arc<dyn JobStore>) {
         now: Micros::now(),
         expired_before: Some(before),
     };
-    let twice_running = expired.iter().find(|j| j.id == twice.id).unwrap();
+    let twice_running = found.jobs.iter().find(|j| j.id == twice.id).unwrap();
     store
-        .renew(
-            "dead",
-            &[(twice.id, 1)],
-            later.plus(Duration::from_secs(10)),
-        )
+        .renew("dead", &[(twice.id, 1)], Duration::from_secs(60))
         .await
         .unwrap();
     let refused = store
-        .settle(vec![rescue(twice_running, later)])
+        .settle(vec![rescue(twice_running, found.before)])
         .await
         .unwrap();
     assert!(refused[0].is_none(), "renewed since: not rescued");
-    let much_later = later.plus(Duration::from_secs(20));
-    for job in &expired {
-        let moved = store.settle(vec![rescue(job, much_later)]).await.unwrap();
+    store
+        .renew("dead", &[(twice.id, 1)], Duration::from_millis(1))
+        .await
+        .unwrap();
+    lapse().await;
+    let found = store.expired(Expiry::Lapsed, 10).await.unwrap();
+    assert_eq!(found.jobs.len(), 2);
+    for job in &found.jobs {
+        let moved = store.settle(vec![rescue(job, found.before)]).await.unwrap();
         assert!(moved[0].is_some(), "{job:?}");
     }
     let lost = store.get(once.id).await.unwrap().unwrap();
@@ -436,8 +458,78 @@ async fn leases_are_renewed_and_expired_ones_rescued(store: Arc<dyn JobStore>) {
     let requeued = store.get(twice.id).await.unwrap().unwrap();
     assert_eq!(requeued.status, JobStatus::Queued);
     assert_eq!(requeued.error.unwrap().kind, ErrorKind::Crashed);
-    assert!(store.expired(later, 10).await.unwrap().is_empty());
+    let found = store.expired(Expiry::Lapsed, 10).await.unwrap();
+    assert!(found.jobs.is_empty());
     assert_eq!(claim_all(&store, 10).await[0].attempt, 2);
+}
+
+conformance!(an_attempt_is_known_by_its_job_and_number);
+/// A job rescued and claimed again by the same owner: renewing its old attempt neither
+/// extends the new attempt's lease nor counts as holding it.
+async fn an_attempt_is_known_by_its_job_and_number(store: Arc<dyn JobStore>) {
+    let job = new_job("again", None, None);
+    store.insert(vec![job.clone()]).await.unwrap();
+    let short = Lease {
+        owner: "me".into(),
+        ttl: Duration::from_millis(1),
+    };
+    let first = store
+        .claim(ExecutorKind::Async, 1, Micros::now(), &short)
+        .await
+        .unwrap()
+        .jobs
+        .remove(0);
+    lapse().await;
+    let found = store.expired(Expiry::Lapsed, 10).await.unwrap();
+    assert_eq!(found.jobs.len(), 1);
+    let next = next_state(&first, AttemptEnd::Lost, Duration::ZERO, Micros::now()).unwrap();
+    let requeued = store
+        .settle(vec![Settle {
+            job: first.clone(),
+            next,
+            progress: 0.0,
+            now: Micros::now(),
+            expired_before: Some(found.before),
+        }])
+        .await
+        .unwrap();
+    assert!(requeued[0].is_some());
+    let second = store
+        .claim(ExecutorKind::Async, 1, Micros::now(), &short)
+        .await
+        .unwrap()
+        .jobs
+        .remove(0);
+    assert_eq!((second.id, second.attempt), (job.id, 2));
+    lapse().await;
+    // The old attempt's renewal: refused, and the new attempt's lease is left to run out.
+    let gone = store
+        .renew("me", &[(job.id, 1)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![(job.id, 1)]);
+    let found = store.expired(Expiry::Lapsed, 10).await.unwrap();
+    assert_eq!(
+        found
+            .jobs
+            .iter()
+            .map(|j| (j.id, j.attempt))
+            .collect::<Vec<_>>(),
+        vec![(job.id, 2)],
+        "the old attempt's renewal did not extend the new one's lease"
+    );
+    // The new attempt's renewal holds it.
+    let gone = store
+        .renew("me", &[(job.id, 2)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(gone.is_empty());
+    assert!(store
+        .expired(Expiry::Lapsed, 10)
+        .await
+        .unwrap()
+        .jobs
+        .is_empty());
 }
 
 conformance!(delete_and_prune_remove_only_finished_jobs);
@@ -559,7 +651,13 @@ async fn the_store_announces_new_jobs_and_cancels_of_running_ones(store: Arc<dyn
     let mut heard = Vec::new();
     let wait_for = |heard: &Vec<Notice>, n: &Notice| heard.contains(n);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !wait_for(&heard, &Notice::New(ExecutorKind::Async)) {
+    while !wait_for(
+        &heard,
+        &Notice::New {
+            lane: ExecutorKind::Async,
+            added: 0,
+        },
+    ) {
         let n = tokio::time::timeout_at(deadline, notices.recv())
             .await
             .expect("a notice of the new job")
@@ -575,7 +673,13 @@ async fn the_store_announces_new_jobs_and_cancels_of_running_ones(store: Arc<dyn
         ..new_job("k", Some("announce-k"), Some("h"))
     };
     store.insert(vec![keyed]).await.unwrap();
-    while !wait_for(&heard, &Notice::New(ExecutorKind::Blocking)) {
+    while !wait_for(
+        &heard,
+        &Notice::New {
+            lane: ExecutorKind::Blocking,
+            added: 0,
+        },
+    ) {
         let n = tokio::time::timeout_at(deadline, notices.recv())
             .await
             .expect("a notice of the keyed job")
@@ -589,6 +693,123 @@ async fn the_store_announces_new_jobs_and_cancels_of_running_ones(store: Arc<dyn
             .unwrap();
         heard.push(n);
     }
+}
+
+conformance!(the_store_announces_deleted_blobs);
+/// Every server removes its copies of a blob deleted or pruned anywhere: the store says which.
+async fn the_store_announces_deleted_blobs(store: Arc<dyn JobStore>) {
+    let mut notices = store.listen().await.unwrap();
+    let gone = blob(false);
+    store.insert_blob(gone.clone()).await.unwrap();
+    assert_eq!(
+        store.delete_blob(&gone.id).await.unwrap(),
+        BlobDeleteOutcome::Deleted
+    );
+    let pruned = blob(false);
+    store.insert_blob(pruned.clone()).await.unwrap();
+    let mut job = new_job("uses", None, None);
+    job.blobs = vec![pruned.id.clone()];
+    store.insert(vec![job.clone()]).await.unwrap();
+    store.cancel(job.id, Micros::now()).await.unwrap();
+    store.delete(job.id).await.unwrap();
+    assert_eq!(
+        store.prune_blobs(10).await.unwrap(),
+        vec![pruned.id.clone()]
+    );
+    let mut deleted = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while deleted.len() < 2 {
+        if let Notice::BlobsDeleted(ids) = tokio::time::timeout_at(deadline, notices.recv())
+            .await
+            .expect("notices of both deletions")
+            .unwrap()
+        {
+            deleted.extend(ids);
+        }
+    }
+    assert_eq!(deleted, vec![gone.id, pruned.id]);
+}
+
+/// PostgreSQL only: two stores on one schema (two servers) hear each other's submits with
+/// their counts and each other's changes, and not their own changes.
+#[tokio::test]
+async fn stores_sharing_a_schema_hear_each_others_counts_and_changes() {
+    let Some((schema, one)) = postgres().await else {
+        return;
+    };
+    let url = crate::helpers::pg_url().unwrap();
+    let other: Arc<dyn JobStore> =
+        Arc::new(PostgresStore::open(&url, Some(&schema)).await.unwrap());
+    let mut heard_by_one = one.listen().await.unwrap();
+    let jobs: Vec<NewJob> = (0..3).map(|_| new_job("x", None, None)).collect();
+    other.insert(jobs.clone()).await.unwrap();
+    one.insert(vec![new_job("mine", None, None)]).await.unwrap();
+    let mut heard = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while heard.len() < 3 {
+        heard.push(
+            tokio::time::timeout_at(deadline, heard_by_one.recv())
+                .await
+                .expect("notices")
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        heard,
+        vec![
+            Notice::New {
+                lane: ExecutorKind::Async,
+                added: 3
+            },
+            Notice::Changed(jobs.iter().map(|j| j.id).collect()),
+            Notice::New {
+                lane: ExecutorKind::Async,
+                added: 0
+            },
+        ],
+        "the other's submit with its count and its jobs; its own submit counts nothing and \
+         its own changes are not announced back to it"
+    );
+    drop(other);
+    crate::helpers::drop_pg_schema(&schema).await;
+}
+
+conformance!(servers_beat_and_the_silent_are_forgotten);
+async fn servers_beat_and_the_silent_are_forgotten(store: Arc<dyn JobStore>) {
+    let beat = |id: &str, capacity: u64| ServerBeat {
+        id: id.into(),
+        address: Some(format!("http://{id}:8080")),
+        lanes: json!({"async": {"capacity": capacity, "running": 0}}),
+    };
+    store.beat(&beat("old", 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    store.beat(&beat("new", 1)).await.unwrap();
+    // A second beat keeps the start and moves the heartbeat and the lanes.
+    lapse().await;
+    store.beat(&beat("new", 7)).await.unwrap();
+    let servers = store.servers().await.unwrap();
+    let ids: Vec<&str> = servers.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, vec!["old", "new"], "longest running first");
+    let new = &servers[1];
+    assert!(new.started_at < new.heartbeat_at, "{new:?}");
+    assert_eq!(new.lanes["async"]["capacity"], 7);
+    assert_eq!(new.address.as_deref(), Some("http://new:8080"));
+    // `old` has been silent for over a second, `new` for a moment.
+    assert_eq!(
+        store
+            .forget_servers(Duration::from_millis(600))
+            .await
+            .unwrap(),
+        1
+    );
+    let ids: Vec<String> = store
+        .servers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, vec!["new"]);
 }
 
 conformance!(concurrent_writes_each_get_their_own_answer);
@@ -700,12 +921,21 @@ async fn claims_and_lease_renewals_announce_nothing(store: Arc<dyn JobStore>) {
             .expect("a notice")
             .unwrap()
     }
-    assert_eq!(next(&mut notices).await, Notice::New(ExecutorKind::Async));
+    assert_eq!(
+        next(&mut notices).await,
+        Notice::New {
+            lane: ExecutorKind::Async,
+            added: 0,
+        }
+    );
     let claimed = claim_all(&store, 1).await.remove(0);
     for _ in 0..3 {
-        let until = Micros::now().plus(Duration::from_secs(60));
         let lost = store
-            .renew("me", &[(claimed.id, claimed.attempt)], until)
+            .renew(
+                "me",
+                &[(claimed.id, claimed.attempt)],
+                Duration::from_secs(60),
+            )
             .await
             .unwrap();
         assert!(lost.is_empty());

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use offload::clock::Micros;
+use offload::job::ExecutorKind;
 use offload::job::{AttemptEnd, ErrorKind, Job, JobId, JobStatus, NewJob, Parent};
 use offload::store::{
-    CancelOutcome, JobStore, ListFilter, PostgresStore, RetryOutcome, StoreError,
+    CancelOutcome, JobStore, ListFilter, Notice, PostgresStore, RetryOutcome, StoreError,
 };
 use serde_json::json;
 
@@ -376,4 +377,75 @@ async fn parents_finishing_on_two_servers_at_once_queue_every_child_on_postgres(
         assert_eq!(status(&one, id).await.status, JobStatus::Queued, "{id}");
     }
     crate::helpers::drop_pg_schema(&schema).await;
+}
+
+/// Waits for a notice that `want` accepts, up to five seconds.
+async fn hear(
+    notices: &mut tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    what: &str,
+    want: impl Fn(&Notice) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = tokio::time::timeout_at(deadline, notices.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no notice of {what}"))
+            .unwrap();
+        if want(&n) {
+            return;
+        }
+    }
+}
+
+conformance!(what_a_cascade_moves_is_announced_to_the_writers_own_server);
+/// No server counted or published the children a parent's outcome (or a retry) moved, the
+/// writer's own included: the store announces them to it too, the children queued with their
+/// count, every child moved as a change.
+async fn what_a_cascade_moves_is_announced_to_the_writers_own_server(store: Arc<dyn JobStore>) {
+    let mut notices = store.listen().await.unwrap();
+    let a = new_job("a", None, None);
+    let c = NewJob {
+        executor: ExecutorKind::Blocking,
+        ..child("c", &[Parent::Batch(0)])
+    };
+    store.insert(vec![a.clone(), c.clone()]).await.unwrap();
+    run_as(&store, &[a.id], ok).await;
+    hear(&mut notices, "the child queued, counted", |n| {
+        *n == Notice::New {
+            lane: ExecutorKind::Blocking,
+            added: 1,
+        }
+    })
+    .await;
+    hear(
+        &mut notices,
+        "the child's change",
+        |n| matches!(n, Notice::Changed(ids) if ids.contains(&c.id)),
+    )
+    .await;
+
+    // A failed parent cancels its child; retried, it brings the child back to waiting.
+    let (p, q) = (new_job("p", None, None), new_job("q", None, None));
+    let q = NewJob {
+        depends_on: vec![Parent::Job(p.id)],
+        ..q
+    };
+    store.insert(vec![p.clone()]).await.unwrap();
+    store.insert(vec![q.clone()]).await.unwrap();
+    run_as(&store, &[p.id], broken).await;
+    hear(
+        &mut notices,
+        "the child cancelled for its parent",
+        |n| matches!(n, Notice::Changed(ids) if ids.contains(&q.id)),
+    )
+    .await;
+    assert_eq!(status(&store, q.id).await.status, JobStatus::Cancelled);
+    store.retry(p.id, Micros::now()).await.unwrap();
+    hear(
+        &mut notices,
+        "the child back to waiting",
+        |n| matches!(n, Notice::Changed(ids) if ids.contains(&q.id)),
+    )
+    .await;
+    assert_eq!(status(&store, q.id).await.status, JobStatus::Waiting);
 }

@@ -62,18 +62,18 @@ impl Op {
 }
 
 /// Runs until every sender is gone (the store was dropped).
-pub(super) async fn run(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Op>) {
+pub(super) async fn run(pool: PgPool, channel: String, origin: String, mut rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let round = std::mem::take(&mut batch);
         let started = std::time::Instant::now();
         let calls = round.len();
-        let mut result = write_round(&pool, &channel, &round).await;
+        let mut result = write_round(&pool, &channel, &origin, &round).await;
         if result.as_ref().is_err_and(sql::is_deadlock) {
             // PostgreSQL chose this round as a deadlock's victim (a lock order the sorted
             // settles missed): nothing of it was stored, and once is enough to try again.
             tracing::warn!("a write round was a deadlock's victim; writing it again");
-            result = write_round(&pool, &channel, &round).await;
+            result = write_round(&pool, &channel, &origin, &round).await;
         }
         match result {
             Ok(answers) => {
@@ -116,6 +116,7 @@ enum Answer {
 async fn write_round(
     pool: &PgPool,
     channel: &str,
+    origin: &str,
     round: &[Op],
 ) -> Result<Vec<Answer>, StoreError> {
     let mut tx = pool.begin().await?;
@@ -131,7 +132,10 @@ async fn write_round(
         .flatten()
         .collect();
     sql::insert_rows(&mut tx, &rows).await?;
-    notices.new.extend(rows.iter().map(|r| r.job.executor));
+    for row in &rows {
+        *notices.new.entry(row.job.executor).or_default() += 1;
+        notices.changed.push(row.job.id);
+    }
 
     // Moves in layers: a job's first move in the round goes in the first statement, its
     // second (two callers settling one job, or one caller twice) in the next, which runs
@@ -176,7 +180,7 @@ async fn write_round(
                         let job = m.moved();
                         done[layer].contains(&(job.id, job.attempt)).then(|| {
                             if job.status == JobStatus::Queued {
-                                notices.new.insert(job.executor);
+                                *notices.new.entry(job.executor).or_default() += 1;
                             }
                             if m.calls_back() {
                                 calls_back.push(job.id);
@@ -203,7 +207,7 @@ async fn write_round(
         sql::enqueue_owed(&mut tx, &cascade.moved, now.0).await?;
         notices.cascaded(cascade);
     }
-    notices.send(&mut tx, channel).await?;
+    notices.send(&mut tx, channel, origin).await?;
     tx.commit().await?;
     Ok(answers)
 }

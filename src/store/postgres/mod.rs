@@ -10,9 +10,18 @@
 //! statement or one transaction on the shared pool. Every move is guarded in SQL by the status
 //! it moves from and, for a running job, its attempt, exactly as in SQLite.
 //!
-//! Notifications (`offload_<schema>`): `new:<executor>` once per lane that got queued jobs,
-//! `cancel:<id>` for a cancelled running job, `change:<id>,<id>,...` for jobs whose state
-//! changed (settles, cancels). Claims and lease renewals announce nothing.
+//! Notifications (`offload_<schema>`): `new:<origin>:<executor>=<n>,...` once per write with
+//! how many jobs each lane got queued (servers add the others' counts to their own, for
+//! admission and `/v1/stats`), `cancel:<id>` for a cancelled running job,
+//! `change:<origin>:<id>,<id>,...` for jobs whose state changed (submits, settles, cancels,
+//! retries, bulk cancels and retries), `blobdel:<id>,...` for deleted blobs. `<origin>` names
+//! the sending store, so a server skips its own changes. What a cascade moved (children of a
+//! job made final or retried: queued, back to waiting, cancelled for a parent) goes out as
+//! `new:*:...` and `change:*:...`, which every server acts on, the sender too: no server
+//! counted or published those jobs itself. Claims and lease renewals announce nothing.
+//!
+//! Leases are stamped and compared with the database's clock (`sql::DB_NOW`), never a
+//! server's.
 
 mod batcher;
 mod graph;
@@ -31,13 +40,13 @@ use uuid::Uuid;
 
 use self::sql::{
     corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader, qualified,
-    Notices, COLUMNS,
+    Notices, COLUMNS, DB_NOW,
 };
 use super::graph::Cascade;
 use super::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Delivery, Fire, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice, RetryOutcome,
-    Settle, StoreError,
+    Delivery, Expired, Expiry, Fire, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice,
+    RetryOutcome, ServerBeat, ServerInfo, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -77,6 +86,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../../migrations/postgres/0006_notify_per_round.sql"),
     ),
     (
+        7,
+        "servers",
+        include_str!("../../../migrations/postgres/0007_servers.sql"),
+    ),
+    (
         8,
         "dependencies",
         include_str!("../../../migrations/postgres/0008_dependencies.sql"),
@@ -97,6 +111,9 @@ pub struct PostgresStore {
     pool: PgPool,
     /// The schema's notification channel (`offload_<schema>`).
     channel: String,
+    /// This store's name in the notifications it sends, so it can tell its own from those of
+    /// the other servers on the schema.
+    origin: String,
     /// The batcher task's queue (`batcher.rs`): submits without keys, and settles.
     batcher: mpsc::Sender<batcher::Op>,
 }
@@ -135,11 +152,18 @@ impl PostgresStore {
             .max_connections(1)
             .connect_with(options)
             .await?;
+        let origin = Uuid::now_v7().simple().to_string();
         let (batcher, rx) = mpsc::channel(batcher::MAX_BATCH * 4);
-        tokio::spawn(batcher::run(batch_pool, channel.clone(), rx));
+        tokio::spawn(batcher::run(
+            batch_pool,
+            channel.clone(),
+            origin.clone(),
+            rx,
+        ));
         Ok(PostgresStore {
             pool,
             channel,
+            origin,
             batcher,
         })
     }
@@ -161,11 +185,15 @@ impl PostgresStore {
         let found = graph::lock_statuses(&mut tx, &plan.parents()).await?;
         let rows = plan.rows(&found)?;
         insert_rows(&mut tx, &rows).await?;
-        let notices = Notices {
-            new: rows.iter().map(|r| r.job.executor).collect(),
-            ..Notices::default()
-        };
-        notices.send(&mut tx, &self.channel).await?;
+        let mut notices = Notices::default();
+        for row in &rows {
+            // A job cancelled at submit (a parent had already failed) is changed, not queued.
+            if row.status == JobStatus::Queued {
+                *notices.new.entry(row.job.executor).or_default() += 1;
+            }
+            notices.changed.push(row.job.id);
+        }
+        notices.send(&mut tx, &self.channel, &self.origin).await?;
         tx.commit().await?;
         Ok(plan.answer(&rows))
     }
@@ -196,7 +224,7 @@ impl PostgresStore {
         moved.extend(notices.changed.iter().copied());
         sql::enqueue_owed(&mut tx, &moved, Micros::now().0).await?;
         notices.cascaded(cascade);
-        notices.send(&mut tx, &self.channel).await?;
+        notices.send(&mut tx, &self.channel, &self.origin).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -258,14 +286,14 @@ impl JobStore for PostgresStore {
              AND scheduled_at <= $1 AND attempt < max_attempts \
              ORDER BY priority DESC, scheduled_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
              UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
-             progress = 0, owner = $2, lease_until = $3 FROM picked \
+             progress = 0, owner = $2, lease_until = {DB_NOW} + $3 FROM picked \
              WHERE jobs.id = picked.id RETURNING {}",
             qualified()
         );
         let rows = sqlx::query(&sql)
             .bind(now.0)
             .bind(&lease.owner)
-            .bind(lease.until.0)
+            .bind(sql::micros(lease.ttl))
             .bind(lane.as_str())
             .bind(limit as i64)
             .fetch_all(&self.pool)
@@ -303,11 +331,10 @@ impl JobStore for PostgresStore {
         &self,
         owner: &str,
         running: &[(JobId, u32)],
-        until: Micros,
+        ttl: std::time::Duration,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
-        let ids: Vec<Uuid> = running.iter().map(|(id, _)| id.0).collect();
         let mut conn = self.pool.acquire().await?;
-        let held = sql::renew(&mut conn, owner, ids, until.0).await?;
+        let held = sql::renew(&mut conn, owner, running, ttl).await?;
         Ok(running
             .iter()
             .filter(|r| !held.contains(r))
@@ -315,11 +342,21 @@ impl JobStore for PostgresStore {
             .collect())
     }
 
-    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError> {
+    async fn expired(&self, which: Expiry, limit: u32) -> Result<Expired, StoreError> {
         let mut tx = self.pool.begin().await?;
         if !maintenance_leader(&mut tx).await? {
-            return Ok(Vec::new());
+            return Ok(Expired::default());
         }
+        // The database's clock, not this server's: a server whose clock runs ahead must not
+        // see the leases of the others as run out.
+        let before = match which {
+            Expiry::Lapsed => Micros(
+                sqlx::query_scalar(&format!("SELECT {DB_NOW}"))
+                    .fetch_one(&mut *tx)
+                    .await?,
+            ),
+            Expiry::All => Micros(i64::MAX),
+        };
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs WHERE status = 'running' \
              AND (lease_until IS NULL OR lease_until < $1) LIMIT $2"
@@ -330,7 +367,10 @@ impl JobStore for PostgresStore {
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        rows.iter().map(job_from_row).collect()
+        Ok(Expired {
+            jobs: rows.iter().map(job_from_row).collect::<Result<_, _>>()?,
+            before,
+        })
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
@@ -346,6 +386,7 @@ impl JobStore for PostgresStore {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         listener.listen(&self.channel).await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let own = self.origin.clone();
         tokio::spawn(async move {
             loop {
                 // recv reconnects after a lost connection; notices sent meanwhile are lost,
@@ -358,7 +399,7 @@ impl JobStore for PostgresStore {
                         continue;
                     }
                 };
-                for notice in sql::parse_payload(n.payload()) {
+                for notice in sql::parse_payload(n.payload(), &own) {
                     if tx.send(notice).is_err() {
                         return;
                     }
@@ -394,6 +435,20 @@ impl JobStore for PostgresStore {
         self.with_callbacks(&mut jobs).await?;
         let [job] = jobs;
         Ok(Some(job))
+    }
+
+    async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
+        let rows = sqlx::query(&sql)
+            .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
@@ -498,15 +553,36 @@ impl JobStore for PostgresStore {
     }
 
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "DELETE FROM blobs WHERE id IN (SELECT b.id FROM blobs b WHERE b.used AND NOT b.keep \
              AND NOT EXISTS (SELECT 1 FROM job_blobs jb WHERE jb.blob_id = b.id) LIMIT $1) \
              RETURNING id",
         )
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(ids
+        let gone: Vec<String> = ids
+            .into_iter()
+            .map(|u| u.hyphenated().to_string())
+            .collect();
+        // Every server removes its copies of them (at the commit).
+        let notices = Notices {
+            blobs_deleted: gone.clone(),
+            ..Notices::default()
+        };
+        notices.send(&mut tx, &self.channel, &self.origin).await?;
+        tx.commit().await?;
+        Ok(gone)
+    }
+
+    async fn known_blobs(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let uuids: Vec<Uuid> = ids.iter().filter_map(|i| Uuid::parse_str(i).ok()).collect();
+        let found: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM blobs WHERE id = ANY($1)")
+            .bind(uuids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(found
             .into_iter()
             .map(|u| u.hyphenated().to_string())
             .collect())
@@ -540,8 +616,60 @@ impl JobStore for PostgresStore {
             .bind(uuid)
             .execute(&mut *tx)
             .await?;
+        // Every server removes its copy (at the commit).
+        let notices = Notices {
+            blobs_deleted: vec![uuid.hyphenated().to_string()],
+            ..Notices::default()
+        };
+        notices.send(&mut tx, &self.channel, &self.origin).await?;
         tx.commit().await?;
         Ok(BlobDeleteOutcome::Deleted)
+    }
+
+    async fn beat(&self, beat: &ServerBeat) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO servers (id, address, started_at, heartbeat_at, lanes) \
+             VALUES ($1, $2, {DB_NOW}, {DB_NOW}, $3::jsonb) ON CONFLICT (id) DO UPDATE SET \
+             address = excluded.address, heartbeat_at = excluded.heartbeat_at, \
+             lanes = excluded.lanes"
+        ))
+        .bind(&beat.id)
+        .bind(&beat.address)
+        .bind(beat.lanes.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, address, started_at, heartbeat_at, lanes::text AS lanes FROM servers \
+             ORDER BY started_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ServerInfo {
+                    id: r.try_get("id")?,
+                    address: r.try_get("address")?,
+                    started_at: Micros(r.try_get("started_at")?),
+                    heartbeat_at: Micros(r.try_get("heartbeat_at")?),
+                    lanes: serde_json::from_str(&r.try_get::<String, _>("lanes")?)
+                        .map_err(|e| corrupt("lanes", e))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_servers(&self, silent: std::time::Duration) -> Result<u64, StoreError> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM servers WHERE heartbeat_at < {DB_NOW} - $1"
+        ))
+        .bind(sql::micros(silent))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -591,7 +719,7 @@ impl JobStore for PostgresStore {
     }
 
     async fn fire_schedule(&self, fire: Fire) -> Result<Option<Vec<Job>>, StoreError> {
-        schedules::fire(&self.pool, &self.channel, fire).await
+        schedules::fire(&self.pool, &self.channel, &self.origin, fire).await
     }
 
     async fn schedule_jobs(&self, name: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
@@ -716,7 +844,7 @@ impl JobStore for PostgresStore {
                     if let RetryOutcome::Retried(job) = &out {
                         notices.changed.push(job.id);
                         if job.status == JobStatus::Queued {
-                            notices.new.insert(job.executor);
+                            *notices.new.entry(job.executor).or_default() += 1;
                         }
                     }
                     Ok(out)
@@ -745,7 +873,7 @@ impl JobStore for PostgresStore {
                         if let Some(job) = graph::retried(outcome) {
                             notices.changed.push(job.id);
                             if job.status == JobStatus::Queued {
-                                notices.new.insert(job.executor);
+                                *notices.new.entry(job.executor).or_default() += 1;
                             }
                             out.push(job);
                         }

@@ -157,6 +157,7 @@ pub(super) async fn delete(pool: &PgPool, channel: &str, name: &str) -> Result<b
 pub(super) async fn fire(
     pool: &PgPool,
     channel: &str,
+    origin: &str,
     fire: Fire,
 ) -> Result<Option<Vec<Job>>, StoreError> {
     let mut tx = pool.begin().await?;
@@ -194,12 +195,13 @@ pub(super) async fn fire(
     // A tick's job has no parents (a schedule's spec cannot name any): queued.
     let rows: Vec<NewRow> = fresh.iter().map(|j| NewRow::queued(j)).collect();
     insert_rows(&mut tx, &rows).await?;
-    Notices {
-        new: fresh.iter().map(|j| j.executor).collect(),
-        ..Notices::default()
+    // Counted here by the ticker (`Dispatcher::stored`); other servers add the counts.
+    let mut notices = Notices::default();
+    for j in &fresh {
+        *notices.new.entry(j.executor).or_default() += 1;
     }
-    .send(&mut tx, channel)
-    .await?;
+    notices.changed = fresh.iter().map(|j| j.id).collect();
+    notices.send(&mut tx, channel, origin).await?;
     tx.commit().await?;
     Ok(Some(fresh.iter().map(|j| j.to_job()).collect()))
 }

@@ -1,7 +1,7 @@
 //! The PostgreSQL store's statements: row decoding, the merged insert and settle, and the
 //! notifications a write sends inside its transaction (delivered at its commit).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -18,6 +18,16 @@ pub(super) const COLUMNS: &str =
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
     spec_hash, created_at, scheduled_at, started_at, finished_at, callback_url, \
     depends_on::text AS depends_on, run_on_parent_failure, retried";
+
+/// The database's clock, in the microseconds every timestamp column holds: what leases are
+/// stamped and compared with, so the servers' own clocks never decide whether a lease ran out.
+/// (`now()` is the transaction's start, the same for every row a statement writes.)
+pub(super) const DB_NOW: &str = "(extract(epoch from now()) * 1000000)::bigint";
+
+/// A duration as the microseconds a lease adds to [`DB_NOW`].
+pub(super) fn micros(d: std::time::Duration) -> i64 {
+    d.as_micros().min(i64::MAX as u128) as i64
+}
 
 /// The columns, each qualified with the `jobs` table, for statements that join another.
 pub(super) fn qualified() -> String {
@@ -207,7 +217,7 @@ pub(super) async fn insert_rows(
         .filter(|r| r.status.is_final() && r.job.callback_url.is_some())
         .map(|r| r.job.id)
         .collect();
-    enqueue_owed(&mut **tx, &owed, crate::clock::Micros::now().0).await?;
+    enqueue_owed(tx, &owed, crate::clock::Micros::now().0).await?;
     Ok(())
 }
 
@@ -420,25 +430,30 @@ pub(super) async fn settle_rows(
     Ok(done)
 }
 
-/// Extends the leases of `owner`'s running attempts (`ids`) to `until`; answers the (id,
-/// attempt) of those it extended. Rows are locked in id order, as [`settle_rows`] locks them.
+/// Extends the leases of `owner`'s running attempts (`running`: (job, attempt) pairs, matched
+/// as pairs) to `ttl` from now by the database's clock; answers the (id, attempt) of those it
+/// extended. Rows are locked in id order, as [`settle_rows`] locks them.
 pub(super) async fn renew(
     conn: &mut PgConnection,
     owner: &str,
-    ids: Vec<Uuid>,
-    until: i64,
+    running: &[(JobId, u32)],
+    ttl: std::time::Duration,
 ) -> Result<HashSet<(JobId, u32)>, StoreError> {
-    let rows = sqlx::query(
-        "WITH locked AS (SELECT id FROM jobs WHERE owner = $2 AND status = 'running' \
-         AND id = ANY($3) ORDER BY id FOR UPDATE) \
-         UPDATE jobs SET lease_until = $1 FROM locked WHERE jobs.id = locked.id \
-         AND jobs.owner = $2 AND jobs.status = 'running' RETURNING jobs.id, jobs.attempt",
-    )
-    .bind(until)
-    .bind(owner)
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await?;
+    let sql = format!(
+        "WITH locked AS (SELECT jobs.id FROM jobs \
+         JOIN UNNEST($3::uuid[], $4::int[]) AS r(id, attempt) \
+         ON jobs.id = r.id AND jobs.attempt = r.attempt \
+         WHERE jobs.owner = $2 AND jobs.status = 'running' ORDER BY jobs.id FOR UPDATE OF jobs) \
+         UPDATE jobs SET lease_until = {DB_NOW} + $1 FROM locked WHERE jobs.id = locked.id \
+         AND jobs.owner = $2 AND jobs.status = 'running' RETURNING jobs.id, jobs.attempt"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(micros(ttl))
+        .bind(owner)
+        .bind(running.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
+        .bind(running.iter().map(|(_, a)| *a as i32).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
     let mut held = HashSet::with_capacity(rows.len());
     for row in rows {
         held.insert((
@@ -453,48 +468,104 @@ pub(super) async fn renew(
 /// well below that.
 const PAYLOAD_MAX: usize = 7900;
 
+/// The origin of what no server has counted or published itself yet: the jobs a cascade
+/// moved (children of a job that became final, or of a retried one). Every server acts on
+/// these, the sender's own included. (Stores name themselves with hex UUIDs, never this.)
+pub(super) const EVERY: &str = "*";
+
 /// What one transaction announces, gathered while it runs and sent just before its commit
-/// ([`Notices::send`]): one notification per lane and kind, not one per row.
+/// ([`Notices::send`]): a few notifications per round, not one per row.
 #[derive(Default)]
 pub(super) struct Notices {
-    /// Lanes that got queued jobs: `new:<executor>`.
-    pub new: HashSet<crate::job::ExecutorKind>,
-    /// Jobs whose state changed: `change:<id>,<id>,...`, for watchers on other servers.
+    /// How many jobs each lane got queued by the writes the sending server asked for (and
+    /// counted itself): `new:<origin>:<executor>=<n>,...`, which wakes the lanes of every
+    /// server and tells the others how many to add to their queued counts.
+    pub new: HashMap<crate::job::ExecutorKind, u64>,
+    /// Jobs whose state changed by those writes (the sending server publishes them itself):
+    /// `change:<origin>:<id>,<id>,...`, for watchers and event streams on other servers.
     pub changed: Vec<JobId>,
+    /// Blobs deleted: `blobdel:<id>,<id>,...`, so every server removes its copies.
+    pub blobs_deleted: Vec<String>,
     /// Running jobs cancelled: `cancel:<id>`, one each, to whoever runs them.
     pub cancelled: Vec<JobId>,
+    /// Jobs a cascade queued, per lane: `new:*:<executor>=<n>,...`, counted by every server.
+    pub cascade_new: HashMap<crate::job::ExecutorKind, u64>,
+    /// Jobs a cascade moved: `change:*:<id>,...`, published by every server.
+    pub cascade_changed: Vec<JobId>,
 }
 
-impl Notices {
-    /// Adds what a parent's final state (or a retry) moved besides its own job.
-    pub(super) fn cascaded(&mut self, cascade: crate::store::graph::Cascade) {
-        self.new
-            .extend(cascade.queued.iter().map(|(_, lane)| *lane));
-        self.changed.extend(cascade.moved);
+/// Appends `items` to `out` as `<prefix><item>,<item>,...` payloads, each under PostgreSQL's
+/// limit.
+fn lists<'a>(out: &mut Vec<String>, prefix: &str, items: impl Iterator<Item = &'a str>) {
+    let mut list = String::new();
+    for item in items {
+        if !list.is_empty() && list.len() + 1 + item.len() > PAYLOAD_MAX {
+            out.push(std::mem::take(&mut list));
+        }
+        if list.is_empty() {
+            list.push_str(prefix);
+        } else {
+            list.push(',');
+        }
+        list.push_str(item);
+    }
+    if !list.is_empty() {
+        out.push(list);
     }
 }
 
-impl Notices {
-    /// The payloads, `change:` lists cut to fit PostgreSQL's limit.
-    pub(super) fn payloads(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .new
+/// `new:<origin>:<executor>=<n>,...` for the lanes with jobs in `counts`, if any.
+fn new_payload(
+    out: &mut Vec<String>,
+    origin: &str,
+    counts: &HashMap<crate::job::ExecutorKind, u64>,
+) {
+    let mut new: Vec<_> = counts.iter().filter(|(_, n)| **n > 0).collect();
+    new.sort_by_key(|(e, _)| e.index());
+    if !new.is_empty() {
+        let counts: Vec<String> = new
             .iter()
-            .map(|e| format!("new:{}", e.as_str()))
-            .chain(self.cancelled.iter().map(|id| format!("cancel:{id}")))
+            .map(|(e, n)| format!("{}={n}", e.as_str()))
             .collect();
-        let mut list = String::new();
-        for id in &self.changed {
-            let id = id.0.hyphenated().to_string();
-            if !list.is_empty() && list.len() + 1 + id.len() > PAYLOAD_MAX {
-                out.push(std::mem::take(&mut list));
-            }
-            list.push_str(if list.is_empty() { "change:" } else { "," });
-            list.push_str(&id);
+        out.push(format!("new:{origin}:{}", counts.join(",")));
+    }
+}
+
+/// `change:<origin>:<id>,...` payloads for `ids`.
+fn change_payloads(out: &mut Vec<String>, origin: &str, ids: &[JobId]) {
+    let ids: Vec<String> = ids.iter().map(|id| id.0.hyphenated().to_string()).collect();
+    lists(
+        out,
+        &format!("change:{origin}:"),
+        ids.iter().map(String::as_str),
+    );
+}
+
+impl Notices {
+    /// Adds what a parent's final state (or a retry) moved besides its own job. The server
+    /// that wrote it neither counted nor published these, so they go out for every server,
+    /// the sender included ([`EVERY`]).
+    pub(super) fn cascaded(&mut self, cascade: crate::store::graph::Cascade) {
+        for (_, lane) in &cascade.queued {
+            *self.cascade_new.entry(*lane).or_default() += 1;
         }
-        if !list.is_empty() {
-            out.push(list);
-        }
+        self.cascade_changed.extend(cascade.moved);
+    }
+
+    /// The payloads, lists cut to fit PostgreSQL's limit. `origin` names the store that sends
+    /// them, so its own server can tell its own notices from the others'.
+    pub(super) fn payloads(&self, origin: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        new_payload(&mut out, origin, &self.new);
+        new_payload(&mut out, EVERY, &self.cascade_new);
+        out.extend(self.cancelled.iter().map(|id| format!("cancel:{id}")));
+        change_payloads(&mut out, origin, &self.changed);
+        change_payloads(&mut out, EVERY, &self.cascade_changed);
+        lists(
+            &mut out,
+            "blobdel:",
+            self.blobs_deleted.iter().map(String::as_str),
+        );
         out
     }
 
@@ -504,8 +575,9 @@ impl Notices {
         &self,
         conn: &mut PgConnection,
         channel: &str,
+        origin: &str,
     ) -> Result<(), StoreError> {
-        let payloads = self.payloads();
+        let payloads = self.payloads(origin);
         if payloads.is_empty() {
             return Ok(());
         }
@@ -518,20 +590,57 @@ impl Notices {
     }
 }
 
-/// Parses one notification's payload: `new:<executor>`, `cancel:<id>`,
-/// `change:<id>,<id>,...` or `schedules`.
-pub(super) fn parse_payload(payload: &str) -> Vec<crate::store::Notice> {
+/// Parses one notification's payload: `new:<origin>:<executor>=<n>,...`, `cancel:<id>`,
+/// `change:<origin>:<id>,<id>,...` or `blobdel:<id>,...`. `own` is this store's origin: its
+/// own jobs this server has counted and published already, so its `new:` adds nothing to the
+/// counts and its `change:` is dropped. The origin [`EVERY`] (what a cascade moved) is never
+/// `own`: every server, the sender too, counts and publishes those.
+pub(super) fn parse_payload(payload: &str, own: &str) -> Vec<crate::store::Notice> {
     use crate::store::Notice;
     if payload == "schedules" {
         return vec![Notice::Schedules];
     }
     match payload.split_once(':') {
-        Some(("new", e)) => e.parse().ok().map(Notice::New).into_iter().collect(),
+        Some(("new", rest)) => {
+            let Some((origin, counts)) = rest.split_once(':') else {
+                return Vec::new();
+            };
+            counts
+                .split(',')
+                .filter_map(|c| {
+                    let (lane, n) = c.split_once('=')?;
+                    let lane = lane.parse().ok()?;
+                    let n: u64 = n.parse().ok()?;
+                    Some(Notice::New {
+                        lane,
+                        added: if origin == own { 0 } else { n },
+                    })
+                })
+                .collect()
+        }
         Some(("cancel", id)) => id.parse().ok().map(Notice::Cancel).into_iter().collect(),
-        Some(("change", ids)) => ids
-            .split(',')
-            .filter_map(|id| id.parse().ok().map(Notice::Changed))
-            .collect(),
+        Some(("change", rest)) => match rest.split_once(':') {
+            Some((origin, ids)) if origin != own => {
+                let ids: Vec<JobId> = ids.split(',').filter_map(|id| id.parse().ok()).collect();
+                if ids.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Notice::Changed(ids)]
+                }
+            }
+            _ => Vec::new(),
+        },
+        Some(("blobdel", ids)) => {
+            let ids: Vec<String> = ids
+                .split(',')
+                .filter_map(crate::blob::canonical_id)
+                .collect();
+            if ids.is_empty() {
+                Vec::new()
+            } else {
+                vec![Notice::BlobsDeleted(ids)]
+            }
+        }
         _ => Vec::new(),
     }
 }
@@ -546,16 +655,111 @@ mod tests {
     fn a_long_change_list_is_cut_below_the_payload_limit_and_parses_back() {
         let ids: Vec<JobId> = (0..1000).map(|_| JobId::new()).collect();
         let notices = Notices {
-            new: [ExecutorKind::Async].into_iter().collect(),
+            new: [(ExecutorKind::Async, 1000)].into_iter().collect(),
             changed: ids.clone(),
-            cancelled: Vec::new(),
+            ..Notices::default()
         };
-        let payloads = notices.payloads();
+        let payloads = notices.payloads("them");
         assert!(payloads.len() > 2, "cut into several");
         assert!(payloads.iter().all(|p| p.len() < 8000));
-        let heard: Vec<Notice> = payloads.iter().flat_map(|p| parse_payload(p)).collect();
-        let mut want = vec![Notice::New(ExecutorKind::Async)];
-        want.extend(ids.into_iter().map(Notice::Changed));
-        assert_eq!(heard, want);
+        let heard: Vec<Notice> = payloads
+            .iter()
+            .flat_map(|p| parse_payload(p, "me"))
+            .collect();
+        let Notice::New { lane, added } = &heard[0] else {
+            panic!("{heard:?}")
+        };
+        assert_eq!((*lane, *added), (ExecutorKind::Async, 1000));
+        let changed: Vec<JobId> = heard[1..]
+            .iter()
+            .flat_map(|n| match n {
+                Notice::Changed(ids) => ids.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(changed, ids);
+    }
+
+    #[test]
+    fn a_servers_own_notices_add_nothing_and_its_changes_are_dropped() {
+        let notices = Notices {
+            new: [(ExecutorKind::Rayon, 3), (ExecutorKind::Async, 2)]
+                .into_iter()
+                .collect(),
+            changed: vec![JobId::new()],
+            blobs_deleted: vec![uuid::Uuid::now_v7().hyphenated().to_string()],
+            cancelled: vec![JobId::new()],
+            ..Notices::default()
+        };
+        let heard: Vec<Notice> = notices
+            .payloads("me")
+            .iter()
+            .flat_map(|p| parse_payload(p, "me"))
+            .collect();
+        assert_eq!(
+            heard,
+            vec![
+                Notice::New {
+                    lane: ExecutorKind::Async,
+                    added: 0
+                },
+                Notice::New {
+                    lane: ExecutorKind::Rayon,
+                    added: 0
+                },
+                // Cancels name no origin: the server running the job stops it, whoever
+                // cancelled it.
+                Notice::Cancel(notices.cancelled[0]),
+                Notice::BlobsDeleted(notices.blobs_deleted.clone()),
+            ]
+        );
+    }
+
+    #[test]
+    fn what_a_cascade_moved_reaches_every_server_the_sender_too() {
+        let (own, child) = (JobId::new(), JobId::new());
+        let mut notices = Notices {
+            new: [(ExecutorKind::Async, 1)].into_iter().collect(),
+            changed: vec![own],
+            ..Notices::default()
+        };
+        notices.cascaded(crate::store::graph::Cascade {
+            queued: vec![(child, ExecutorKind::Rayon)],
+            moved: vec![child],
+        });
+        let heard: Vec<Notice> = notices
+            .payloads("me")
+            .iter()
+            .flat_map(|p| parse_payload(p, "me"))
+            .collect();
+        assert_eq!(
+            heard,
+            vec![
+                Notice::New {
+                    lane: ExecutorKind::Async,
+                    added: 0
+                },
+                Notice::New {
+                    lane: ExecutorKind::Rayon,
+                    added: 1
+                },
+                Notice::Changed(vec![child]),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_are_ignored() {
+        for p in [
+            "new:x",
+            "new:x:async",
+            "new:x:nolane=3",
+            "change:x",
+            "cancel:nope",
+            "blobdel:../etc",
+            "",
+        ] {
+            assert!(parse_payload(p, "me").is_empty(), "{p}");
+        }
     }
 }

@@ -29,7 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Fire, Inserted, JobStore, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
+    Expired, Expiry, Fire, Inserted, JobStore, Lease, ListFilter, Notice, RetryOutcome, ServerBeat,
+    ServerInfo, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
@@ -65,6 +66,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "store_is_queue",
         include_str!("../../../migrations/sqlite/0005_store_is_queue.sql"),
+    ),
+    (
+        7,
+        "servers",
+        include_str!("../../../migrations/sqlite/0007_servers.sql"),
     ),
     (
         8,
@@ -182,6 +188,24 @@ impl JobStore for SqliteStore {
         Ok(Some(job))
     }
 
+    async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        // Within SQLite's limit on bound parameters.
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id IN ({marks})");
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for row in q.fetch_all(&self.reads).await? {
+                out.push(job_from_row(&row)?);
+            }
+        }
+        self.with_callbacks(&mut out).await?;
+        Ok(out)
+    }
+
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
         let statuses: Vec<JobStatus> = filter.status.into_iter().collect();
         let (cond, binds) = sql::filter_where(filter, &statuses);
@@ -235,20 +259,25 @@ impl JobStore for SqliteStore {
         &self,
         owner: &str,
         running: &[(JobId, u32)],
-        until: Micros,
+        ttl: Duration,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
         let owner = owner.to_string();
         let running = running.to_vec();
         self.write(|reply| Op::Renew {
             owner,
             running,
-            until,
+            ttl,
             reply,
         })
         .await
     }
 
-    async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError> {
+    async fn expired(&self, which: Expiry, limit: u32) -> Result<Expired, StoreError> {
+        // One machine: the process's clock is the store's clock.
+        let before = match which {
+            Expiry::Lapsed => Micros::now(),
+            Expiry::All => Micros(i64::MAX),
+        };
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs WHERE status = 'running' \
              AND (lease_until IS NULL OR lease_until < ?) LIMIT ?"
@@ -258,7 +287,10 @@ impl JobStore for SqliteStore {
             .bind(limit as i64)
             .fetch_all(&self.reads)
             .await?;
-        rows.iter().map(job_from_row).collect()
+        Ok(Expired {
+            jobs: rows.iter().map(job_from_row).collect::<Result<_, _>>()?,
+            before,
+        })
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
@@ -305,6 +337,20 @@ impl JobStore for SqliteStore {
         .transpose()
     }
 
+    async fn known_blobs(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT id FROM blobs WHERE id IN ({marks})");
+            let mut q = sqlx::query_scalar(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            out.extend(q.fetch_all(&self.reads).await?);
+        }
+        Ok(out)
+    }
+
     async fn delete_blob(&self, id: &str) -> Result<BlobDeleteOutcome, StoreError> {
         let id = id.to_string();
         self.write(|reply| Op::DeleteBlob { id, reply }).await
@@ -312,6 +358,37 @@ impl JobStore for SqliteStore {
 
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError> {
         self.write(|reply| Op::PruneBlobs { limit, reply }).await
+    }
+
+    async fn beat(&self, beat: &ServerBeat) -> Result<(), StoreError> {
+        let beat = beat.clone();
+        self.write(|reply| Op::Beat { beat, reply }).await
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, address, started_at, heartbeat_at, lanes FROM servers \
+             ORDER BY started_at, id",
+        )
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ServerInfo {
+                    id: r.try_get("id")?,
+                    address: r.try_get("address")?,
+                    started_at: Micros(r.try_get("started_at")?),
+                    heartbeat_at: Micros(r.try_get("heartbeat_at")?),
+                    lanes: serde_json::from_str(&r.try_get::<String, _>("lanes")?)
+                        .map_err(|e| super::corrupt("lanes", e))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_servers(&self, silent: Duration) -> Result<u64, StoreError> {
+        self.write(|reply| Op::ForgetServers { silent, reply })
+            .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

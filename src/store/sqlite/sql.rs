@@ -18,7 +18,7 @@ use crate::job::{
 use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Delivery, Inserted, KeyedSubmit, Lease, ListFilter, Settle, StoreError,
+    Delivery, Inserted, KeyedSubmit, Lease, ListFilter, ServerBeat, Settle, StoreError,
 };
 
 pub(super) const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, \
@@ -244,7 +244,8 @@ pub(super) fn claim<'a>(
         let rows = sqlx::query(&sql)
             .bind(now.0)
             .bind(&lease.owner)
-            .bind(lease.until.0)
+            // One machine: the process's clock is the store's clock.
+            .bind(Micros::now().plus(lease.ttl).0)
             .bind(lane.as_str())
             .bind(limit as i64)
             .fetch_all(&mut *conn)
@@ -388,26 +389,29 @@ pub(super) fn delete(
     })
 }
 
-/// Extends `owner`'s leases; answers which of `running` no longer run under them.
+/// Extends `owner`'s leases of the attempts `running` ((job, attempt) pairs) to `ttl` from now;
+/// answers which of `running` no longer run under them.
 pub(super) fn renew<'a>(
     conn: Conn<'a>,
     owner: &'a str,
     running: &'a [(JobId, u32)],
-    until: Micros,
+    ttl: std::time::Duration,
 ) -> BoxFuture<'a, Result<Vec<(JobId, u32)>, StoreError>> {
     Box::pin(async move {
+        let until = Micros::now().plus(ttl);
         let mut held = HashSet::with_capacity(running.len());
-        for chunk in running.chunks(ID_CHUNK) {
-            let marks = vec!["?"; chunk.len()].join(", ");
+        for chunk in running.chunks(ID_CHUNK / 2) {
+            let values = vec!["(?, ?)"; chunk.len()].join(", ");
             let sql = format!(
-                "UPDATE jobs SET lease_until = ? WHERE owner = ? AND +status = 'running' \
-                 AND id IN ({marks}) RETURNING id, attempt"
+                "UPDATE jobs SET lease_until = ? FROM (VALUES {values}) AS v \
+                 WHERE jobs.id = v.column1 AND jobs.attempt = v.column2 AND jobs.owner = ? \
+                 AND +jobs.status = 'running' RETURNING jobs.id, jobs.attempt"
             );
-            let mut q = sqlx::query(&sql).bind(until.0).bind(owner);
-            for (id, _) in chunk {
-                q = q.bind(id.to_string());
+            let mut q = sqlx::query(&sql).bind(until.0);
+            for (id, attempt) in chunk {
+                q = q.bind(id.to_string()).bind(*attempt as i64);
             }
-            for row in q.fetch_all(&mut *conn).await? {
+            for row in q.bind(owner).fetch_all(&mut *conn).await? {
                 let id: String = row.try_get(0)?;
                 let attempt: i64 = row.try_get(1)?;
                 held.insert((
@@ -780,5 +784,38 @@ pub(super) fn exec<'c>(
             sqlx::query(sql).execute(&mut *conn).await?;
         }
         Ok(())
+    })
+}
+
+/// Upserts a server's row; its start is its first beat.
+pub(super) fn beat(conn: Conn<'_>, beat: ServerBeat) -> BoxFuture<'_, Result<(), StoreError>> {
+    Box::pin(async move {
+        let now = Micros::now();
+        sqlx::query(
+            "INSERT INTO servers (id, address, started_at, heartbeat_at, lanes) \
+             VALUES (?1, ?2, ?3, ?3, ?4) ON CONFLICT (id) DO UPDATE SET \
+             address = excluded.address, heartbeat_at = excluded.heartbeat_at, \
+             lanes = excluded.lanes",
+        )
+        .bind(beat.id)
+        .bind(beat.address)
+        .bind(now.0)
+        .bind(beat.lanes.to_string())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    })
+}
+
+pub(super) fn forget_servers(
+    conn: Conn<'_>,
+    silent: std::time::Duration,
+) -> BoxFuture<'_, Result<u64, StoreError>> {
+    Box::pin(async move {
+        let done = sqlx::query("DELETE FROM servers WHERE heartbeat_at < ?")
+            .bind(Micros::now().minus(silent).0)
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected())
     })
 }

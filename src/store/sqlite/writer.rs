@@ -10,7 +10,7 @@
 //! an HTTP server may drop when its client hangs up) stands between a commit and the lanes
 //! hearing of it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::future::BoxFuture;
 use sqlx::sqlite::SqliteConnection;
@@ -28,7 +28,7 @@ use crate::schedule::Schedule;
 use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Fire, Inserted, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
+    Fire, Inserted, Lease, ListFilter, Notice, RetryOutcome, ServerBeat, Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -65,7 +65,7 @@ pub(super) enum Op {
     Renew {
         owner: String,
         running: Vec<(JobId, u32)>,
-        until: Micros,
+        ttl: std::time::Duration,
         reply: Reply<Vec<(JobId, u32)>>,
     },
     Prune {
@@ -103,6 +103,14 @@ pub(super) enum Op {
     FireSchedule {
         fire: Fire,
         reply: Reply<Option<Vec<Job>>>,
+    },
+    Beat {
+        beat: ServerBeat,
+        reply: Reply<()>,
+    },
+    ForgetServers {
+        silent: std::time::Duration,
+        reply: Reply<u64>,
     },
     ClaimCallbacks {
         limit: u32,
@@ -194,6 +202,8 @@ impl Op {
             Op::SetPaused { reply, .. } => send(reply, msg),
             Op::DeleteSchedule { reply, .. } => send(reply, msg),
             Op::FireSchedule { reply, .. } => send(reply, msg),
+            Op::Beat { reply, .. } => send(reply, msg),
+            Op::ForgetServers { reply, .. } => send(reply, msg),
             Op::ClaimCallbacks { reply, .. } => send(reply, msg),
             Op::RecordCallback { reply, .. } => send(reply, msg),
             Op::Retry { reply, .. } => send(reply, msg),
@@ -235,12 +245,22 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// Announces what a parent's final state (or a retry) moved besides its own job.
+    /// Announces what a parent's final state (or a retry) moved besides its own job. The
+    /// server neither counted nor published these jobs itself: its queued counts take the
+    /// ones queued (`added`), and its watchers and streams hear of all of them.
     fn cascaded(&mut self, cascade: Cascade) {
-        let lanes: HashSet<ExecutorKind> = cascade.queued.iter().map(|(_, l)| *l).collect();
-        self.notices.extend(lanes.into_iter().map(Notice::New));
-        self.notices
-            .extend(cascade.moved.into_iter().map(Notice::Changed));
+        let mut lanes: HashMap<ExecutorKind, u64> = HashMap::new();
+        for (_, lane) in &cascade.queued {
+            *lanes.entry(*lane).or_default() += 1;
+        }
+        self.notices.extend(
+            lanes
+                .into_iter()
+                .map(|(lane, added)| Notice::New { lane, added }),
+        );
+        if !cascade.moved.is_empty() {
+            self.notices.push(Notice::Changed(cascade.moved));
+        }
     }
 }
 
@@ -384,7 +404,8 @@ fn run_batch<'a>(
                 return Err((e.to_string(), unrun(inserts, settles, rest)));
             }
             let lanes: HashSet<ExecutorKind> = rows.iter().map(|r| r.job.executor).collect();
-            out.notices.extend(lanes.into_iter().map(Notice::New));
+            out.notices
+                .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
             for (reply, jobs) in inserts {
                 let created = jobs.iter().map(|j| Inserted::Created(j.to_job())).collect();
                 out.answers.push(answer(reply, Ok(created)));
@@ -446,7 +467,10 @@ fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -
             done.contains(&m.job.id).then(|| {
                 let job = m.moved();
                 if job.status == JobStatus::Queued {
-                    notices.push(Notice::New(job.executor));
+                    notices.push(Notice::New {
+                        lane: job.executor,
+                        added: 0,
+                    });
                 }
                 job
             })
@@ -461,7 +485,9 @@ fn retried(out: &mut Outcome, jobs: &[Job]) {
         .filter(|j| j.status == JobStatus::Queued)
         .map(|j| j.executor)
         .collect();
-    out.notices.extend(lanes.into_iter().map(Notice::New));
+    // The dispatcher counts the retried jobs themselves.
+    out.notices
+        .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
 }
 
 /// Runs one op. A database error comes back as the message (the op itself has been answered
@@ -494,7 +520,8 @@ fn run_op<'a>(
                 let has_parents = jobs.iter().any(|j| !j.depends_on.is_empty());
                 let result = sql::insert(&mut *conn, jobs).await;
                 if result.is_ok() {
-                    out.notices.extend(lanes.into_iter().map(Notice::New));
+                    out.notices
+                        .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
                     out.edges |= has_parents;
                 }
                 finish!(reply, result)
@@ -617,9 +644,9 @@ fn run_op<'a>(
             Op::Renew {
                 owner,
                 running,
-                until,
+                ttl,
                 reply,
-            } => finish!(reply, sql::renew(&mut *conn, &owner, &running, until).await),
+            } => finish!(reply, sql::renew(&mut *conn, &owner, &running, ttl).await),
             Op::Prune {
                 before,
                 limit,
@@ -628,9 +655,25 @@ fn run_op<'a>(
             Op::InsertBlob { meta, reply } => {
                 finish!(reply, sql::insert_blob(&mut *conn, meta).await)
             }
-            Op::DeleteBlob { id, reply } => finish!(reply, sql::delete_blob(&mut *conn, id).await),
+            Op::DeleteBlob { id, reply } => {
+                let result = sql::delete_blob(&mut *conn, id.clone()).await;
+                if let Ok(BlobDeleteOutcome::Deleted) = &result {
+                    out.notices.push(Notice::BlobsDeleted(vec![id]));
+                }
+                finish!(reply, result)
+            }
             Op::PruneBlobs { limit, reply } => {
-                finish!(reply, sql::prune_blobs(&mut *conn, limit).await)
+                let result = sql::prune_blobs(&mut *conn, limit).await;
+                if let Ok(gone) = &result {
+                    if !gone.is_empty() {
+                        out.notices.push(Notice::BlobsDeleted(gone.clone()));
+                    }
+                }
+                finish!(reply, result)
+            }
+            Op::Beat { beat, reply } => finish!(reply, sql::beat(&mut *conn, beat).await),
+            Op::ForgetServers { silent, reply } => {
+                finish!(reply, sql::forget_servers(&mut *conn, silent).await)
             }
             Op::CreateSchedule { schedule, reply } => {
                 let result = schedules::create(&mut *conn, schedule).await;
@@ -661,7 +704,9 @@ fn run_op<'a>(
             Op::FireSchedule { fire, reply } => {
                 let result = schedules::fire(&mut *conn, fire).await.map(|fired| {
                     fired.map(|(jobs, lanes)| {
-                        out.notices.extend(lanes.into_iter().map(Notice::New));
+                        // The ticker counts its jobs (`Dispatcher::stored`).
+                        out.notices
+                            .extend(lanes.into_iter().map(|lane| Notice::New { lane, added: 0 }));
                         jobs
                     })
                 });
