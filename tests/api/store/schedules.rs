@@ -266,7 +266,14 @@ async fn schedule_changes_are_announced(store: Arc<dyn JobStore>) {
         .unwrap()
         .unwrap();
     assert!(
-        heard(&mut notices, Notice::New(offload::job::ExecutorKind::Async)).await,
+        heard(
+            &mut notices,
+            Notice::New {
+                lane: offload::job::ExecutorKind::Async,
+                added: 0
+            }
+        )
+        .await,
         "a fire's jobs, as a submit's"
     );
     store.delete_schedule("s").await.unwrap();
