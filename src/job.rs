@@ -24,6 +24,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::clock::Micros;
+use crate::flow::{Concurrency, Rate, WaitingFor};
 
 /// A job's id: a UUID v7, so ids sort by creation time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -369,6 +370,19 @@ pub struct Job {
     pub started_at: Option<Micros>,
     pub finished_at: Option<Micros>,
     pub timings: Timings,
+    /// Shares the lane with other tenants' jobs round-robin (`None`: no tenant).
+    pub tenant: Option<String>,
+    /// At most `limit` jobs with this key run at once.
+    pub concurrency: Option<Concurrency>,
+    /// Jobs with this key start at most this fast.
+    pub rate: Option<Rate>,
+    /// Why a due queued job does not start: flow control holds it back. Filled in when the
+    /// job is shown, not stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingFor>,
+    /// For `waiting_for: rate`: when its key next has a token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_until: Option<Micros>,
     #[serde(skip)]
     pub spec_hash: Option<String>,
 }
@@ -438,9 +452,18 @@ pub struct NewJob {
     /// The blobs the job names: the values of its task's blob arguments
     /// (`Task::blob_args`), in canonical form.
     pub blobs: Vec<String>,
+    pub tenant: Option<String>,
+    pub concurrency: Option<Concurrency>,
+    pub rate: Option<Rate>,
 }
 
 impl NewJob {
+    /// Whether the job is under flow control (a tenant, a concurrency key or a rate): claimed
+    /// by the flow-aware claim instead of the plain one.
+    pub fn has_flow(&self) -> bool {
+        self.tenant.is_some() || self.concurrency.is_some() || self.rate.is_some()
+    }
+
     /// The job object this becomes once stored.
     pub fn to_job(&self) -> Job {
         Job {
@@ -466,6 +489,11 @@ impl NewJob {
                 queued_ms: None,
                 run_ms: None,
             },
+            tenant: self.tenant.clone(),
+            concurrency: self.concurrency.clone(),
+            rate: self.rate.clone(),
+            waiting_for: None,
+            waiting_until: None,
             spec_hash: self.spec_hash.clone(),
         }
     }

@@ -15,6 +15,7 @@
 //! Running jobs hold a lease (an owner and an expiry) on both stores; one protocol, one
 //! conformance suite (`tests/api/store.rs`) that every store passes.
 
+mod flow;
 mod postgres;
 mod sqlite;
 
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
+use crate::flow::{FlowState, FlowStats};
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
 
 pub use postgres::PostgresStore;
@@ -56,6 +58,28 @@ impl MigrationSource<'static> for Embedded {
     }
 }
 pub use sqlite::SqliteStore;
+
+/// The keys of a `flow_state` call, as the claim looks them up: sorted, each once.
+pub(crate) fn flow_keys(
+    concurrency: &[String],
+    rate: &[String],
+) -> Vec<(crate::flow::KeyKind, String)> {
+    use crate::flow::KeyKind;
+    let mut keys: Vec<(KeyKind, String)> = concurrency
+        .iter()
+        .map(|k| (KeyKind::Concurrency, k.clone()))
+        .chain(rate.iter().map(|k| (KeyKind::Rate, k.clone())))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Whether a job's move out of `running` (or its cancel) frees a slot of a concurrency key,
+/// so that its lane should look again.
+pub(crate) fn frees_key(job: &Job) -> bool {
+    job.concurrency.is_some()
+}
 
 /// An `ErrorInfo` as the JSON both stores keep in the `error` column.
 pub(crate) fn error_json(e: &crate::job::ErrorInfo) -> String {
@@ -285,7 +309,8 @@ impl Settle {
 /// cancel is found by the next lease renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Jobs became queued in this lane.
+    /// Jobs became queued in this lane, or a job with a concurrency key stopped running in
+    /// it (its key's queued jobs may start): the lane should look.
     New(ExecutorKind),
     /// A running job was cancelled: whoever runs it must stop it.
     Cancel(JobId),
@@ -311,6 +336,12 @@ pub trait JobStore: Send + Sync + 'static {
     /// Claims up to `limit` due queued jobs of a lane, in priority then schedule order:
     /// queued → running, a new attempt, under `lease`. Rows another server is claiming at the
     /// same moment are skipped, not waited for.
+    ///
+    /// Flow control (`crate::flow`) holds: no job starts past its concurrency key's limit or
+    /// without a token of its rate key (counted across every server of the store), tenants of
+    /// one priority take turns, and a job held back does not hold back the jobs behind it.
+    /// `next_due` then also says when a held-back job may start (a rate's next token); a key
+    /// freed by a finishing job is announced instead ([`Notice::New`] for its lane).
     async fn claim(
         &self,
         lane: ExecutorKind,
@@ -340,6 +371,16 @@ pub trait JobStore: Send + Sync + 'static {
     /// died or stopped renewing. One server at a time gets an answer on a shared store; the
     /// others get none that round.
     async fn expired(&self, before: Micros, limit: u32) -> Result<Vec<Job>, StoreError>;
+    /// Flow control as it stands for these keys, for showing why queued jobs wait: running
+    /// jobs per concurrency key, stored buckets per rate key. Reads only.
+    async fn flow_state(
+        &self,
+        concurrency_keys: &[String],
+        rate_keys: &[String],
+    ) -> Result<FlowState, StoreError>;
+    /// Running and queued jobs per concurrency key, rate key and tenant: the `top` busiest of
+    /// each, the rest summed.
+    async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError>;
     /// How many jobs are queued in each lane (for admission and `/v1/stats`).
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError>;
     /// Deletes up to `limit` jobs that finished before `before`; returns how many.

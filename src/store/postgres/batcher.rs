@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::sql::{self, Notices};
 use crate::job::{Job, JobId, JobStatus, NewJob};
-use crate::store::{Inserted, Settle, StoreError};
+use crate::store::{frees_key, Inserted, Settle, StoreError};
 
 /// Most calls written in one round.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -169,7 +169,7 @@ async fn write_round(
                         let layer = placed.next().expect("every move placed");
                         let job = m.moved();
                         done[layer].contains(&(job.id, job.attempt)).then(|| {
-                            if job.status == JobStatus::Queued {
+                            if job.status == JobStatus::Queued || frees_key(&job) {
                                 notices.new.insert(job.executor);
                             }
                             notices.changed.push(job.id);

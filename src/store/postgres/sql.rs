@@ -10,12 +10,14 @@ use uuid::Uuid;
 
 use crate::clock::Micros;
 use crate::job::{ErrorInfo, Job, JobId, NewJob, Timings};
+use crate::store::flow::from_columns;
 use crate::store::{Settle, StoreError};
 
 pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
-    spec_hash, created_at, scheduled_at, started_at, finished_at";
+    spec_hash, created_at, scheduled_at, started_at, finished_at, tenant, concurrency_key, \
+    concurrency_limit, rate_key, rate_per_second, rate_burst";
 
 /// The columns, each qualified with the `jobs` table, for statements that join another.
 pub(super) fn qualified() -> String {
@@ -80,7 +82,25 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
             queued_ms: None,
             run_ms: None,
         },
+        tenant: None,
+        concurrency: None,
+        rate: None,
+        waiting_for: None,
+        waiting_until: None,
     };
+    (job.tenant, job.concurrency, job.rate) = from_columns(
+        row.try_get("tenant")?,
+        (
+            row.try_get("concurrency_key")?,
+            row.try_get::<Option<i32>, _>("concurrency_limit")?
+                .map(i64::from),
+        ),
+        (
+            row.try_get("rate_key")?,
+            row.try_get("rate_per_second")?,
+            row.try_get::<Option<i32>, _>("rate_burst")?.map(i64::from),
+        ),
+    );
     job.compute_timings();
     Ok(job)
 }
@@ -96,12 +116,16 @@ pub(super) async fn insert_rows(
     let col = |f: &dyn Fn(&NewJob) -> String| rows.iter().map(|j| f(j)).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
-         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at) \
+         max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at, \
+         tenant, concurrency_key, concurrency_limit, rate_key, rate_per_second, rate_burst, flow) \
          SELECT id, task, kind, executor, 'queued', args::jsonb, priority, 0, max_attempts, \
-         timeout_ms, 0, key, hash, created_at, scheduled_at FROM UNNEST($1::uuid[], $2::text[], \
+         timeout_ms, 0, key, hash, created_at, scheduled_at, tenant, ckey, climit, rkey, rps, \
+         rburst, flow FROM UNNEST($1::uuid[], $2::text[], \
          $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
-         $10::text[], $11::bigint[], $12::bigint[]) AS t(id, task, kind, executor, args, priority, \
-         max_attempts, timeout_ms, key, hash, created_at, scheduled_at)",
+         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::int[], \
+         $16::text[], $17::float8[], $18::int[], $19::bool[]) AS t(id, task, kind, executor, args, \
+         priority, max_attempts, timeout_ms, key, hash, created_at, scheduled_at, tenant, ckey, \
+         climit, rkey, rps, rburst, flow)",
     )
     .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
     .bind(col(&|j| j.task.clone()))
@@ -127,6 +151,33 @@ pub(super) async fn insert_rows(
     .bind(rows.iter().map(|j| j.spec_hash.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.created_at.0).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
+    .bind(col(&|j| j.tenant.clone().unwrap_or_default()))
+    .bind(
+        rows.iter()
+            .map(|j| j.concurrency.as_ref().map(|c| c.key.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.concurrency.as_ref().map(|c| c.limit as i32))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.rate.as_ref().map(|r| r.key.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.rate.as_ref().map(|r| r.per_second))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.rate.as_ref().map(|r| r.burst as i32))
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|j| j.has_flow()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with

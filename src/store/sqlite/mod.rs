@@ -26,12 +26,13 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
+    flow_keys, BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
     ListFilter, Notice, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
+use crate::flow::{FlowCount, FlowState, FlowStats, Sharing, Top};
 use crate::job::{ExecutorKind, Job, JobId, NewJob};
 use sql::{job_from_row, COLUMNS};
 use writer::{Op, MAX_BATCH};
@@ -63,6 +64,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "store_is_queue",
         include_str!("../../../migrations/sqlite/0005_store_is_queue.sql"),
     ),
+    (
+        11,
+        "flow_control",
+        include_str!("../../../migrations/sqlite/0011_flow_control.sql"),
+    ),
 ];
 
 /// Where the writer sends its notices once a commit is done: set by [`JobStore::listen`].
@@ -72,6 +78,8 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Op>,
     reads: SqlitePool,
     notices: NoticeTx,
+    /// Tenants' weights and each lane's round-robin state, for flow-aware claims.
+    sharing: Arc<Sharing>,
 }
 
 impl SqliteStore {
@@ -102,7 +110,14 @@ impl SqliteStore {
             writer: tx,
             reads,
             notices,
+            sharing: Arc::default(),
         })
+    }
+
+    /// Shares lanes between tenants by these weights (a tenant not named weighs 1).
+    pub fn with_tenant_weights(mut self, weights: impl IntoIterator<Item = (String, u32)>) -> Self {
+        self.sharing = Arc::new(Sharing::new(weights));
+        self
     }
 
     /// Hands an op to the writer and waits for its answer, which comes after the commit.
@@ -184,11 +199,13 @@ impl JobStore for SqliteStore {
         lease: &Lease,
     ) -> Result<Claimed, StoreError> {
         let lease = lease.clone();
+        let sharing = self.sharing.clone();
         self.write(|reply| Op::Claim {
             lane,
             limit,
             now,
             lease,
+            sharing,
             reply,
         })
         .await
@@ -237,6 +254,62 @@ impl JobStore for SqliteStore {
             .fetch_all(&self.reads)
             .await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    async fn flow_state(
+        &self,
+        concurrency_keys: &[String],
+        rate_keys: &[String],
+    ) -> Result<FlowState, StoreError> {
+        let keys = flow_keys(concurrency_keys, rate_keys);
+        if keys.is_empty() {
+            return Ok(FlowState::default());
+        }
+        let mut conn = self.reads.acquire().await?;
+        sql::read_flow_state(&mut conn, &keys).await
+    }
+
+    async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError> {
+        let mut conn = self.reads.acquire().await?;
+        let mut stats = FlowStats::default();
+        for (slot, column, index) in [
+            (&mut stats.concurrency, "concurrency_key", "concurrency_key IS NOT NULL"),
+            (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
+            (&mut stats.tenants, "tenant", "tenant <> ''"),
+        ] {
+            // Counted over the flow index (queued) and the running rows: never a scan of
+            // finished jobs.
+            let sql = format!(
+                "SELECT {column} AS name, SUM(status = 'running') AS running, \
+                 SUM(status = 'queued') AS queued FROM jobs \
+                 WHERE status IN ('queued', 'running') AND flow = 1 AND {index} \
+                 GROUP BY {column} ORDER BY COUNT(*) DESC, {column} LIMIT ?"
+            );
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
+                .bind(top as i64)
+                .fetch_all(&mut *conn)
+                .await?;
+            let total: (Option<i64>, Option<i64>) = sqlx::query_as(&format!(
+                "SELECT SUM(status = 'running'), SUM(status = 'queued') FROM jobs \
+                 WHERE status IN ('queued', 'running') AND flow = 1 AND {index}"
+            ))
+            .fetch_one(&mut *conn)
+            .await?;
+            *slot = Top::new(
+                rows.into_iter()
+                    .map(|(name, r, q)| FlowCount {
+                        name,
+                        running: r.max(0) as u64,
+                        queued: q.max(0) as u64,
+                    })
+                    .collect(),
+                (
+                    total.0.unwrap_or(0).max(0) as u64,
+                    total.1.unwrap_or(0).max(0) as u64,
+                ),
+            );
+        }
+        Ok(stats)
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {

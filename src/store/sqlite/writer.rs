@@ -11,6 +11,7 @@
 //! hearing of it.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use sqlx::sqlite::SqliteConnection;
@@ -21,9 +22,10 @@ use super::sql::{self, exec, mergeable, MERGED_INSERT_MAX, SETTLE_CHUNK};
 use super::NoticeTx;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
+use crate::flow::Sharing;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, Settle,
+    frees_key, BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, Settle,
     StoreError,
 };
 
@@ -43,6 +45,7 @@ pub(super) enum Op {
         limit: u32,
         now: Micros,
         lease: Lease,
+        sharing: Arc<Sharing>,
         reply: Reply<Claimed>,
     },
     Settle {
@@ -308,7 +311,7 @@ fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -
         .map(|m| {
             done.contains(&m.job.id).then(|| {
                 let job = m.moved();
-                if job.status == JobStatus::Queued {
+                if job.status == JobStatus::Queued || frees_key(&job) {
                     notices.push(Notice::New(job.executor));
                 }
                 job
@@ -355,10 +358,11 @@ fn run_op<'a>(
                 limit,
                 now,
                 lease,
+                sharing,
                 reply,
             } => finish!(
                 reply,
-                sql::claim(&mut *conn, lane, limit, now, &lease).await
+                sql::claim(&mut *conn, lane, limit, now, &lease, &sharing).await
             ),
             Op::Settle { moves, reply } => {
                 let all: Vec<&Settle> = moves.iter().collect();
@@ -371,10 +375,13 @@ fn run_op<'a>(
                 let result = sql::cancel(&mut *conn, id, now).await;
                 if let Ok(CancelOutcome::Cancelled {
                     was: JobStatus::Running,
-                    ..
+                    job,
                 }) = &result
                 {
                     out.notices.push(Notice::Cancel(id));
+                    if frees_key(job) {
+                        out.notices.push(Notice::New(job.executor));
+                    }
                 }
                 finish!(reply, result)
             }
