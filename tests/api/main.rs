@@ -7,6 +7,7 @@ mod crash;
 mod csrf;
 mod datadir;
 mod errors;
+mod flow;
 mod helpers;
 mod inputs;
 mod jobs;
