@@ -502,7 +502,11 @@ pub struct ServeArgs {
     #[arg(long, env = "OFFLOAD_HTTP_TIMEOUT_MS")]
     pub http_timeout_ms: Option<u64>,
     /// A tenant's weight in the round-robin of a lane's slots, as `tenant=weight` (1 to 1000; a tenant not named weighs 1). Repeat the flag for several; in OFFLOAD_TENANT_WEIGHTS separate them with `,`.
-    #[arg(long = "tenant-weight", env = "OFFLOAD_TENANT_WEIGHTS", value_delimiter = ',')]
+    #[arg(
+        long = "tenant-weight",
+        env = "OFFLOAD_TENANT_WEIGHTS",
+        value_delimiter = ','
+    )]
     pub tenant_weights: Option<Vec<String>>,
 }
 

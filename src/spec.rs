@@ -328,14 +328,14 @@ fn flow_fields(
         // Characters, as the schema's maxLength counts them, and no control characters: a
         // key is shown in metrics labels and logs.
         if s.chars().any(char::is_control) {
-            return Err(format!("{}: must not hold control characters", field(path, name)));
+            return Err(format!(
+                "{}: must not hold control characters",
+                field(path, name)
+            ));
         }
         Ok(s.to_string())
     };
-    let tenant = obj
-        .get("tenant")
-        .map(|t| text(t, "tenant"))
-        .transpose()?;
+    let tenant = obj.get("tenant").map(|t| text(t, "tenant")).transpose()?;
     let task_flow = defaults.task_flow.get(task);
     let concurrency = match obj.get("concurrency") {
         Some(c) => Some(Concurrency {

@@ -149,13 +149,21 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     match state.dispatcher.store().flow_stats(STATS_TOP).await {
         Ok(flow) => {
             let families: [(&str, &str, &str, &Top); 3] = [
-                ("offload_concurrency_key", "key", "concurrency key", &flow.concurrency),
+                (
+                    "offload_concurrency_key",
+                    "key",
+                    "concurrency key",
+                    &flow.concurrency,
+                ),
                 ("offload_rate_key", "key", "rate key", &flow.rate),
                 ("offload_tenant", "tenant", "tenant", &flow.tenants),
             ];
             for (prefix, name, what, top) in families {
                 for (suffix, get) in [
-                    ("running", (|c: &FlowCount| c.running) as fn(&FlowCount) -> u64),
+                    (
+                        "running",
+                        (|c: &FlowCount| c.running) as fn(&FlowCount) -> u64,
+                    ),
                     ("queued", |c: &FlowCount| c.queued),
                 ] {
                     let metric = format!("{prefix}_{suffix}");

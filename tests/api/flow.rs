@@ -157,7 +157,12 @@ async fn flow_fields_that_make_no_sense_are_refused_and_store_nothing() {
     ];
     for spec in bad {
         let a = app.post("/v1/jobs", spec.clone()).await;
-        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{spec}: {}", a.body);
+        assert_eq!(
+            a.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{spec}: {}",
+            a.body
+        );
         assert_eq!(
             a.headers["content-type"], "application/problem+json",
             "{spec}"
@@ -170,7 +175,11 @@ async fn flow_fields_that_make_no_sense_are_refused_and_store_nothing() {
         )
         .await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(a.body["detail"].as_str().unwrap().contains("jobs[1]"), "{}", a.body);
+    assert!(
+        a.body["detail"].as_str().unwrap().contains("jobs[1]"),
+        "{}",
+        a.body
+    );
     let list = app.get("/v1/jobs").await;
     assert_eq!(list.body["jobs"], json!([]), "nothing was stored");
 }
@@ -179,7 +188,10 @@ async fn flow_fields_that_make_no_sense_are_refused_and_store_nothing() {
 async fn a_held_back_job_says_why_and_stats_and_metrics_name_its_key() {
     let app = spawn_with(|_| {}).await;
     let long = app.submit(keyed_sleep(60_000, "one-at-a-time", 1)).await;
-    assert_eq!(long["concurrency"], json!({"key": "one-at-a-time", "limit": 1}));
+    assert_eq!(
+        long["concurrency"],
+        json!({"key": "one-at-a-time", "limit": 1})
+    );
     assert_eq!(long["tenant"], Value::Null);
     assert_eq!(long["rate"], Value::Null);
     app.wait_until(&id_of(&long), 10, |j| j["status"] == "running")
@@ -479,11 +491,18 @@ async fn three_servers_run_one_keys_jobs_one_at_a_time() {
     for (i, n) in nodes.iter().enumerate() {
         let count = if i == 0 { 34 } else { 33 };
         let specs = vec![keyed_sleep(5, "shared", 1); count];
-        ids.extend(post_batch(&client, &n.bin.base, specs).await.iter().map(id_of));
+        ids.extend(
+            post_batch(&client, &n.bin.base, specs)
+                .await
+                .iter()
+                .map(id_of),
+        );
     }
     let jobs = finish_all(&client, &nodes[1].bin.base, &ids, 90).await;
     assert_eq!(jobs.len(), 100);
-    assert!(jobs.iter().all(|j| j["status"] == "succeeded" && j["attempt"] == 1));
+    assert!(jobs
+        .iter()
+        .all(|j| j["status"] == "succeeded" && j["attempt"] == 1));
     assert_eq!(most_at_once(&jobs), 1, "never two at once, on any server");
     drop(nodes);
     drop_pg_schema(&schema).await;
@@ -501,7 +520,12 @@ async fn three_servers_share_one_rate() {
     for (i, n) in nodes.iter().enumerate() {
         let count = if i == 0 { 68 } else { 66 };
         let specs = vec![json!({"task": "noop", "rate": rate}); count];
-        ids.extend(post_batch(&client, &n.bin.base, specs).await.iter().map(id_of));
+        ids.extend(
+            post_batch(&client, &n.bin.base, specs)
+                .await
+                .iter()
+                .map(id_of),
+        );
     }
     let jobs = finish_all(&client, &nodes[2].bin.base, &ids, 90).await;
     check_rate(&jobs);

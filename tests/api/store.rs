@@ -831,13 +831,20 @@ async fn a_rate_key_spends_its_burst_then_says_when_its_next_token_is_due(
         })
         .collect();
     store.insert(jobs).await.unwrap();
-    store.insert(vec![new_job("free", None, None)]).await.unwrap();
+    store
+        .insert(vec![new_job("free", None, None)])
+        .await
+        .unwrap();
     let before = Micros::now();
     let got = store
         .claim(ExecutorKind::Async, 10, before, &lease("me"))
         .await
         .unwrap();
-    assert_eq!(got.jobs.len(), 3, "the burst of two, and the job without a rate");
+    assert_eq!(
+        got.jobs.len(),
+        3,
+        "the burst of two, and the job without a rate"
+    );
     let due = got.next_due.expect("when the next token comes");
     let wait = due.0 - before.0;
     assert!(

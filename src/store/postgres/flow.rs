@@ -257,10 +257,11 @@ pub(super) async fn read_flow_state(
     }
     let rate = of(KeyKind::Rate);
     if !rate.is_empty() {
-        let rows = sqlx::query("SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY($1)")
-            .bind(rate)
-            .fetch_all(&mut *conn)
-            .await?;
+        let rows =
+            sqlx::query("SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY($1)")
+                .bind(rate)
+                .fetch_all(&mut *conn)
+                .await?;
         for row in rows {
             state.buckets.insert(
                 row.try_get("key")?,

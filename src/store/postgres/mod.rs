@@ -275,7 +275,11 @@ impl JobStore for PostgresStore {
     async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError> {
         let mut stats = FlowStats::default();
         for (slot, column, index) in [
-            (&mut stats.concurrency, "concurrency_key", "concurrency_key IS NOT NULL"),
+            (
+                &mut stats.concurrency,
+                "concurrency_key",
+                "concurrency_key IS NOT NULL",
+            ),
             (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
             (&mut stats.tenants, "tenant", "tenant <> ''"),
         ] {

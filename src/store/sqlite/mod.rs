@@ -10,6 +10,7 @@
 //! (WAL mode). Only this process uses the file (the data-dir lock), so the store is
 //! `exclusive`.
 
+mod flow;
 mod sql;
 mod writer;
 
@@ -266,14 +267,18 @@ impl JobStore for SqliteStore {
             return Ok(FlowState::default());
         }
         let mut conn = self.reads.acquire().await?;
-        sql::read_flow_state(&mut conn, &keys).await
+        flow::read_flow_state(&mut conn, &keys).await
     }
 
     async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError> {
         let mut conn = self.reads.acquire().await?;
         let mut stats = FlowStats::default();
         for (slot, column, index) in [
-            (&mut stats.concurrency, "concurrency_key", "concurrency_key IS NOT NULL"),
+            (
+                &mut stats.concurrency,
+                "concurrency_key",
+                "concurrency_key IS NOT NULL",
+            ),
             (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
             (&mut stats.tenants, "tenant", "tenant <> ''"),
         ] {

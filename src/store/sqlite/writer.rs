@@ -25,8 +25,8 @@ use crate::clock::Micros;
 use crate::flow::Sharing;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::store::{
-    frees_key, BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice, Settle,
-    StoreError,
+    frees_key, BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice,
+    Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
