@@ -602,6 +602,60 @@ mod tests {
     }
 
     #[test]
+    fn tenant_weights_and_task_flow_come_from_flags_or_the_file_and_are_checked() {
+        use clap::Parser;
+        let serve = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            Settings::load(&args)
+        };
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--tenant-weight",
+            "a=3",
+            "--tenant-weight",
+            "b=c=2",
+        ])
+        .unwrap();
+        assert_eq!(s.tenant_weights.get("a"), Some(&3));
+        assert_eq!(s.tenant_weights.get("b=c"), Some(&2), "the last `=` splits");
+        for bad in ["a", "a=0", "=2", "a=x", "a=1001"] {
+            let e = serve(&["offload", "serve", "--tenant-weight", bad]).unwrap_err();
+            assert!(e.0.contains("tenant-weight"), "{bad}: {e}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(
+            &path,
+            "tenant_weights = { big = 5 }\n[task_flow.sleep]\nconcurrency = { limit = 2 }\n\
+             rate = { key = \"api\", per_second = 0.5 }\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let s = Settings::load(&args).unwrap();
+        assert_eq!(s.tenant_weights.get("big"), Some(&5));
+        let flow = &s.task_flow["sleep"];
+        assert_eq!(
+            flow.concurrency_for("sleep").unwrap(),
+            crate::flow::Concurrency {
+                key: "sleep".into(),
+                limit: 2
+            }
+        );
+        assert_eq!(flow.rate_for("sleep").unwrap().burst, 1);
+        std::fs::write(&path, "[task_flow.sleep]\nrate = { per_second = 0 }\n").unwrap();
+        let e = Settings::load(&args).unwrap_err();
+        assert!(e.0.contains("task_flow.sleep"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("offload.toml");

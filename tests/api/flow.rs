@@ -532,3 +532,19 @@ async fn three_servers_share_one_rate() {
     drop(nodes);
     drop_pg_schema(&schema).await;
 }
+
+#[tokio::test]
+async fn flow_defaults_for_a_task_the_server_lacks_stop_it_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = crate::helpers::test_settings(dir.path());
+    settings.task_flow.insert(
+        "no_such_task".into(),
+        toml::from_str("concurrency = { limit = 1 }").unwrap(),
+    );
+    let registry = offload::Registry::builtin(&settings);
+    let err = offload::App::build(settings, registry)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("task_flow.no_such_task"), "{err}");
+}

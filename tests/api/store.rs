@@ -937,3 +937,44 @@ async fn claims_from_two_servers_keep_a_keys_limit_and_a_rates_bucket() {
     assert_eq!(rated, 7, "the bucket's burst, across servers");
     crate::helpers::drop_pg_schema(&schema).await;
 }
+
+/// Weights given to a store (`--tenant-weight`) tilt the turns: a weighs 3, b 1.
+#[tokio::test]
+async fn tenant_weights_tilt_the_turns_on_both_stores() {
+    async fn check(store: Arc<dyn JobStore>) {
+        store
+            .insert((0..20).map(|_| tenant_job("a")).collect())
+            .await
+            .unwrap();
+        store
+            .insert((0..20).map(|_| tenant_job("b")).collect())
+            .await
+            .unwrap();
+        let mut a = 0;
+        for _ in 0..16 {
+            let got = claim_all(&store, 1).await;
+            a += got
+                .iter()
+                .filter(|j| j.tenant.as_deref() == Some("a"))
+                .count();
+        }
+        assert_eq!(a, 12, "three of every four");
+    }
+    let weights = || [("a".to_string(), 3)];
+    let dir = tempfile::tempdir().unwrap();
+    let url = offload::config::sqlite_url(dir.path());
+    let sqlite = SqliteStore::open(&url, Durability::Full)
+        .await
+        .unwrap()
+        .with_tenant_weights(weights());
+    check(Arc::new(sqlite)).await;
+    if let Some(url) = crate::helpers::pg_url() {
+        let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+        let pg = PostgresStore::open(&url, Some(&schema))
+            .await
+            .unwrap()
+            .with_tenant_weights(weights());
+        check(Arc::new(pg)).await;
+        crate::helpers::drop_pg_schema(&schema).await;
+    }
+}
