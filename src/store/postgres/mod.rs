@@ -283,25 +283,27 @@ impl JobStore for PostgresStore {
             (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
             (&mut stats.tenants, "tenant", "tenant <> ''"),
         ] {
-            // Counted over the flow index (queued) and the running rows: never a scan of
-            // finished jobs.
-            let sql = format!(
-                "SELECT {column} AS name, COUNT(*) FILTER (WHERE status = 'running') AS running, \
-                 COUNT(*) FILTER (WHERE status = 'queued') AS queued FROM jobs \
-                 WHERE status IN ('queued', 'running') AND flow AND {index} \
-                 GROUP BY {column} ORDER BY COUNT(*) DESC, {column} LIMIT $1"
+            // Counted over the flow index (queued) and the running rows, never over plain
+            // queued or finished jobs: a lane without flow control pays nothing here.
+            let flows = format!(
+                "SELECT {column} AS name, 0 AS r, 1 AS q FROM jobs \
+                 WHERE status = 'queued' AND flow AND {index} \
+                 UNION ALL SELECT {column}, 1, 0 FROM jobs \
+                 WHERE status = 'running' AND flow AND {index}"
             );
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
-                .bind(top as i64)
-                .fetch_all(&self.pool)
-                .await?;
-            let total: (i64, i64) = sqlx::query_as(&format!(
-                "SELECT COUNT(*) FILTER (WHERE status = 'running'), \
-                 COUNT(*) FILTER (WHERE status = 'queued') FROM jobs \
-                 WHERE status IN ('queued', 'running') AND flow AND {index}"
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+                "SELECT name, SUM(r)::bigint, SUM(q)::bigint FROM ({flows}) AS f GROUP BY name \
+                 ORDER BY COUNT(*) DESC, name LIMIT $1"
+            ))
+            .bind(top as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            let total: (Option<i64>, Option<i64>) = sqlx::query_as(&format!(
+                "SELECT SUM(r)::bigint, SUM(q)::bigint FROM ({flows}) AS f"
             ))
             .fetch_one(&self.pool)
             .await?;
+            let total = (total.0.unwrap_or(0), total.1.unwrap_or(0));
             *slot = Top::new(
                 rows.into_iter()
                     .map(|(name, r, q)| FlowCount {

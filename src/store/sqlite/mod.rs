@@ -282,24 +282,25 @@ impl JobStore for SqliteStore {
             (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
             (&mut stats.tenants, "tenant", "tenant <> ''"),
         ] {
-            // Counted over the flow index (queued) and the running rows: never a scan of
-            // finished jobs.
-            let sql = format!(
-                "SELECT {column} AS name, SUM(status = 'running') AS running, \
-                 SUM(status = 'queued') AS queued FROM jobs \
-                 WHERE status IN ('queued', 'running') AND flow = 1 AND {index} \
-                 GROUP BY {column} ORDER BY COUNT(*) DESC, {column} LIMIT ?"
+            // Counted over the flow index (queued) and the running rows, never over plain
+            // queued or finished jobs: a lane without flow control pays nothing here.
+            let flows = format!(
+                "SELECT {column} AS name, 0 AS r, 1 AS q FROM jobs INDEXED BY jobs_flow_ready \
+                 WHERE status = 'queued' AND flow = 1 AND {index} \
+                 UNION ALL SELECT {column}, 1, 0 FROM jobs \
+                 WHERE status = 'running' AND flow = 1 AND {index}"
             );
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
-                .bind(top as i64)
-                .fetch_all(&mut *conn)
-                .await?;
-            let total: (Option<i64>, Option<i64>) = sqlx::query_as(&format!(
-                "SELECT SUM(status = 'running'), SUM(status = 'queued') FROM jobs \
-                 WHERE status IN ('queued', 'running') AND flow = 1 AND {index}"
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+                "SELECT name, SUM(r), SUM(q) FROM ({flows}) GROUP BY name \
+                 ORDER BY COUNT(*) DESC, name LIMIT ?"
             ))
-            .fetch_one(&mut *conn)
+            .bind(top as i64)
+            .fetch_all(&mut *conn)
             .await?;
+            let total: (Option<i64>, Option<i64>) =
+                sqlx::query_as(&format!("SELECT SUM(r), SUM(q) FROM ({flows})"))
+                    .fetch_one(&mut *conn)
+                    .await?;
             *slot = Top::new(
                 rows.into_iter()
                     .map(|(name, r, q)| FlowCount {
