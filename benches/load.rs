@@ -38,6 +38,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// CPU time (user + system) process `pid` has used, in µs (from `/proc/<pid>/stat`).
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) end at its closing parenthesis.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz * 1e6
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -209,6 +225,7 @@ async fn main() {
     // 3. End to end: noop jobs by batch until every one is final.
     let total: usize = if s { 10_000 } else { 100_000 };
     let before = env.settle().await;
+    let cpu0 = cpu_us(env.pid);
     let t = Instant::now();
     let mut sends = Vec::new();
     let batches = total / 1000;
@@ -223,7 +240,10 @@ async fn main() {
     futures_util::future::join_all(sends).await;
     let done = env.settle().await - before;
     let e2e = done as f64 / t.elapsed().as_secs_f64();
-    println!("| end to end: {done} noop jobs by batch until final, jobs/s | {e2e:.0} |");
+    let per_job = (cpu_us(env.pid) - cpu0) / done.max(1) as f64;
+    println!(
+        "| end to end: {done} noop jobs by batch until final, jobs/s (server µs CPU per job) | {e2e:.0} ({per_job:.1}) |"
+    );
 
     // 4. Round trip on an idle server.
     let idle = env.round_trips(if s { 200 } else { 1000 }).await;

@@ -193,6 +193,7 @@ impl App {
                 blobs: Some(blobs.clone()),
                 lease: Duration::from_millis(settings.lease_ms),
                 api_token: settings.api_token.clone(),
+                callbacks: crate::callback::CallbackOptions::from_settings(&settings),
             },
         );
         dispatcher.start().await?;

@@ -92,6 +92,16 @@ pub struct Settings {
     pub tenant_weights: BTreeMap<String, u32>,
     /// Flow control defaults per task (`[task_flow.<task>]` in the config file).
     pub task_flow: BTreeMap<String, TaskFlow>,
+    /// The secret completion callbacks are signed with (HMAC-SHA256); without one, specs with
+    /// a `callback_url` are refused and no callbacks are sent.
+    #[serde(serialize_with = "mask")]
+    pub callback_secret: Option<String>,
+    /// How long a callback is retried after its job became final before it is given up.
+    pub callback_retry_secs: u64,
+    /// The wait before a callback's second try; doubles each try (with jitter), up to an hour.
+    pub callback_backoff_ms: u64,
+    /// Time limit of one callback request.
+    pub callback_timeout_ms: u64,
 }
 
 fn mask<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -146,6 +156,10 @@ impl Settings {
             http_timeout_ms: 30_000,
             tenant_weights: BTreeMap::new(),
             task_flow: BTreeMap::new(),
+            callback_secret: None,
+            callback_retry_secs: 24 * 3600,
+            callback_backoff_ms: 1_000,
+            callback_timeout_ms: 10_000,
         }
     }
 
@@ -205,6 +219,9 @@ impl Settings {
         pick!(http_allow_private);
         pick!(http_max_bytes);
         pick!(http_timeout_ms);
+        pick!(callback_retry_secs);
+        pick!(callback_backoff_ms);
+        pick!(callback_timeout_ms);
         if let Some(v) = args.http_allow_hosts.clone().or(file.http_allow_hosts) {
             s.http_allow_hosts = v;
         }
@@ -237,6 +254,11 @@ impl Settings {
             .clone()
             .or(file.api_token)
             .filter(|t| !t.is_empty());
+        s.callback_secret = args
+            .callback_secret
+            .clone()
+            .or(file.callback_secret)
+            .filter(|t| !t.is_empty());
         s.validate()?;
         Ok(s)
     }
@@ -256,6 +278,9 @@ impl Settings {
             ("http-timeout-ms", self.http_timeout_ms),
             ("prune-interval-ms", self.prune_interval_ms),
             ("lease-ms", self.lease_ms),
+            ("callback-retry-secs", self.callback_retry_secs),
+            ("callback-backoff-ms", self.callback_backoff_ms),
+            ("callback-timeout-ms", self.callback_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -370,6 +395,10 @@ struct FileSettings {
     http_timeout_ms: Option<u64>,
     tenant_weights: Option<BTreeMap<String, u32>>,
     task_flow: Option<BTreeMap<String, TaskFlow>>,
+    callback_secret: Option<String>,
+    callback_retry_secs: Option<u64>,
+    callback_backoff_ms: Option<u64>,
+    callback_timeout_ms: Option<u64>,
 }
 
 /// offload: an HTTP job service that runs each job in the lane that fits it.
@@ -508,6 +537,18 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub tenant_weights: Option<Vec<String>>,
+    /// Sign completion callbacks with this secret (HMAC-SHA256, the `Offload-Signature` header); without it, a spec's `callback_url` is refused (422).
+    #[arg(long, env = "OFFLOAD_CALLBACK_SECRET", hide_env_values = true)]
+    pub callback_secret: Option<String>,
+    /// How long a completion callback is retried after its job finished [default: 86400, 24 hours].
+    #[arg(long, env = "OFFLOAD_CALLBACK_RETRY_SECS")]
+    pub callback_retry_secs: Option<u64>,
+    /// Wait before a callback's second try; doubles each try, with jitter, up to an hour [default: 1000].
+    #[arg(long, env = "OFFLOAD_CALLBACK_BACKOFF_MS")]
+    pub callback_backoff_ms: Option<u64>,
+    /// Time limit of one callback request [default: 10000].
+    #[arg(long, env = "OFFLOAD_CALLBACK_TIMEOUT_MS")]
+    pub callback_timeout_ms: Option<u64>,
 }
 
 #[cfg(test)]
@@ -653,6 +694,52 @@ mod tests {
         std::fs::write(&path, "[task_flow.sleep]\nrate = { per_second = 0 }\n").unwrap();
         let e = Settings::load(&args).unwrap_err();
         assert!(e.0.contains("task_flow.sleep"), "{e}");
+    }
+
+    #[test]
+    fn callback_settings_come_from_flags_and_an_empty_secret_is_none() {
+        use clap::Parser;
+        let serve = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            Settings::load(&args)
+        };
+        let s = serve(&["offload", "serve"]).unwrap();
+        assert_eq!(s.callback_secret, None);
+        assert_eq!(s.callback_retry_secs, 86_400);
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--callback-secret",
+            "k",
+            "--callback-retry-secs",
+            "60",
+            "--callback-backoff-ms",
+            "10",
+            "--callback-timeout-ms",
+            "500",
+        ])
+        .unwrap();
+        assert_eq!(s.callback_secret.as_deref(), Some("k"));
+        assert_eq!(
+            (
+                s.callback_retry_secs,
+                s.callback_backoff_ms,
+                s.callback_timeout_ms
+            ),
+            (60, 10, 500)
+        );
+        // Masked where the configuration is printed.
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(!shown.contains("\"k\""), "{shown}");
+        assert!(serve(&["offload", "serve", "--callback-secret", ""])
+            .unwrap()
+            .callback_secret
+            .is_none());
+        let e = serve(&["offload", "serve", "--callback-timeout-ms", "0"]).unwrap_err();
+        assert!(e.0.contains("callback-timeout-ms"), "{e}");
     }
 
     #[test]

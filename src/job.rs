@@ -4,6 +4,9 @@
 //! The life of a job (see `docs/state_machine.md`):
 //!
 //! ```text
+//!   waiting ──(every parent succeeded, or all final with run_on_parent_failure)──▶ queued
+//!      └──(a parent failed or was cancelled)──▶ cancelled (dependency_failed)
+//!
 //!             claim                succeed / fail (no attempts left)
 //!   queued ─────────────▶ running ─────────────────────────────────▶ succeeded | failed
 //!     ▲  │                  │  │
@@ -12,6 +15,10 @@
 //!     │ cancelled           │ fail, time out or crash with attempts left (backoff),
 //!     └─────────────────────┘ or the server stopped while it ran
 //! ```
+//!
+//! A `failed` or `cancelled` job goes back to `queued` (or `waiting`, while its parents are
+//! unfinished) only when retried by hand (`POST /v1/jobs/{id}/retry`); see [`after_parents`]
+//! for what a job with parents moves to.
 //!
 //! The same states are enforced by a `CHECK` constraint in SQL (`migrations/`).
 
@@ -65,6 +72,8 @@ impl Serialize for JobId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// Its parents (`depends_on`) have not all finished.
+    Waiting,
     Queued,
     Running,
     Succeeded,
@@ -73,7 +82,8 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Waiting,
         JobStatus::Queued,
         JobStatus::Running,
         JobStatus::Succeeded,
@@ -83,6 +93,7 @@ impl JobStatus {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Waiting => "waiting",
             JobStatus::Queued => "queued",
             JobStatus::Running => "running",
             JobStatus::Succeeded => "succeeded",
@@ -104,7 +115,10 @@ impl JobStatus {
         use JobStatus::*;
         matches!(
             (self, next),
-            (Queued, Running)       // a lane claimed it
+            (Waiting, Queued)       // its parents finished as it needs (see `after_parents`)
+                | (Waiting, Cancelled)  // a parent failed (dependency_failed), or by request
+                | (Failed | Cancelled, Queued | Waiting) // retried by hand
+                | (Queued, Running)       // a lane claimed it
                 | (Queued, Cancelled)   // cancelled before it ran
                 | (Running, Succeeded)  // the task returned a result
                 | (Running, Failed)     // failed with no attempts left (or lost in a crash)
@@ -121,7 +135,10 @@ impl FromStr for JobStatus {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown status `{s}`: use queued, running, succeeded, failed or cancelled")
+                format!(
+                    "unknown status `{s}`: use waiting, queued, running, succeeded, failed or \
+                     cancelled"
+                )
             })
     }
 }
@@ -214,6 +231,8 @@ pub enum ErrorKind {
     Lost,
     /// Cancelled by request.
     Cancelled,
+    /// Never ran: a parent it depends on failed or was cancelled.
+    DependencyFailed,
 }
 
 /// Why a job failed (or why its last attempt did).
@@ -341,6 +360,122 @@ pub fn next_state(job: &Job, end: AttemptEnd, backoff: Duration, now: Micros) ->
     Some(next)
 }
 
+/// Where a job's completion callback stands: `pending` until it is delivered (a 2xx answer) or
+/// its retry window (`--callback-retry-secs`) runs out (`failed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl CallbackStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackStatus::Pending => "pending",
+            CallbackStatus::Delivered => "delivered",
+            CallbackStatus::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for CallbackStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pending" => Ok(CallbackStatus::Pending),
+            "delivered" => Ok(CallbackStatus::Delivered),
+            "failed" => Ok(CallbackStatus::Failed),
+            _ => Err(format!("unknown callback status `{s}`")),
+        }
+    }
+}
+
+/// A job's completion callback: the URL the job object is POSTed to once the job is final,
+/// and how its delivery goes (`crate::callback`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Callback {
+    pub url: String,
+    pub status: CallbackStatus,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+impl Callback {
+    /// A callback not tried yet.
+    pub fn pending(url: String) -> Self {
+        Callback {
+            url,
+            status: CallbackStatus::Pending,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// What a job with parents moves to, given where its parents are: the one place that decides
+/// it, at submit (a child whose parents are already final), when a parent reaches a final state
+/// (in the same transaction), in the maintenance sweep, and on a retry by hand.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AfterParents {
+    /// Some parent it needs has not finished: `waiting`.
+    Wait,
+    /// It may run: `queued`.
+    Queue,
+    /// A parent failed or was cancelled and the job does not run on a parent's failure:
+    /// `cancelled` with `dependency_failed`.
+    Cancel(ErrorInfo),
+}
+
+/// Decides [`AfterParents`] from each parent's id and status (`None`: the parent is gone,
+/// deleted or pruned after it finished; it counts as succeeded, since a parent that failed has
+/// already cancelled its children when it did).
+///
+/// - any parent `failed` or `cancelled` → `Cancel` (at once, even while other parents run),
+///   unless `run_on_parent_failure`;
+/// - else any parent unfinished → `Wait`;
+/// - else (every parent final) → `Queue`.
+pub fn after_parents(
+    run_on_parent_failure: bool,
+    parents: &[(JobId, Option<JobStatus>)],
+) -> AfterParents {
+    if !run_on_parent_failure {
+        let failed = parents
+            .iter()
+            .find(|(_, s)| matches!(s, Some(JobStatus::Failed | JobStatus::Cancelled)));
+        if let Some((id, status)) = failed {
+            let what = match status {
+                Some(JobStatus::Failed) => "failed",
+                _ => "was cancelled",
+            };
+            return AfterParents::Cancel(ErrorInfo::new(
+                ErrorKind::DependencyFailed,
+                format!("parent {id} {what}"),
+            ));
+        }
+    }
+    if parents
+        .iter()
+        .any(|(_, s)| s.is_some_and(|s| !s.is_final()))
+    {
+        AfterParents::Wait
+    } else {
+        AfterParents::Queue
+    }
+}
+
+impl AfterParents {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            AfterParents::Wait => JobStatus::Waiting,
+            AfterParents::Queue => JobStatus::Queued,
+            AfterParents::Cancel(_) => JobStatus::Cancelled,
+        }
+    }
+}
+
 /// Time spent waiting and running, in milliseconds, for the latest attempt.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Timings {
@@ -383,6 +518,18 @@ pub struct Job {
     /// For `waiting_for: rate`: when its key next has a token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_until: Option<Micros>,
+    /// The completion callback, if the spec gave a `callback_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+    /// The parents this job waits for (`depends_on` in its spec), as stored ids.
+    pub depends_on: Vec<JobId>,
+    /// Whether it runs once its parents are final even if one failed or was cancelled.
+    pub run_on_parent_failure: bool,
+    /// How many times it was retried by hand (`POST /v1/jobs/{id}/retry`).
+    pub retried: u32,
+    /// The jobs that depend on this one, when asked for (`?children=true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub children: Option<Vec<JobId>>,
     #[serde(skip)]
     pub spec_hash: Option<String>,
 }
@@ -417,6 +564,13 @@ impl Job {
         }
         job.compute_timings();
         job
+    }
+
+    /// Whether moving this job to `next` owes a completion callback: it has a callback URL
+    /// and `next` is final. Every store writes the callback's outbox row in the same
+    /// transaction as such a move, whichever path makes it (a settle, a rescue, a cancel).
+    pub fn calls_back_on(&self, next: JobStatus) -> bool {
+        self.callback.is_some() && next.is_final()
     }
 
     /// Fills `timings` from the timestamps.
@@ -455,6 +609,20 @@ pub struct NewJob {
     pub tenant: Option<String>,
     pub concurrency: Option<Concurrency>,
     pub rate: Option<Rate>,
+    /// Where to POST the job once it is final (checked against the address rules at submit).
+    pub callback_url: Option<String>,
+    /// The jobs it waits for: stored jobs, or earlier specs of the same batch.
+    pub depends_on: Vec<Parent>,
+    pub run_on_parent_failure: bool,
+}
+
+/// A parent named in a spec's `depends_on`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Parent {
+    /// A stored job.
+    Job(JobId),
+    /// The spec at this index of the same batch (`"#2"`).
+    Batch(usize),
 }
 
 impl NewJob {
@@ -494,6 +662,11 @@ impl NewJob {
             rate: self.rate.clone(),
             waiting_for: None,
             waiting_until: None,
+            callback: self.callback_url.clone().map(Callback::pending),
+            depends_on: Vec::new(),
+            run_on_parent_failure: self.run_on_parent_failure,
+            retried: 0,
+            children: None,
             spec_hash: self.spec_hash.clone(),
         }
     }
@@ -504,12 +677,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn final_states_never_move() {
+    fn final_states_move_only_back_by_a_retry() {
         for from in JobStatus::ALL.into_iter().filter(|s| s.is_final()) {
             for to in JobStatus::ALL {
-                assert!(!from.can_become(to), "{from:?} -> {to:?}");
+                let retry = from != JobStatus::Succeeded
+                    && matches!(to, JobStatus::Queued | JobStatus::Waiting);
+                assert_eq!(from.can_become(to), retry, "{from:?} -> {to:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_waiting_job_never_runs_straight_away() {
+        assert!(!JobStatus::Waiting.can_become(JobStatus::Running));
+        assert!(JobStatus::Waiting.can_become(JobStatus::Queued));
+        assert!(JobStatus::Waiting.can_become(JobStatus::Cancelled));
+    }
+
+    #[test]
+    fn after_parents_waits_queues_or_cancels() {
+        use JobStatus::*;
+        let (a, b) = (JobId::new(), JobId::new());
+        assert_eq!(
+            after_parents(false, &[(a, Some(Succeeded)), (b, Some(Running))]),
+            AfterParents::Wait
+        );
+        assert_eq!(
+            after_parents(false, &[(a, Some(Succeeded)), (b, None)]),
+            AfterParents::Queue
+        );
+        match after_parents(false, &[(a, Some(Queued)), (b, Some(Failed))]) {
+            AfterParents::Cancel(e) => {
+                assert_eq!(e.kind, ErrorKind::DependencyFailed);
+                assert!(e.message.contains(&b.to_string()), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        // run_on_parent_failure: waits for every parent to be final, whatever it became.
+        assert_eq!(
+            after_parents(true, &[(a, Some(Queued)), (b, Some(Failed))]),
+            AfterParents::Wait
+        );
+        assert_eq!(
+            after_parents(true, &[(a, Some(Cancelled)), (b, Some(Failed))]),
+            AfterParents::Queue
+        );
+        assert_eq!(after_parents(false, &[]), AfterParents::Queue);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! - [`api`]: axum handlers, the JSON body extractor, `ApiError` → problem+json.
 //! - [`flow`]: flow control: concurrency keys, rate limits (token buckets), fair sharing
 //!   between tenants; the policy both stores' claims follow.
-//! - [`job`]: `Job`, `JobId`, the states, their allowed transitions, and `next_state()`: the
-//!   one place that decides what a job moves to after an attempt.
+//! - [`job`]: `Job`, `JobId`, the states, their allowed transitions, `next_state()`: the
+//!   one place that decides what a job moves to after an attempt, and `after_parents()`: what
+//!   a job with parents moves to.
 //! - [`spec`]: a submitted spec parsed into a validated `NewJob` (the 422s live here).
 //! - [`task`]: the `Task` trait, the registry, and the built-in tasks.
 //! - [`dispatch`]: the router (kind + task → lane, once), admission, each lane's claim loop,
@@ -19,7 +20,11 @@
 //!   language, both speaking docs/worker-protocol.md).
 //! - [`store`]: the `JobStore` trait (the store is the queue: one claim protocol with leases);
 //!   SQLite (one writer, group commit) and PostgreSQL (several servers: SKIP LOCKED claims,
-//!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY).
+//!   a batcher for group commit of submits and finishes, LISTEN/NOTIFY); `store::graph` and
+//!   each backend's `graph.rs`: jobs that depend on jobs, moved in their parent's transaction.
+//! - [`callback`]: completion callbacks: the signature (`Offload-Signature`), one delivery,
+//!   and the retry policy for failed tries (the outbox lives in the store, the delivery task
+//!   in the dispatcher).
 //! - [`blob`]: blob files: streamed uploads, sha256, temp-file cleanup.
 //! - [`shm`]: read-only shared mappings of blob files; the one module with `unsafe`.
 //! - [`events`]: who waits on which job; wakes long-polls and event streams.
@@ -31,6 +36,7 @@
 pub mod api;
 pub mod app;
 pub mod blob;
+pub mod callback;
 pub mod clock;
 pub mod config;
 pub mod datadir;

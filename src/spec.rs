@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::Micros;
 use crate::dispatch::{route, RouteHints};
 use crate::flow::{self, Concurrency, Rate, TaskFlow};
-use crate::job::{JobId, Kind, NewJob};
+use crate::job::{JobId, Kind, NewJob, Parent};
 use crate::schema;
 use crate::task::Registry;
 
@@ -28,7 +28,13 @@ pub const SPEC_FIELDS: &[&str] = &[
     "tenant",
     "concurrency",
     "rate",
+    "callback_url",
+    "depends_on",
+    "run_on_parent_failure",
 ];
+
+/// The most parents one job may name.
+pub const MAX_PARENTS: usize = 1000;
 
 pub const MAX_DELAY_MS: u64 = 366 * 24 * 3600 * 1000;
 pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -68,7 +74,13 @@ pub fn spec_schema() -> Value {
                 },
                 "required": ["key", "per_second"],
                 "additionalProperties": false
-            }
+            },
+            "callback_url": {"type": "string", "minLength": 1, "maxLength": 2048},
+            "depends_on": {
+                "type": "array", "maxItems": MAX_PARENTS,
+                "items": {"type": "string", "minLength": 1, "maxLength": 64}
+            },
+            "run_on_parent_failure": {"type": "boolean"}
         },
         "required": ["task"]
     })
@@ -118,7 +130,7 @@ fn integral_numbers_as_integers(value: &mut Value) {
     }
 }
 
-/// What the server fills in when a spec leaves it out.
+/// What the server fills in when a spec leaves it out, and what it allows.
 #[derive(Clone, Debug)]
 pub struct SpecDefaults {
     pub max_attempts: u32,
@@ -126,6 +138,10 @@ pub struct SpecDefaults {
     pub process_threshold: u64,
     /// Flow control per task, for specs that give none (`[task_flow.<task>]` in the config).
     pub task_flow: std::sync::Arc<std::collections::BTreeMap<String, TaskFlow>>,
+    /// The address rules a `callback_url` must pass (those of `http_get`); `None` when the
+    /// server has no `--callback-secret`, which refuses every `callback_url`: a callback is
+    /// always signed.
+    pub callbacks: Option<std::sync::Arc<crate::task::AddressRules>>,
 }
 
 /// The sizes of the blobs a submit names, by canonical id, looked up before parsing (a blob
@@ -288,8 +304,65 @@ pub fn parse(
     });
 
     let (tenant, concurrency, rate) = flow_fields(obj, name, path, defaults)?;
+    let callback_url = match obj.get("callback_url").and_then(Value::as_str) {
+        None => None,
+        Some(raw) => {
+            let name = field(path, "callback_url");
+            let rules = defaults.callbacks.as_ref().ok_or_else(|| {
+                format!(
+                    "{name}: this server sends no callbacks: it needs a secret to sign them \
+                     (--callback-secret or OFFLOAD_CALLBACK_SECRET)"
+                )
+            })?;
+            Some(rules.check(&name, raw)?.to_string())
+        }
+    };
+    let mut depends_on: Vec<Parent> = Vec::new();
+    for raw in obj
+        .get("depends_on")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let raw = raw.as_str().unwrap_or_default();
+        let parent = match raw.strip_prefix('#') {
+            Some(_) if path.is_empty() => {
+                return Err(format!(
+                    "{}: `{raw}` names a spec of a batch; a single job names stored jobs by \
+                     id (submit the graph to POST /v1/jobs/batch)",
+                    field(path, "depends_on")
+                ));
+            }
+            Some(n) => n.parse::<usize>().map(Parent::Batch).map_err(|_| {
+                format!(
+                    "{}: `{raw}` is neither a job id nor `#i`, the i-th spec of this batch",
+                    field(path, "depends_on")
+                )
+            })?,
+            None => raw
+                .parse::<JobId>()
+                .ok()
+                .filter(|_| raw.len() == 36)
+                .map(Parent::Job)
+                .ok_or_else(|| {
+                    format!(
+                        "{}: `{raw}` is neither a job id nor `#i`, the i-th spec of a batch",
+                        field(path, "depends_on")
+                    )
+                })?,
+        };
+        if !depends_on.contains(&parent) {
+            depends_on.push(parent);
+        }
+    }
+    let run_on_parent_failure = obj
+        .get("run_on_parent_failure")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
 
     Ok(NewJob {
+        depends_on,
+        run_on_parent_failure,
         id: JobId::new(),
         task: name.to_string(),
         kind,
@@ -310,7 +383,72 @@ pub fn parse(
         tenant,
         concurrency,
         rate,
+        callback_url,
     })
+}
+
+/// Checks a batch's `"#i"` references: each names another spec of the batch, and no chain of
+/// them leads back to where it started (a cycle would wait for ever). Answers the message of a
+/// 422.
+pub fn check_batch_parents(jobs: &[NewJob]) -> Result<(), String> {
+    for (i, job) in jobs.iter().enumerate() {
+        for p in &job.depends_on {
+            match *p {
+                Parent::Batch(j) if j == i => {
+                    return Err(format!("jobs[{i}].depends_on: `#{j}` is the spec itself"))
+                }
+                Parent::Batch(j) if j >= jobs.len() => {
+                    return Err(format!(
+                        "jobs[{i}].depends_on: `#{j}` names no spec; the batch has {}",
+                        jobs.len()
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    // Kahn's algorithm: a spec is placed once every spec it names is; what cannot be placed
+    // is on a cycle or waits for one.
+    let mut left: Vec<usize> = jobs
+        .iter()
+        .map(|j| {
+            j.depends_on
+                .iter()
+                .filter(|p| matches!(p, Parent::Batch(_)))
+                .count()
+        })
+        .collect();
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); jobs.len()];
+    for (i, job) in jobs.iter().enumerate() {
+        for p in &job.depends_on {
+            if let Parent::Batch(j) = *p {
+                children[j].push(i);
+            }
+        }
+    }
+    let mut ready: Vec<usize> = (0..jobs.len()).filter(|&i| left[i] == 0).collect();
+    let mut placed = 0;
+    while let Some(i) = ready.pop() {
+        placed += 1;
+        for &c in &children[i] {
+            left[c] -= 1;
+            if left[c] == 0 {
+                ready.push(c);
+            }
+        }
+    }
+    if placed < jobs.len() {
+        let stuck: Vec<String> = (0..jobs.len())
+            .filter(|&i| left[i] > 0)
+            .map(|i| format!("#{i}"))
+            .collect();
+        return Err(format!(
+            "jobs: the `depends_on` of {} make a cycle (or wait for one); a job can only wait \
+             for jobs that do not wait for it",
+            stuck.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// A spec's tenant, concurrency key and rate (the task's config defaults where the spec

@@ -109,8 +109,8 @@ class Client:
         """Submits a job and returns it (202, or 200 for an idempotency key seen before).
 
         `options` are the job spec's other fields: kind, priority, max_attempts, timeout_ms,
-        delay_ms, run_at (a string, or an aware `datetime`), idempotency_key, isolate. None
-        leaves an option out.
+        delay_ms, run_at (a string, or an aware `datetime`), idempotency_key, isolate,
+        callback_url (POSTed the job, signed, once it is final). None leaves an option out.
         """
         return self._json("POST", "/v1/jobs", _spec(task, args, options))
 

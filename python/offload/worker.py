@@ -97,9 +97,10 @@ class Task:
     blob_args: tuple[str, ...] = ()
     version: str = "1"
     description: str = ""
+    parent_results: bool = False
 
     def declaration(self) -> dict[str, Any]:
-        return {
+        declared: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "version": self.version,
@@ -107,6 +108,9 @@ class Task:
             "args_schema": self.args_schema,
             "blob_args": list(self.blob_args),
         }
+        if self.parent_results:
+            declared["parent_results"] = True
+        return declared
 
 
 _registry: dict[str, Task] = {}
@@ -126,6 +130,7 @@ def task(
     schema: dict[str, Any] | None = None,
     version: str = "1",
     description: str | None = None,
+    parent_results: bool = False,
 ) -> F | Callable[[F], F]:
     """Registers a function as a task; usable as `@task` or `@task(...)`.
 
@@ -135,12 +140,16 @@ def task(
       `memoryview` of the mapped blob file in their place.
     - `schema`: the JSON Schema of the args (default: derived from the type hints).
     - `version`, `description` (default: the docstring's first line).
+    - `parent_results`: the function takes a `parents` keyword argument and gets its job's
+      parents' results in it, `{parent id: result}` (`{}` for a job without parents); the
+      args schema leaves `parents` out.
 
     The function is returned unchanged, so it can still be called directly.
     """
 
     def register(fn: F) -> F:
-        t = _make_task(fn, name, kind, tuple(blobs), schema, version, description)
+        t = _make_task(fn, name, kind, tuple(blobs), schema, version, description,
+                       parent_results)
         if t.name in _registry:
             raise ValueError(f"a task named {t.name!r} is already registered")
         _registry[t.name] = t
@@ -157,6 +166,7 @@ def _make_task(
     schema: dict[str, Any] | None,
     version: str,
     description: str | None,
+    parent_results: bool = False,
 ) -> Task:
     name = fn.__name__ if name is None else name
     if not _NAME.match(name) or len(name.encode()) > 64:
@@ -174,14 +184,21 @@ def _make_task(
         raise ValueError(f"task {name!r}: kind must be 'cpu' or 'io', not {kind!r}")
     if isinstance(blobs, str):
         blobs = (blobs,)
+    if parent_results and "parents" not in inspect.signature(fn).parameters:
+        raise TypeError(f"task {name!r}: parent_results=True needs a `parents` parameter")
     if schema is None:
         schema = _schema.args_schema(fn, blobs)
+        if parent_results:
+            # Filled in by the worker, never sent by a client.
+            schema["properties"].pop("parents", None)
+            if "required" in schema:
+                schema["required"] = [r for r in schema["required"] if r != "parents"]
     elif not isinstance(schema, dict):
         raise TypeError(f"task {name!r}: schema must be a dict (a JSON Schema)")
     if description is None:
         doc = inspect.getdoc(fn) or ""
         description = doc.strip().splitlines()[0] if doc.strip() else ""
-    return Task(name, kind, fn, schema, blobs, str(version), description)
+    return Task(name, kind, fn, schema, blobs, str(version), description, parent_results)
 
 
 # The job the calling code runs for: set in the main thread for a cpu job and in the asyncio
@@ -444,6 +461,9 @@ def _arguments(t: Task, run: dict[str, Any], views: list[_Mapped]) -> dict[str, 
         mapped = _Mapped(path)
         views.append(mapped)
         kwargs[name] = mapped.view
+    if t.parent_results:
+        parents = run.get("parents")
+        kwargs["parents"] = parents if isinstance(parents, dict) else {}
     try:
         inspect.signature(t.fn).bind(**kwargs)
     except TypeError as e:

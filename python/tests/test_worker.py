@@ -72,6 +72,10 @@ def blob_info(data, dtype: str = "f64") -> dict:
     info["values"] = list(struct.unpack(f"<{data.nbytes // 8}d", data))
     return info
 
+@task(parent_results=True)
+def total(parents: dict, add: int = 0) -> dict:
+    return {"sum": add + sum(r["n"] for r in parents.values()), "seen": sorted(parents)}
+
 @task(kind="io")
 async def nap(ms: int, tag: str = "") -> dict:
     '''Sleep, then answer.'''
@@ -93,7 +97,7 @@ def test_handshake_declares_every_task(worker):
     assert ready["concurrency"] == 7  # the program has an io task
     tasks = {t["name"]: t for t in ready["tasks"]}
     assert set(tasks) == {"primes_below", "explode", "refuse", "give_set", "give_nan",
-                          "chatty", "steps", "blob_info", "nap"}
+                          "chatty", "steps", "blob_info", "nap", "total"}
     assert tasks["primes_below"] == {
         "name": "primes_below", "kind": "cpu", "version": "1",
         "description": "Count the primes below n.",
@@ -104,6 +108,29 @@ def test_handshake_declares_every_task(worker):
     assert tasks["nap"]["kind"] == "io"
     assert tasks["blob_info"]["blob_args"] == ["data"]
     assert tasks["blob_info"]["args_schema"]["properties"]["data"] == {"type": "string"}
+    assert "parent_results" not in tasks["primes_below"]
+    assert tasks["total"]["parent_results"] is True
+    assert tasks["total"]["args_schema"]["properties"] == {"add": {"type": "integer", "default": 0}}
+    assert "parents" not in tasks["total"]["args_schema"].get("required", [])
+
+
+def test_a_task_that_asks_gets_its_parents_results(worker):
+    w = worker(TASKS)
+    w.run("p1", "total", {"add": 1}, parents={"a": {"n": 2}, "b": {"n": 3}})
+    assert w.answer() == {"ok": {"id": "p1", "result": {"sum": 6, "seen": ["a", "b"]}}}
+    # A run without `parents` (a job with none) gets an empty dict.
+    w.run("p2", "total", {})
+    assert w.answer() == {"ok": {"id": "p2", "result": {"sum": 0, "seen": []}}}
+
+
+def test_parent_results_needs_a_parents_parameter():
+    from offload.worker import _make_task
+
+    def no_parents(n: int) -> int:
+        return n
+
+    with pytest.raises(TypeError, match="parents"):
+        _make_task(no_parents, None, None, (), None, "1", None, True)
 
 
 def test_cpu_only_program_takes_one_run_at_a_time(worker):

@@ -133,6 +133,9 @@ impl From<StoreError> for ApiError {
                 "idempotency key `{key}` (job {index}) was already used with a different request; \
                  use a new key for a new job"
             )),
+            StoreError::InvalidDependency { index, message } => ApiError::invalid(format!(
+                "job {index}: depends_on: {message}; nothing was stored"
+            )),
             StoreError::Closed => ApiError::unavailable("the server is shutting down"),
             // Nothing of the write was stored (the batch it rode in was rolled back), so the
             // client may simply send it again.

@@ -17,7 +17,7 @@ use super::{ApiError, AppState, JsonObject, Path, Query};
 use crate::clock::Micros;
 use crate::job::{Job, JobId, JobStatus, Kind};
 use crate::spec;
-use crate::store::{CancelOutcome, DeleteOutcome, Inserted, ListFilter};
+use crate::store::{CancelOutcome, DeleteOutcome, Inserted, ListFilter, RetryOutcome};
 
 /// The most specs one batch may hold.
 pub const MAX_BATCH: usize = 1000;
@@ -35,6 +35,17 @@ pub struct JobList {
 #[derive(Serialize)]
 pub struct Batch {
     jobs: Vec<Job>,
+}
+
+/// What a bulk cancel or retry did.
+#[derive(Serialize)]
+pub struct Bulk {
+    /// How many jobs matched and were moved by this call.
+    matched: usize,
+    /// Their ids, oldest first.
+    ids: Vec<JobId>,
+    /// Whether the call stopped at its `limit`: more jobs may match; call again.
+    limit_reached: bool,
 }
 
 fn parse_id(raw: &str) -> Result<JobId, ApiError> {
@@ -212,6 +223,8 @@ pub async fn submit_batch(
         })
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| ApiError::invalid(format!("{e}; nothing was stored")))?;
+    spec::check_batch_parents(&jobs)
+        .map_err(|e| ApiError::invalid(format!("{e}; nothing was stored")))?;
     let inserted = state.dispatcher.submit(jobs).await?;
     let jobs: Vec<Job> = inserted
         .into_iter()
@@ -238,6 +251,17 @@ fn query_wait(query: &HashMap<String, String>) -> Result<Option<Duration>, ApiEr
     Ok(Some(Duration::from_secs_f64(secs)))
 }
 
+/// A `true`/`false` query parameter (absent: false).
+fn query_flag(query: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match query.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::invalid(format!(
+            "{name}: `{other}` must be true or false"
+        ))),
+    }
+}
+
 pub async fn get_job(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -245,6 +269,7 @@ pub async fn get_job(
 ) -> Result<Json<Job>, ApiError> {
     let id = parse_id(&raw)?;
     let wait = query_wait(&query)?;
+    let children = query_flag(&query, "children")?;
     let events = state.dispatcher.events().clone();
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut watch = wait.map(|_| events.watch(id));
@@ -268,6 +293,9 @@ pub async fn get_job(
             }
         }
     }
+    if children {
+        job.children = Some(state.dispatcher.store().children(id).await?);
+    }
     Ok(Json(present(&state, job).await))
 }
 
@@ -288,26 +316,42 @@ fn parse_cursor(raw: Option<&str>) -> Result<Option<JobId>, ApiError> {
     }
 }
 
-pub async fn list(
-    State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<JobList>, ApiError> {
-    const KNOWN: [&str; 5] = ["status", "task", "kind", "limit", "cursor"];
-    if let Some(k) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+/// The filters `GET /v1/jobs` takes, which bulk cancel and retry take too.
+const FILTERS: [&str; 5] = ["status", "task", "kind", "created_before", "created_after"];
+
+/// Reads the list filters from the query string; any parameter outside `FILTERS` and
+/// `extra` is a 422.
+fn parse_filter(
+    query: &HashMap<String, String>,
+    extra: &[&str],
+    default_limit: u32,
+) -> Result<ListFilter, ApiError> {
+    if let Some(k) = query
+        .keys()
+        .find(|k| !FILTERS.contains(&k.as_str()) && !extra.contains(&k.as_str()))
+    {
+        let known: Vec<&str> = FILTERS.iter().chain(extra).copied().collect();
         return Err(ApiError::invalid(format!(
             "unknown query parameter `{k}`; use {}",
-            KNOWN.join(", ")
+            known.join(", ")
         )));
     }
     let limit = match query.get("limit") {
-        None => 50,
+        None => default_limit,
         Some(l) => l
             .parse::<u32>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
             .ok_or_else(|| ApiError::invalid(format!("limit: `{l}` must be from 1 to 1000")))?,
     };
-    let filter = ListFilter {
+    let time = |name: &str| {
+        query
+            .get(name)
+            .map(|t| Micros::parse_rfc3339(t))
+            .transpose()
+            .map_err(|e| ApiError::invalid(format!("{name}: {e}")))
+    };
+    Ok(ListFilter {
         status: query
             .get("status")
             .map(|s| s.parse::<JobStatus>())
@@ -319,9 +363,21 @@ pub async fn list(
             .map(|k| k.parse::<Kind>())
             .transpose()
             .map_err(|e| ApiError::invalid(format!("kind: {e}")))?,
-        before: parse_cursor(query.get("cursor").map(String::as_str))?,
-        limit: limit + 1,
-    };
+        created_before: time("created_before")?,
+        created_after: time("created_after")?,
+        before: None,
+        limit,
+    })
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<JobList>, ApiError> {
+    let mut filter = parse_filter(&query, &["limit", "cursor"], 50)?;
+    let limit = filter.limit;
+    filter.before = parse_cursor(query.get("cursor").map(String::as_str))?;
+    filter.limit = limit + 1;
     let mut jobs = state.dispatcher.store().list(&filter).await?;
     let next_cursor = if jobs.len() > limit as usize {
         jobs.truncate(limit as usize);
@@ -331,6 +387,90 @@ pub async fn list(
     };
     let jobs = present_all(&state, jobs).await;
     Ok(Json(JobList { jobs, next_cursor }))
+}
+
+/// The statuses a bulk call acts on: the filter's, which must be one of `allowed`, or all of
+/// them.
+fn bulk_statuses(
+    filter: &ListFilter,
+    allowed: &[JobStatus],
+    what: &str,
+) -> Result<Vec<JobStatus>, ApiError> {
+    match filter.status {
+        None => Ok(allowed.to_vec()),
+        Some(s) if allowed.contains(&s) => Ok(vec![s]),
+        Some(s) => Err(ApiError::invalid(format!(
+            "status: {} jobs cannot be {what}; use {}",
+            s.as_str(),
+            allowed
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ))),
+    }
+}
+
+fn bulk(jobs: Vec<Job>, limit: u32) -> Json<Bulk> {
+    Json(Bulk {
+        matched: jobs.len(),
+        limit_reached: jobs.len() >= limit as usize,
+        ids: jobs.into_iter().map(|j| j.id).collect(),
+    })
+}
+
+/// `POST /v1/jobs/cancel?status=&task=&kind=&created_before=&created_after=&limit=`: cancels
+/// up to `limit` (default and most 1000) unfinished jobs that match, oldest first.
+pub async fn cancel_matching(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Bulk>, ApiError> {
+    let filter = parse_filter(&query, &["limit"], 1000)?;
+    let statuses = bulk_statuses(
+        &filter,
+        &[JobStatus::Waiting, JobStatus::Queued, JobStatus::Running],
+        "cancelled",
+    )?;
+    let limit = filter.limit;
+    let jobs = state.dispatcher.cancel_matching(filter, statuses).await?;
+    Ok(bulk(jobs, limit))
+}
+
+/// `POST /v1/jobs/retry?…`: retries up to `limit` failed or cancelled jobs that match.
+pub async fn retry_matching(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Bulk>, ApiError> {
+    let filter = parse_filter(&query, &["limit"], 1000)?;
+    let statuses = bulk_statuses(
+        &filter,
+        &[JobStatus::Failed, JobStatus::Cancelled],
+        "retried",
+    )?;
+    let limit = filter.limit;
+    let jobs = state.dispatcher.retry_matching(filter, statuses).await?;
+    Ok(bulk(jobs, limit))
+}
+
+/// `POST /v1/jobs/{id}/retry`: a failed or cancelled job back to queued (or waiting, while
+/// a parent is unfinished), with fresh attempts.
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    let id = parse_id(&raw)?;
+    match state.dispatcher.retry(id).await? {
+        RetryOutcome::Retried(job) => Ok(Json(job)),
+        RetryOutcome::NotRetryable(job) => Err(ApiError::conflict(format!(
+            "job {id} is {}; only failed or cancelled jobs can be retried",
+            job.status.as_str()
+        ))),
+        RetryOutcome::ParentFailed(_, why) => Err(ApiError::conflict(format!(
+            "job {id} would be cancelled again: {why}; retry that parent (its children \
+             cancelled for it come back with it)"
+        ))),
+        RetryOutcome::NotFound => Err(ApiError::not_found(format!("no job has the id `{id}`"))),
+    }
 }
 
 pub async fn cancel(

@@ -47,6 +47,7 @@ impl AppState {
             max_attempts: self.settings.default_max_attempts,
             process_threshold: self.settings.process_threshold_bytes,
             task_flow: self.task_flow.clone(),
+            callbacks: self.dispatcher.callback_rules(),
         }
     }
 }
@@ -55,8 +56,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
+        .route("/v1/jobs/cancel", post(jobs::cancel_matching))
+        .route("/v1/jobs/retry", post(jobs::retry_matching))
         .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::delete_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/events", get(jobs::all_events))
         .route("/v1/blobs", post(blobs::upload))

@@ -34,6 +34,7 @@ pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
                 "default_kind": t.kinds()[0].as_str(),
                 "executors": executors,
                 "args_schema": t.args_schema(),
+                "parent_results": t.parent_results(),
             });
             if let Some(program) = t.program() {
                 task["program"] = json!(program);

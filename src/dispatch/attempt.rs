@@ -44,6 +44,7 @@ impl Dispatcher {
                 // and its cancel like the work itself.
                 let work = async {
                     self.local_blobs(task.as_ref(), &job).await?;
+                    self.parent_results(task.as_ref(), &job, &ctx).await?;
                     lane.executor
                         .run(task.clone(), ctx.clone(), job.args.clone(), permit)
                         .await
@@ -144,8 +145,9 @@ impl Dispatcher {
                 lane.failed.fetch_add(1, Ordering::Relaxed);
             }
             JobStatus::Queued => lane.count_queued(1),
-            JobStatus::Running | JobStatus::Cancelled => {}
+            JobStatus::Waiting | JobStatus::Running | JobStatus::Cancelled => {}
         }
+        self.callback_owed(job);
         self.events.publish(job);
     }
 
@@ -183,6 +185,31 @@ impl Dispatcher {
             .map_err(TaskError::Transient)?;
             tracing::info!(blob = %id, origin = ?meta.origin, "fetched a blob from the server that holds it");
         }
+        Ok(())
+    }
+
+    /// Hands a task that asks for them its parents' results, `{parent id: result}`. A read
+    /// that fails now fails the attempt as transient: it is retried.
+    async fn parent_results(
+        &self,
+        task: &dyn Task,
+        job: &Job,
+        ctx: &JobCtx,
+    ) -> Result<(), TaskError> {
+        if !task.parent_results() || job.depends_on.is_empty() {
+            return Ok(());
+        }
+        let results = self
+            .store
+            .results(&job.depends_on)
+            .await
+            .map_err(|e| TaskError::Transient(format!("reading the parents' results: {e}")))?;
+        ctx.set_parents(serde_json::Value::Object(
+            results
+                .into_iter()
+                .map(|(id, r)| (id.to_string(), r.unwrap_or(serde_json::Value::Null)))
+                .collect(),
+        ));
         Ok(())
     }
 

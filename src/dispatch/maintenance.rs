@@ -13,6 +13,8 @@ use crate::task::StopReason;
 
 /// Most jobs rescued per store call.
 const RESCUE_BATCH: u32 = 500;
+/// Most waiting jobs the sweep decides again per beat.
+const SWEEP_BATCH: u32 = 500;
 
 impl Dispatcher {
     /// Every third of a lease: renew this server's leases (stopping attempts the store says
@@ -64,9 +66,31 @@ impl Dispatcher {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "rescuing expired leases failed"),
         }
+        match self.sweep_waiting().await {
+            Ok(0) => {}
+            Ok(moved) => tracing::warn!(
+                moved,
+                "waiting jobs whose parents had finished were moved on by the sweep"
+            ),
+            Err(e) => tracing::warn!(error = %e, "sweeping waiting jobs failed"),
+        }
         if let Err(e) = self.recount().await {
             tracing::warn!(error = %e, "counting queued jobs failed");
         }
+    }
+
+    /// The safety net for jobs that depend on jobs: a parent's final state moves its children
+    /// in the same transaction, so this finds nothing unless that failed somehow. Each beat
+    /// decides again one page of waiting jobs that have a final parent, going on from where
+    /// the last beat stopped, and starting over at the end. Returns how many moved.
+    pub(super) async fn sweep_waiting(&self) -> Result<u64, StoreError> {
+        let after = *self.sweep_after.lock().expect("sweep lock");
+        let (moved, next) = self
+            .store
+            .resolve_waiting(after, SWEEP_BATCH, Micros::now())
+            .await?;
+        *self.sweep_after.lock().expect("sweep lock") = next;
+        Ok(moved)
     }
 
     /// Moves running jobs whose lease ended before `before` on, as [`next_state`] decides for a
@@ -112,6 +136,7 @@ impl Dispatcher {
                     }
                     _ => lost += 1,
                 }
+                self.callback_owed(&job);
                 self.events.publish(&job);
             }
             if !full || !moved_any {

@@ -12,8 +12,10 @@
 //! - [`attempt`]: one attempt: blobs, run, timeout, cancel, and writing its outcome.
 //! - [`retry`]: the backoff between attempts, and for the server's own failed writes.
 //! - [`maintenance`]: leases (renewal, rescue), counts, pruning.
+//! - [`callbacks`]: the delivery task of completion callbacks (claims due outbox rows).
 
 mod attempt;
+mod callbacks;
 mod claim;
 mod maintenance;
 mod retry;
@@ -28,11 +30,14 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::blob::BlobDir;
+use crate::callback::CallbackOptions;
 use crate::clock::Micros;
 use crate::events::Events;
 use crate::executor::Executor;
 use crate::job::{AttemptEnd, ExecutorKind, Job, JobId, JobStatus, NewJob};
-use crate::store::{CancelOutcome, Inserted, JobStore, Notice, Settle, StoreError};
+use crate::store::{
+    CancelOutcome, Inserted, JobStore, ListFilter, Notice, RetryOutcome, Settle, StoreError,
+};
 use crate::task::{JobCtx, Registry, StopReason};
 
 pub use retry::RetryPolicy;
@@ -133,6 +138,13 @@ pub struct Dispatcher {
     api_token: Option<String>,
     /// For fetching blobs from other servers.
     http: reqwest::Client,
+    /// How completion callbacks are sent; `None` (no secret): none are.
+    callbacks: Option<CallbackOptions>,
+    /// Wakes the callback delivery task when a job with a callback became final here.
+    callback_wake: Arc<Notify>,
+    /// Where the sweep of waiting jobs goes on from (`maintenance::sweep_waiting`). A std
+    /// Mutex: read and written around one store call, never held across it.
+    sweep_after: Mutex<Option<JobId>>,
 }
 
 /// How the dispatcher behaves, from the settings.
@@ -146,6 +158,8 @@ pub struct DispatchOptions {
     pub lease: Duration,
     /// The API token, for fetching a blob from the server that holds it.
     pub api_token: Option<String>,
+    /// How completion callbacks are sent; `None`: none are, and specs may not ask for them.
+    pub callbacks: Option<CallbackOptions>,
 }
 
 /// Admission slots taken for a submit; given back when dropped.
@@ -178,6 +192,7 @@ impl Dispatcher {
             blobs,
             lease,
             api_token,
+            callbacks,
         } = options;
         let lanes = executors
             .into_iter()
@@ -215,6 +230,9 @@ impl Dispatcher {
             lease,
             api_token,
             http,
+            callbacks,
+            callback_wake: Arc::new(Notify::new()),
+            sweep_after: Mutex::new(None),
         })
     }
 
@@ -240,6 +258,11 @@ impl Dispatcher {
                 );
             }
         }
+        // On an exclusive store, a crash cannot have left work half done (a parent's final
+        // state and its children's moves commit together), but the sweep costs little once.
+        if self.store.exclusive() {
+            self.sweep_waiting().await?;
+        }
         self.recount().await?;
         for &kind in self.lanes.keys() {
             let this = self.clone();
@@ -247,6 +270,7 @@ impl Dispatcher {
         }
         self.spawn_heartbeat();
         self.spawn_progress_ticker();
+        self.spawn_callbacks();
         tracing::info!(node = %self.node, exclusive = self.store.exclusive(), "lanes started");
         Ok(())
     }
@@ -380,8 +404,10 @@ impl Dispatcher {
                 Inserted::Created(j) => Some(j),
                 Inserted::Existing(_) => None,
             }) {
-                if let Some(lane) = this.lanes.get(&job.executor) {
-                    lane.count_queued(1);
+                if job.status == JobStatus::Queued {
+                    if let Some(lane) = this.lanes.get(&job.executor) {
+                        lane.count_queued(1);
+                    }
                 }
                 this.events.publish(job);
             }
@@ -402,19 +428,91 @@ impl Dispatcher {
         let done = tokio::spawn(async move {
             let outcome = this.store.cancel(id, Micros::now()).await?;
             if let CancelOutcome::Cancelled { job, was } = &outcome {
-                match was {
-                    JobStatus::Queued => {
-                        if let Some(lane) = this.lanes.get(&job.executor) {
-                            lane.count_queued(-1);
-                        }
-                    }
-                    _ => this.stop_attempt(id, None, StopReason::Cancelled),
-                }
-                this.events.publish(job);
+                this.cancelled(job, *was);
             }
             Ok(outcome)
         });
         done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    /// Cancels up to `filter.limit` unfinished jobs that match `filter` (with one of
+    /// `statuses`), as [`Dispatcher::cancel`] does one.
+    pub async fn cancel_matching(
+        self: &Arc<Self>,
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let this = self.clone();
+        let done = tokio::spawn(async move {
+            let cancelled = this
+                .store
+                .cancel_matching(&filter, &statuses, Micros::now())
+                .await?;
+            let mut out = Vec::with_capacity(cancelled.len());
+            for (job, was) in cancelled {
+                this.cancelled(&job, was);
+                out.push(job);
+            }
+            Ok(out)
+        });
+        done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    /// The bookkeeping after a cancel: counts, the attempt stopped, watchers told.
+    fn cancelled(&self, job: &Job, was: JobStatus) {
+        match was {
+            JobStatus::Queued => {
+                if let Some(lane) = self.lanes.get(&job.executor) {
+                    lane.count_queued(-1);
+                }
+            }
+            JobStatus::Running => self.stop_attempt(job.id, None, StopReason::Cancelled),
+            _ => {}
+        }
+        self.callback_owed(job);
+        self.events.publish(job);
+    }
+
+    /// Retries a failed or cancelled job ([`JobStore::retry`]).
+    pub async fn retry(self: &Arc<Self>, id: JobId) -> Result<RetryOutcome, StoreError> {
+        let this = self.clone();
+        let done = tokio::spawn(async move {
+            let outcome = this.store.retry(id, Micros::now()).await?;
+            if let RetryOutcome::Retried(job) = &outcome {
+                this.retried(job);
+            }
+            Ok(outcome)
+        });
+        done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    /// Retries up to `filter.limit` jobs that match `filter` (with one of `statuses`).
+    pub async fn retry_matching(
+        self: &Arc<Self>,
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let this = self.clone();
+        let done = tokio::spawn(async move {
+            let jobs = this
+                .store
+                .retry_matching(&filter, &statuses, Micros::now())
+                .await?;
+            for job in &jobs {
+                this.retried(job);
+            }
+            Ok(jobs)
+        });
+        done.await.map_err(|e| StoreError::Corrupt(e.to_string()))?
+    }
+
+    fn retried(&self, job: &Job) {
+        if job.status == JobStatus::Queued {
+            if let Some(lane) = self.lanes.get(&job.executor) {
+                lane.count_queued(1);
+            }
+        }
+        self.events.publish(job);
     }
 
     /// The live progress of a running attempt, if it is running here.
@@ -572,6 +670,12 @@ impl Dispatcher {
         for lane in self.lanes.values() {
             lane.executor.shutdown();
         }
+    }
+
+    /// The address rules a spec's `callback_url` must pass; `None` when this server sends no
+    /// callbacks (no secret), which refuses every `callback_url`.
+    pub fn callback_rules(&self) -> Option<Arc<crate::task::AddressRules>> {
+        self.callbacks.as_ref().map(|c| c.rules.clone())
     }
 
     pub fn store(&self) -> &Arc<dyn JobStore> {

@@ -16,6 +16,7 @@
 //! conformance suite (`tests/api/store.rs`) that every store passes.
 
 mod flow;
+pub(crate) mod graph;
 mod postgres;
 mod sqlite;
 
@@ -24,11 +25,13 @@ use async_trait::async_trait;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::flow::{FlowState, FlowStats};
-use crate::job::{ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
+use crate::job::{CallbackStatus, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
+use serde_json::Value;
 
 pub use postgres::PostgresStore;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use futures_util::future::BoxFuture;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType};
@@ -109,6 +112,8 @@ pub(crate) struct KeyedSubmit<'a> {
     jobs: &'a [NewJob],
     out: Vec<Option<Inserted>>,
     fresh: Vec<usize>,
+    /// Specs that repeat the key of an earlier spec of the same submit, and that spec.
+    alias: HashMap<usize, usize>,
 }
 
 impl<'a> KeyedSubmit<'a> {
@@ -129,6 +134,7 @@ impl<'a> KeyedSubmit<'a> {
     ) -> Result<Self, StoreError> {
         let mut out: Vec<Option<Inserted>> = vec![None; jobs.len()];
         let mut fresh = Vec::with_capacity(jobs.len());
+        let mut alias = HashMap::new();
         let mut in_batch: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for (i, job) in jobs.iter().enumerate() {
             let Some(key) = job.idempotency_key.as_deref() else {
@@ -136,7 +142,10 @@ impl<'a> KeyedSubmit<'a> {
                 continue;
             };
             let existing = match in_batch.get(key) {
-                Some(&first) => Some(jobs[first].to_job()),
+                Some(&first) => {
+                    alias.insert(i, first);
+                    Some(jobs[first].to_job())
+                }
                 None => stored.get(key).cloned(),
             };
             match existing {
@@ -155,18 +164,50 @@ impl<'a> KeyedSubmit<'a> {
                 }
             }
         }
-        Ok(KeyedSubmit { jobs, out, fresh })
+        Ok(KeyedSubmit {
+            jobs,
+            out,
+            fresh,
+            alias,
+        })
     }
 
-    /// The jobs to store.
-    pub fn fresh(&self) -> Vec<&'a NewJob> {
-        self.fresh.iter().map(|&i| &self.jobs[i]).collect()
+    /// The stored jobs the fresh jobs name as parents: the store looks up their statuses.
+    pub fn parents(&self) -> Vec<JobId> {
+        graph::stored_parents(self.jobs, &self.fresh)
     }
 
-    /// The answer, once the fresh jobs are stored: each job created or found, in order.
-    pub fn answer(mut self) -> Vec<Inserted> {
-        for &i in &self.fresh {
-            self.out[i] = Some(Inserted::Created(self.jobs[i].to_job()));
+    /// The rows to store, given the statuses of [`KeyedSubmit::parents`] found in the store
+    /// (one missing is an unknown parent: the whole submit is refused).
+    pub fn rows(
+        &self,
+        found: &HashMap<JobId, JobStatus>,
+    ) -> Result<Vec<graph::NewRow<'a>>, StoreError> {
+        let mut ids: Vec<JobId> = self.jobs.iter().map(|j| j.id).collect();
+        let mut replayed = HashMap::new();
+        for (i, o) in self.out.iter().enumerate() {
+            if let (Some(Inserted::Existing(job)), None) = (o, self.alias.get(&i)) {
+                ids[i] = job.id;
+                replayed.insert(i, job.status);
+            }
+        }
+        graph::rows(self.jobs, &ids, &self.fresh, &replayed, &self.alias, found)
+    }
+
+    /// The answer, once the fresh jobs are stored (`rows`, from [`KeyedSubmit::rows`]): each
+    /// job created or found, in order.
+    pub fn answer(mut self, rows: &[graph::NewRow<'_>]) -> Vec<Inserted> {
+        let mut made: HashMap<usize, Job> = HashMap::new();
+        for (&i, row) in self.fresh.iter().zip(rows) {
+            made.insert(i, row.to_job());
+        }
+        for (&i, &first) in &self.alias {
+            if let Some(job) = made.get(&first) {
+                self.out[i] = Some(Inserted::Existing(job.clone()));
+            }
+        }
+        for (i, job) in made {
+            self.out[i] = Some(Inserted::Created(job));
         }
         self.out
             .into_iter()
@@ -180,6 +221,9 @@ pub enum StoreError {
     /// An idempotency key already names a job that was submitted with a different body.
     #[error("idempotency key `{key}` was already used with a different request")]
     IdempotencyConflict { index: usize, key: String },
+    /// A spec's `depends_on` names no job, or makes a cycle: nothing of the submit is stored.
+    #[error("job {index}: depends_on: {message}")]
+    InvalidDependency { index: usize, message: String },
     /// A write could not be committed (disk full, I/O error, database unreachable): nothing of
     /// it was stored, and trying again later may work.
     #[error("the store could not commit: {0}")]
@@ -228,6 +272,18 @@ pub enum CancelOutcome {
 }
 
 #[derive(Debug)]
+pub enum RetryOutcome {
+    /// Back to `queued` (or `waiting`, while a parent is unfinished), with fresh attempts.
+    Retried(Job),
+    /// Only `failed` and `cancelled` jobs are retried; this one is not.
+    NotRetryable(Job),
+    /// A parent it needs failed or was cancelled: retrying it would cancel it again. The
+    /// message names the parent (retry that one; its children come back with it).
+    ParentFailed(Job, String),
+    NotFound,
+}
+
+#[derive(Debug)]
 pub enum DeleteOutcome {
     Deleted,
     Unfinished(Box<Job>),
@@ -247,6 +303,10 @@ pub struct ListFilter {
     pub status: Option<JobStatus>,
     pub task: Option<String>,
     pub kind: Option<Kind>,
+    /// Only jobs created before this time (exclusive).
+    pub created_before: Option<Micros>,
+    /// Only jobs created at or after this time.
+    pub created_after: Option<Micros>,
     /// Only jobs older than this one (the cursor).
     pub before: Option<JobId>,
     pub limit: u32,
@@ -290,6 +350,12 @@ impl Settle {
         self.job.after(&self.next, self.progress, self.now)
     }
 
+    /// Whether this move owes a completion callback: the store writes its outbox row in the
+    /// same transaction as the move.
+    pub fn calls_back(&self) -> bool {
+        self.job.calls_back_on(self.next.status())
+    }
+
     /// Refuses a move the state machine does not allow; the store checks before it writes.
     pub fn check(&self) -> Result<(), StoreError> {
         let (from, to) = (self.job.status, self.next.status());
@@ -300,6 +366,61 @@ impl Settle {
                 from: from.as_str(),
                 to: to.as_str(),
             })
+        }
+    }
+}
+
+/// A completion callback claimed for delivery ([`JobStore::claim_callbacks`]).
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The job as it is now (final), its `callback` showing this try: what is POSTed.
+    pub job: Job,
+    /// Which try this is (1 for the first); the guard of [`JobStore::record_callback`].
+    pub attempt: u32,
+    /// When the job became final: the retry window starts here.
+    pub since: Micros,
+}
+
+/// What claiming callbacks took.
+#[derive(Debug, Default)]
+pub struct ClaimedCallbacks {
+    pub deliveries: Vec<Delivery>,
+    /// When fewer than asked for were due: when the next pending one is due, if any.
+    pub next_due: Option<Micros>,
+}
+
+/// How a delivery ended, as `crate::callback` decided it: what the store writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallbackOutcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Try again at `at`.
+    Retry { error: String, at: Micros },
+    /// The retry window ran out.
+    Failed { error: String },
+}
+
+impl CallbackOutcome {
+    pub fn status(&self) -> CallbackStatus {
+        match self {
+            CallbackOutcome::Delivered => CallbackStatus::Delivered,
+            CallbackOutcome::Retry { .. } => CallbackStatus::Pending,
+            CallbackOutcome::Failed { .. } => CallbackStatus::Failed,
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            CallbackOutcome::Delivered => None,
+            CallbackOutcome::Retry { error, .. } | CallbackOutcome::Failed { error } => Some(error),
+        }
+    }
+
+    /// When the row is next due (only a retry is).
+    pub fn due(&self) -> Option<Micros> {
+        match self {
+            CallbackOutcome::Retry { at, .. } => Some(*at),
+            _ => None,
         }
     }
 }
@@ -353,7 +474,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// running the same attempt. Answers, in order, the job as moved or `None` where the guard
     /// refused (a cancel or a rescue got there first).
     async fn settle(&self, moves: Vec<Settle>) -> Result<Vec<Option<Job>>, StoreError>;
-    /// queued | running → cancelled.
+    /// waiting | queued | running → cancelled (its waiting children with it, as
+    /// [`crate::job::after_parents`] decides).
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError>;
     /// Removes a finished job.
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError>;
@@ -395,4 +517,93 @@ pub trait JobStore: Send + Sync + 'static {
     async fn prune_blobs(&self, limit: u32) -> Result<Vec<String>, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // Completion callbacks. The outbox row of a job with a `callback_url` is written in the
+    // same transaction as the job's move into a final state (settle, rescue, cancel: every
+    // write that makes a job final), so neither a crash nor a lost connection between the two
+    // can lose it; a job made final again (a retried job) gets a fresh row.
+
+    /// Claims up to `limit` pending callbacks due by `now`, oldest due first: each gets one
+    /// more attempt, and is not due again before `until` (a lease: if the claimer dies
+    /// mid-delivery, the callback is tried again after it). Rows another server is claiming at
+    /// the same moment are skipped, not waited for, so no two servers deliver one row at once.
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        now: Micros,
+        until: Micros,
+    ) -> Result<ClaimedCallbacks, StoreError>;
+    /// Writes how a delivery ended, only if the callback is still pending at `attempt` (a
+    /// slower claimer whose lease ran out, or a job made final again, is refused). Answers
+    /// whether it wrote.
+    async fn record_callback(
+        &self,
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+    ) -> Result<bool, StoreError>;
+
+    // Jobs that depend on jobs (`crate::store::graph`). A parent's final state moves its
+    // waiting children in the same transaction (settle, cancel); these are the rest.
+
+    /// The jobs that name `id` in their `depends_on`, oldest first.
+    async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError>;
+    /// Each of `ids` with its result: `None` if it has none (not succeeded, or gone).
+    async fn results(&self, ids: &[JobId]) -> Result<Vec<(JobId, Option<Value>)>, StoreError>;
+    /// failed | cancelled → queued, or waiting while a parent is unfinished (as
+    /// [`crate::job::after_parents`] decides), with fresh attempts and `retried` counted up;
+    /// its children (and theirs) that were cancelled with `dependency_failed` come back with
+    /// it, as that decision says for each.
+    async fn retry(&self, id: JobId, now: Micros) -> Result<RetryOutcome, StoreError>;
+    /// [`JobStore::retry`] for up to `filter.limit` jobs that match `filter` (oldest first),
+    /// each with one of `statuses` (`failed`, `cancelled`); answers the jobs retried.
+    async fn retry_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<Job>, StoreError>;
+    /// [`JobStore::cancel`] for up to `filter.limit` jobs that match `filter` (oldest first),
+    /// each with one of `statuses` (`waiting`, `queued`, `running`); answers each job
+    /// cancelled and the status it was cancelled from.
+    async fn cancel_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<(Job, JobStatus)>, StoreError>;
+    /// The safety net: decides again up to `limit` waiting jobs (with ids after `after`) that
+    /// have a final parent, and moves those the decision moves. Answers how many moved, and
+    /// the id to go on after (`None`: the end was reached). One server at a time on a shared
+    /// store.
+    async fn resolve_waiting(
+        &self,
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+    ) -> Result<(u64, Option<JobId>), StoreError>;
+}
+
+/// Outbox rows as both stores read them, laid over the jobs they belong to: the `callback`
+/// of a job read without them says `pending` with no attempts.
+pub(crate) fn lay_callbacks(
+    jobs: &mut [Job],
+    rows: Vec<(JobId, String, i64, Option<String>)>,
+) -> Result<(), StoreError> {
+    let rows: std::collections::HashMap<JobId, (String, i64, Option<String>)> = rows
+        .into_iter()
+        .map(|(id, status, attempts, error)| (id, (status, attempts, error)))
+        .collect();
+    for job in jobs {
+        let Some(cb) = job.callback.as_mut() else {
+            continue;
+        };
+        if let Some((status, attempts, error)) = rows.get(&job.id) {
+            cb.status = status.parse().map_err(|e| corrupt("callback status", e))?;
+            cb.attempts = *attempts as u32;
+            cb.last_error = error.clone();
+        }
+    }
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! The small built-in tasks: `noop`, `sleep`, `blocking_sleep`, `fail`.
+//! The small built-in tasks: `noop`, `sleep`, `blocking_sleep`, `fail`, `sum_parents`.
 
 use std::time::{Duration, Instant};
 
@@ -154,5 +154,104 @@ impl Task for Fail {
     }
     fn run_sync(&self, ctx: &JobCtx, args: Value) -> TaskResult {
         Fail::attempt(ctx, &args)
+    }
+}
+
+/// Adds up the numbers its parents returned, plus `add`: the smallest task that uses a graph.
+pub struct SumParents;
+
+impl SumParents {
+    fn sum(ctx: &JobCtx, args: &Value) -> TaskResult {
+        let mut int: Option<i64> = Some(0);
+        let mut float = 0f64;
+        let mut add = |n: &serde_json::Number| {
+            int = match (int, n.as_i64()) {
+                (Some(a), Some(b)) => a.checked_add(b),
+                _ => None,
+            };
+            float += n.as_f64().unwrap_or(0.0);
+        };
+        if let Some(Value::Number(n)) = args.get("add") {
+            add(n);
+        }
+        if let Some(Value::Object(results)) = ctx.parents() {
+            for result in results.values() {
+                match result {
+                    Value::Number(n) => add(n),
+                    // Another sum_parents (or any task that answers {"sum": n}): its sum.
+                    Value::Object(fields) if fields.get("sum").is_some_and(Value::is_number) => {
+                        if let Some(Value::Number(n)) = fields.get("sum") {
+                            add(n)
+                        }
+                    }
+                    Value::Object(fields) => fields.values().for_each(|v| {
+                        if let Value::Number(n) = v {
+                            add(n)
+                        }
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        let sum = match int {
+            Some(i) => json!(i),
+            None => json!(float),
+        };
+        Ok(json!({ "sum": sum }))
+    }
+}
+
+#[async_trait]
+impl Task for SumParents {
+    fn name(&self) -> &str {
+        "sum_parents"
+    }
+    fn description(&self) -> &str {
+        "Adds up the numbers its parents (depends_on) returned, plus `add`: a parent's result \
+         that is a number counts as itself, an object with a numeric `sum` counts that, any \
+         other object its top-level numbers. Returns {sum}."
+    }
+    fn kinds(&self) -> &[Kind] {
+        &[Kind::Io, Kind::Cpu]
+    }
+    fn args_schema(&self) -> Value {
+        json!({
+            "type": "object",
+            "properties": {"add": {"type": "number", "description": "added to the sum"}},
+            "additionalProperties": false
+        })
+    }
+    fn parent_results(&self) -> bool {
+        true
+    }
+    async fn run_async(&self, ctx: JobCtx, args: Value) -> TaskResult {
+        SumParents::sum(&ctx, &args)
+    }
+    fn run_sync(&self, ctx: &JobCtx, args: Value) -> TaskResult {
+        SumParents::sum(ctx, &args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobId;
+
+    #[test]
+    fn sum_parents_adds_numbers_and_the_numbers_of_objects() {
+        let ctx = JobCtx::new(JobId::new(), 1);
+        ctx.set_parents(
+            json!({"a": 2, "b": {"sum": 3, "n": 7}, "c": {"x": 1, "y": 4},
+            "d": null}),
+        );
+        let out = SumParents::sum(&ctx, &json!({"add": 10})).unwrap();
+        assert_eq!(out, json!({"sum": 20}));
+        let out = SumParents::sum(&ctx, &json!({"add": 0.5})).unwrap();
+        assert_eq!(out, json!({"sum": 10.5}));
+        let alone = JobCtx::new(JobId::new(), 1);
+        assert_eq!(
+            SumParents::sum(&alone, &json!({})).unwrap(),
+            json!({"sum": 0})
+        );
     }
 }

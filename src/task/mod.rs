@@ -25,10 +25,10 @@ use crate::config::Settings;
 use crate::job::{JobId, Kind};
 
 pub use array::{ArraySort, ArrayStats, Partial};
-pub use builtin::{BlockingSleep, Fail, Noop, Sleep};
+pub use builtin::{BlockingSleep, Fail, Noop, Sleep, SumParents};
 pub use compute::{count_primes, sum_squares, CountPrimes, SumSquares};
 pub use files::FileSha256;
-pub use net::HttpGet;
+pub use net::{AddressError, AddressRules, HttpGet};
 
 /// How a task's failure should be treated. The dispatcher retries `Transient` failures while
 /// attempts remain; `Permanent` ones fail the job at once.
@@ -110,6 +110,13 @@ pub trait Task: Send + Sync + 'static {
     fn version(&self) -> Option<&str> {
         None
     }
+    /// Whether the task wants its parents' results (the jobs its job names in `depends_on`):
+    /// then [`JobCtx::parents`] is `{parent id: result}` when it runs (`null` for a parent
+    /// with no result: one that failed or was cancelled, for a job that runs on a parent's
+    /// failure, or one deleted since).
+    fn parent_results(&self) -> bool {
+        false
+    }
     /// The body of an async io task. Dropping the future stops it (timeout, cancel).
     async fn run_async(&self, _ctx: JobCtx, _args: Value) -> TaskResult {
         Err(TaskError::Permanent(format!(
@@ -163,6 +170,8 @@ struct CtxShared {
     stopped: Notify,
     /// Progress in [0, 1] as f64 bits.
     progress: AtomicU64,
+    /// `{parent id: result}`, for a task that asks for its parents' results.
+    parents: std::sync::OnceLock<Value>,
 }
 
 impl JobCtx {
@@ -174,8 +183,20 @@ impl JobCtx {
                 stop: AtomicU8::new(0),
                 stopped: Notify::new(),
                 progress: AtomicU64::new(0f64.to_bits()),
+                parents: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// The job's parents' results, `{parent id: result}`, if its task asked for them
+    /// ([`Task::parent_results`]) and the job has parents.
+    pub fn parents(&self) -> Option<&Value> {
+        self.shared.parents.get()
+    }
+
+    /// Hands the job its parents' results (once; before it runs).
+    pub fn set_parents(&self, results: Value) {
+        let _ = self.shared.parents.set(results);
     }
 
     /// `Err(Stopped)` once the job has been cancelled or has timed out.
@@ -251,6 +272,7 @@ impl Registry {
         r.register(Sleep);
         r.register(BlockingSleep);
         r.register(Fail);
+        r.register(SumParents);
         r.register(SumSquares);
         r.register(CountPrimes);
         r.register(FileSha256::new(settings.data_dir.join("files")));

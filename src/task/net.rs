@@ -19,20 +19,31 @@ use super::{arg_str, JobCtx, Task, TaskError, TaskResult};
 use crate::config::Settings;
 use crate::job::Kind;
 
-pub struct HttpGet {
+/// Where the server may send requests on a caller's behalf (`http_get`, completion
+/// callbacks): hosts on the allowlist (`--http-allow-hosts`), and public addresses only unless
+/// `--http-allow-private`. [`AddressRules::check`] judges a URL at submit time;
+/// [`AddressRules::client`] resolves it at send time and pins the connection to an address
+/// that passed.
+#[derive(Clone, Debug)]
+pub struct AddressRules {
     allow_hosts: Vec<String>,
     allow_private: bool,
-    max_bytes: u64,
-    timeout: Duration,
 }
 
-impl HttpGet {
+/// Why [`AddressRules::client`] gave no client.
+#[derive(Debug)]
+pub enum AddressError {
+    /// The name did not resolve (DNS may answer later).
+    Unresolved(String),
+    /// Every address it resolves to is refused, or no client could be built.
+    Refused(String),
+}
+
+impl AddressRules {
     pub fn new(settings: &Settings) -> Self {
-        HttpGet {
+        AddressRules {
             allow_hosts: settings.http_allow_hosts.clone(),
             allow_private: settings.http_allow_private,
-            max_bytes: settings.http_max_bytes,
-            timeout: Duration::from_millis(settings.http_timeout_ms),
         }
     }
 
@@ -50,33 +61,95 @@ impl HttpGet {
         })
     }
 
-    fn parse(&self, raw: &str) -> Result<reqwest::Url, String> {
+    /// Parses `raw` and checks it against the rules as far as can be done without DNS: an
+    /// http(s) URL without credentials, on an allowed host, and not a refused address literal.
+    /// Messages start with `field` (`args.url`, `callback_url`).
+    pub fn check(&self, field: &str, raw: &str) -> Result<reqwest::Url, String> {
         let url =
-            reqwest::Url::parse(raw).map_err(|e| format!("args.url: `{raw}` is not a URL: {e}"))?;
+            reqwest::Url::parse(raw).map_err(|e| format!("{field}: `{raw}` is not a URL: {e}"))?;
         if url.scheme() != "http" && url.scheme() != "https" {
             return Err(format!(
-                "args.url: scheme `{}` is not supported; use http:// or https://",
+                "{field}: scheme `{}` is not supported; use http:// or https://",
                 url.scheme()
             ));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err("args.url: credentials in the URL are not allowed".into());
+            return Err(format!("{field}: credentials in the URL are not allowed"));
         }
-        let host = url.host_str().ok_or("args.url: has no host")?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("{field}: has no host"))?;
         if !self.host_allowed(host.trim_start_matches('[').trim_end_matches(']')) {
             return Err(format!(
-                "args.url: host `{host}` is not on the allowlist (--http-allow-hosts)"
+                "{field}: host `{host}` is not on the allowlist (--http-allow-hosts)"
             ));
         }
         if let Some(ip) = literal_ip(&url) {
             if !self.allow_private && !is_public(ip) {
                 return Err(format!(
-                    "args.url: {ip} is a loopback, private or reserved address; refused \
+                    "{field}: {ip} is a loopback, private or reserved address; refused \
                      (allow with --http-allow-private)"
                 ));
             }
         }
         Ok(url)
+    }
+
+    /// A client for one request to `url` (already [`check`](Self::check)ed): its host
+    /// resolved now, an allowed address picked, and the connection pinned to it (reqwest's
+    /// `resolve`), so a second lookup cannot rebind it. No redirects, no proxy.
+    pub async fn client(
+        &self,
+        url: &reqwest::Url,
+        timeout: Duration,
+    ) -> Result<reqwest::Client, AddressError> {
+        let host = url.host_str().unwrap_or_default().to_string();
+        let port = url.port_or_known_default().unwrap_or(443);
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare.as_str(), port))
+            .await
+            .map_err(|e| AddressError::Unresolved(format!("cannot resolve `{host}`: {e}")))?
+            .collect();
+        let addr = addrs
+            .iter()
+            .copied()
+            .find(|a| self.allow_private || is_public(a.ip()))
+            .ok_or_else(|| {
+                AddressError::Refused(format!(
+                    "`{host}` resolves only to loopback, private or reserved addresses; refused \
+                     (allow with --http-allow-private)"
+                ))
+            })?;
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .resolve(&bare, addr)
+            .no_proxy()
+            .build()
+            .map_err(|e| AddressError::Refused(format!("http client: {e}")))
+    }
+}
+
+pub struct HttpGet {
+    rules: AddressRules,
+    max_bytes: u64,
+    timeout: Duration,
+}
+
+impl HttpGet {
+    pub fn new(settings: &Settings) -> Self {
+        HttpGet {
+            rules: AddressRules::new(settings),
+            max_bytes: settings.http_max_bytes,
+            timeout: Duration::from_millis(settings.http_timeout_ms),
+        }
+    }
+
+    fn parse(&self, raw: &str) -> Result<reqwest::Url, String> {
+        self.rules.check("args.url", raw)
     }
 }
 
@@ -170,33 +243,14 @@ impl Task for HttpGet {
         let url = self
             .parse(arg_str(&args, "url")?)
             .map_err(TaskError::Permanent)?;
-        let host = url.host_str().unwrap_or_default().to_string();
-        let port = url.port_or_known_default().unwrap_or(443);
-        let bare = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare.as_str(), port))
+        let client = self
+            .rules
+            .client(&url, self.timeout)
             .await
-            .map_err(|e| TaskError::Transient(format!("cannot resolve `{host}`: {e}")))?
-            .collect();
-        let addr = addrs
-            .iter()
-            .copied()
-            .find(|a| self.allow_private || is_public(a.ip()))
-            .ok_or_else(|| {
-                TaskError::Permanent(format!(
-                    "`{host}` resolves only to loopback, private or reserved addresses; refused \
-                     (allow with --http-allow-private)"
-                ))
+            .map_err(|e| match e {
+                AddressError::Unresolved(m) => TaskError::Transient(m),
+                AddressError::Refused(m) => TaskError::Permanent(m),
             })?;
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(self.timeout)
-            .resolve(&bare, addr)
-            .no_proxy()
-            .build()
-            .map_err(|e| TaskError::Permanent(format!("http client: {e}")))?;
         let response = client
             .get(url)
             .send()
@@ -320,8 +374,10 @@ mod tests {
     #[test]
     fn a_refused_literal_is_a_422_at_submit() {
         let task = HttpGet {
-            allow_hosts: vec!["*".into()],
-            allow_private: false,
+            rules: AddressRules {
+                allow_hosts: vec!["*".into()],
+                allow_private: false,
+            },
             max_bytes: 1,
             timeout: Duration::from_secs(1),
         };

@@ -2,12 +2,14 @@
 
 mod blobs;
 mod browser;
+mod callbacks;
 mod cluster;
 mod crash;
 mod csrf;
 mod datadir;
 mod errors;
 mod flow;
+mod graph;
 mod helpers;
 mod inputs;
 mod jobs;
@@ -20,4 +22,5 @@ mod process;
 mod programs;
 mod progress;
 mod store;
+mod store_graph;
 mod stranded;

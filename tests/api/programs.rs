@@ -589,3 +589,45 @@ async fn a_tasks_children_do_not_outlive_the_server() {
         "the task's child {child} outlived the server"
     );
 }
+
+/// A task program's task declared with `parent_results` gets `{parent id: result}` in its
+/// `run` line; the others' lines carry no `parents`.
+#[tokio::test]
+async fn a_program_task_that_asks_gets_its_parents_results() {
+    let app = spawn_echo(1).await;
+    let tasks = app.get("/v1/tasks").await.body;
+    let declared = |name: &str| {
+        tasks["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap()["parent_results"]
+            .clone()
+    };
+    assert_eq!(declared("py_parents"), true);
+    assert_eq!(declared("py_sum_squares"), false);
+    let a = app
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [
+                {"task": "py_sum_squares", "args": {"n": 4}},
+                {"task": "noop"},
+                {"task": "py_parents", "depends_on": ["#0", "#1"]},
+            ]}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    let ids: Vec<String> = a.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id_of)
+        .collect();
+    let job = app.wait(&ids[2], 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["result"]["parents"],
+        json!({ ids[0].clone(): {"sum": 14}, ids[1].clone(): {} })
+    );
+}

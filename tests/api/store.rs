@@ -9,16 +9,17 @@ use offload::blob::BlobMeta;
 use offload::clock::Micros;
 use offload::config::Durability;
 use offload::flow::{Concurrency, Rate};
+use offload::job::CallbackStatus;
 use offload::job::{
     next_state, AttemptEnd, ErrorKind, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next,
 };
 use offload::store::{
-    BlobDeleteOutcome, CancelOutcome, DeleteOutcome, Inserted, JobStore, Lease, ListFilter, Notice,
-    PostgresStore, Settle, SqliteStore, StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, DeleteOutcome, Inserted, JobStore, Lease,
+    ListFilter, Notice, PostgresStore, Settle, SqliteStore, StoreError,
 };
 use serde_json::json;
 
-fn new_job(task: &str, key: Option<&str>, hash: Option<&str>) -> NewJob {
+pub(crate) fn new_job(task: &str, key: Option<&str>, hash: Option<&str>) -> NewJob {
     let now = Micros::now();
     NewJob {
         id: JobId::new(),
@@ -37,17 +38,28 @@ fn new_job(task: &str, key: Option<&str>, hash: Option<&str>) -> NewJob {
         tenant: None,
         concurrency: None,
         rate: None,
+        depends_on: Vec::new(),
+        run_on_parent_failure: false,
+        callback_url: None,
     }
 }
 
-fn lease(owner: &str) -> Lease {
+/// A job that calls back when it is final.
+fn calling_back(task: &str) -> NewJob {
+    NewJob {
+        callback_url: Some(format!("http://receiver.example/{task}")),
+        ..new_job(task, None, None)
+    }
+}
+
+pub(crate) fn lease(owner: &str) -> Lease {
     Lease {
         owner: owner.into(),
         until: Micros::now().plus(Duration::from_secs(30)),
     }
 }
 
-async fn claim_all(store: &Arc<dyn JobStore>, limit: u32) -> Vec<Job> {
+pub(crate) async fn claim_all(store: &Arc<dyn JobStore>, limit: u32) -> Vec<Job> {
     store
         .claim(ExecutorKind::Async, limit, Micros::now(), &lease("me"))
         .await
@@ -56,7 +68,7 @@ async fn claim_all(store: &Arc<dyn JobStore>, limit: u32) -> Vec<Job> {
 }
 
 /// Writes what `next_state` decides for `end`.
-async fn settle(store: &Arc<dyn JobStore>, job: &Job, end: AttemptEnd) -> Option<Job> {
+pub(crate) async fn settle(store: &Arc<dyn JobStore>, job: &Job, end: AttemptEnd) -> Option<Job> {
     let now = Micros::now();
     let next = next_state(job, end, Duration::ZERO, now).expect("a move");
     store
@@ -73,7 +85,7 @@ async fn settle(store: &Arc<dyn JobStore>, job: &Job, end: AttemptEnd) -> Option
         .unwrap()
 }
 
-async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
+pub(crate) async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
     let dir = tempfile::tempdir().unwrap();
     let url = offload::config::sqlite_url(dir.path());
     let store = SqliteStore::open(&url, Durability::Full).await.unwrap();
@@ -82,7 +94,7 @@ async fn sqlite() -> (tempfile::TempDir, Arc<dyn JobStore>) {
 
 /// A PostgreSQL store in a schema of its own (it creates it), dropped by `drop_pg_schema`;
 /// `None` (the test is skipped) when `OFFLOAD_TEST_DATABASE_URL` is not set.
-async fn postgres() -> Option<(String, Arc<dyn JobStore>)> {
+pub(crate) async fn postgres() -> Option<(String, Arc<dyn JobStore>)> {
     let url = crate::helpers::pg_url()?;
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
     let store = PostgresStore::open(&url, Some(&schema))
@@ -112,6 +124,7 @@ macro_rules! conformance {
         }
     };
 }
+pub(crate) use conformance;
 
 conformance!(insert_then_get_list_and_count);
 async fn insert_then_get_list_and_count(store: Arc<dyn JobStore>) {
@@ -977,4 +990,283 @@ async fn tenant_weights_tilt_the_turns_on_both_stores() {
         check(Arc::new(pg)).await;
         crate::helpers::drop_pg_schema(&schema).await;
     }
+}
+
+/// Claims every due callback (`now`: far enough ahead that all are due).
+async fn claim_callbacks(store: &Arc<dyn JobStore>, now: Micros) -> Vec<offload::store::Delivery> {
+    store
+        .claim_callbacks(100, now, now.plus(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .deliveries
+}
+
+conformance!(every_move_into_a_final_state_writes_the_callback_outbox_row);
+async fn every_move_into_a_final_state_writes_the_callback_outbox_row(store: Arc<dyn JobStore>) {
+    // Five jobs with a callback, each made final another way, and two that owe none.
+    let mut lost = calling_back("lost");
+    lost.max_attempts = 1;
+    let jobs = vec![
+        calling_back("succeeds"),
+        calling_back("fails"),
+        lost.clone(),
+        calling_back("cancelled-running"),
+        calling_back("retried"),
+        new_job("no-callback", None, None),
+    ];
+    store.insert(jobs.clone()).await.unwrap();
+    let queued_cancel = calling_back("cancelled-queued");
+    let inserted = store.insert(vec![queued_cancel.clone()]).await.unwrap();
+    assert_eq!(
+        inserted[0].job().callback.as_ref().unwrap().status,
+        CallbackStatus::Pending
+    );
+    let running = claim_all(&store, 6).await;
+    assert_eq!(running.len(), 6);
+    let by_task = |t: &str| running.iter().find(|j| j.task == t).unwrap().clone();
+    assert!(
+        by_task("succeeds").callback.is_some(),
+        "a claim reads the URL"
+    );
+    settle(
+        &store,
+        &by_task("succeeds"),
+        AttemptEnd::Succeeded(json!(1)),
+    )
+    .await
+    .unwrap();
+    settle(
+        &store,
+        &by_task("fails"),
+        AttemptEnd::Permanent("no".into()),
+    )
+    .await
+    .unwrap();
+    settle(
+        &store,
+        &by_task("no-callback"),
+        AttemptEnd::Succeeded(json!(1)),
+    )
+    .await
+    .unwrap();
+    // A retry is not final: no callback yet.
+    let retried = settle(
+        &store,
+        &by_task("retried"),
+        AttemptEnd::Transient("again".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(retried.status, JobStatus::Queued);
+    // A rescue that finds no attempts left.
+    let lost_job = by_task("lost");
+    let rescued = store
+        .settle(vec![Settle {
+            job: lost_job.clone(),
+            next: next_state(&lost_job, AttemptEnd::Lost, Duration::ZERO, Micros::now()).unwrap(),
+            progress: 0.0,
+            now: Micros::now(),
+            expired_before: Some(Micros::now().plus(Duration::from_secs(60))),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(rescued[0].as_ref().unwrap().status, JobStatus::Failed);
+    for id in [by_task("cancelled-running").id, queued_cancel.id] {
+        assert!(matches!(
+            store.cancel(id, Micros::now()).await.unwrap(),
+            CancelOutcome::Cancelled { .. }
+        ));
+    }
+
+    let later = Micros::now().plus(Duration::from_secs(1));
+    let claimed = claim_callbacks(&store, later).await;
+    let mut tasks: Vec<&str> = claimed.iter().map(|d| d.job.task.as_str()).collect();
+    tasks.sort();
+    assert_eq!(
+        tasks,
+        [
+            "cancelled-queued",
+            "cancelled-running",
+            "fails",
+            "lost",
+            "succeeds"
+        ]
+    );
+    for d in &claimed {
+        assert_eq!(d.attempt, 1);
+        assert!(d.job.status.is_final());
+        let cb = d.job.callback.as_ref().unwrap();
+        assert_eq!(cb.url, format!("http://receiver.example/{}", d.job.task));
+        assert_eq!((cb.status, cb.attempts), (CallbackStatus::Pending, 1));
+        assert!(d.since <= later);
+    }
+    // Claimed: not due again until the claim's lease ends.
+    assert!(claim_callbacks(&store, later).await.is_empty());
+    let after_lease = later.plus(Duration::from_secs(31));
+    assert_eq!(claim_callbacks(&store, after_lease).await.len(), 5);
+}
+
+conformance!(a_callback_outcome_is_recorded_once_under_its_attempt);
+async fn a_callback_outcome_is_recorded_once_under_its_attempt(store: Arc<dyn JobStore>) {
+    let a = calling_back("a");
+    let b = calling_back("b");
+    store.insert(vec![a.clone(), b.clone()]).await.unwrap();
+    for id in [a.id, b.id] {
+        store.cancel(id, Micros::now()).await.unwrap();
+    }
+    let now = Micros::now().plus(Duration::from_millis(1));
+    let claimed = store
+        .claim_callbacks(1, now, now.plus(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(claimed.deliveries.len(), 1, "up to the limit");
+    let claimed = store
+        .claim_callbacks(10, now, now.plus(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(claimed.deliveries.len(), 1, "the other one");
+    assert_eq!(
+        claimed.next_due,
+        Some(now.plus(Duration::from_secs(30))),
+        "fewer than asked for: when the next is due (the first claim's lease end)"
+    );
+
+    // Delivered: recorded once; a second record of the same attempt is refused.
+    let t = Micros::now();
+    assert!(store
+        .record_callback(a.id, 1, CallbackOutcome::Delivered, t)
+        .await
+        .unwrap());
+    assert!(!store
+        .record_callback(a.id, 1, CallbackOutcome::Delivered, t)
+        .await
+        .unwrap());
+    let got = store.get(a.id).await.unwrap().unwrap();
+    let cb = got.callback.unwrap();
+    assert_eq!(
+        (cb.status, cb.attempts, cb.last_error),
+        (CallbackStatus::Delivered, 1, None)
+    );
+
+    // A retry is due at its time, with one more attempt; the stale attempt cannot record.
+    let retry_at = t.plus(Duration::from_secs(5));
+    assert!(store
+        .record_callback(
+            b.id,
+            1,
+            CallbackOutcome::Retry {
+                error: "the receiver answered 500".into(),
+                at: retry_at,
+            },
+            t,
+        )
+        .await
+        .unwrap());
+    let listed = store
+        .list(&ListFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cb = listed
+        .iter()
+        .find(|j| j.id == b.id)
+        .unwrap()
+        .callback
+        .clone()
+        .unwrap();
+    assert_eq!(cb.status, CallbackStatus::Pending);
+    assert_eq!(cb.last_error.as_deref(), Some("the receiver answered 500"));
+    assert!(claim_callbacks(&store, t).await.is_empty(), "not due yet");
+    let again = claim_callbacks(&store, retry_at).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(
+        again[0]
+            .job
+            .callback
+            .as_ref()
+            .unwrap()
+            .last_error
+            .as_deref(),
+        Some("the receiver answered 500")
+    );
+    assert!(!store
+        .record_callback(b.id, 1, CallbackOutcome::Delivered, t)
+        .await
+        .unwrap());
+    assert!(store
+        .record_callback(
+            b.id,
+            2,
+            CallbackOutcome::Failed {
+                error: "gone".into()
+            },
+            t
+        )
+        .await
+        .unwrap());
+    let cb = store.get(b.id).await.unwrap().unwrap().callback.unwrap();
+    assert_eq!(
+        (cb.status, cb.attempts, cb.last_error.as_deref()),
+        (CallbackStatus::Failed, 2, Some("gone"))
+    );
+    assert!(
+        claim_callbacks(&store, retry_at.plus(Duration::from_secs(60)))
+            .await
+            .is_empty()
+    );
+
+    // Deleting a job takes its callback with it.
+    let c = calling_back("c");
+    store.insert(vec![c.clone()]).await.unwrap();
+    store.cancel(c.id, Micros::now()).await.unwrap();
+    assert!(matches!(
+        store.delete(c.id).await.unwrap(),
+        DeleteOutcome::Deleted
+    ));
+    assert!(
+        claim_callbacks(&store, Micros::now().plus(Duration::from_secs(60)))
+            .await
+            .is_empty()
+    );
+}
+
+conformance!(concurrent_callback_claims_never_take_one_row_twice);
+async fn concurrent_callback_claims_never_take_one_row_twice(store: Arc<dyn JobStore>) {
+    let jobs: Vec<NewJob> = (0..60).map(|i| calling_back(&format!("j{i}"))).collect();
+    store.insert(jobs.clone()).await.unwrap();
+    for j in &jobs {
+        store.cancel(j.id, Micros::now()).await.unwrap();
+    }
+    let now = Micros::now().plus(Duration::from_millis(1));
+    let claims = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let c = store
+                    .claim_callbacks(5, now, now.plus(Duration::from_secs(30)))
+                    .await
+                    .unwrap();
+                if c.deliveries.is_empty() {
+                    return got;
+                }
+                got.extend(c.deliveries.into_iter().map(|d| d.job.id));
+            }
+        })
+    });
+    let mut all: Vec<JobId> = Vec::new();
+    for c in claims {
+        all.extend(c.await.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        (n, all.len()),
+        (60, 60),
+        "each callback claimed exactly once"
+    );
 }

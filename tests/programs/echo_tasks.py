@@ -71,6 +71,9 @@ TASKS = [
     {"name": "py_fork_crash", "kind": "cpu", "version": "1",
      "description": "starts a child that keeps stdout open, then exits its process",
      "args_schema": obj({}, []), "blob_args": []},
+    {"name": "py_parents", "kind": "cpu", "version": "1",
+     "description": "answers the parents' results its run carried",
+     "args_schema": obj({}, []), "blob_args": [], "parent_results": True},
 ]
 
 
@@ -108,6 +111,8 @@ def cpu_body(run: dict):
         child = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return {"child": child.pid}
+    if task == "py_parents":
+        return {"parents": run.get("parents")}
     if task == "py_fork_crash":
         child = subprocess.Popen(["sleep", "1000"])  # inherits stdout: the pipe stays open
         log(job, f"child {child.pid} holds stdout; exiting")

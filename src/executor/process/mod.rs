@@ -290,6 +290,7 @@ impl Executor for ProcessLane {
                 args,
                 blobs,
                 part: None,
+                parents: ctx.parents().cloned(),
             };
             leases[0].call(run, Some(&ctx)).await
         };
@@ -320,6 +321,7 @@ async fn run_split(
         args: args.clone(),
         blobs: BTreeMap::new(),
         part: Some([(n * i / k) as u64, (n * (i + 1) / k) as u64]),
+        parents: ctx.parents().cloned(),
     });
     let answers = futures_util::future::join_all(
         leases

@@ -139,4 +139,7 @@ impl Task for ProgramTask {
     fn version(&self) -> Option<&str> {
         Some(&self.decl.version)
     }
+    fn parent_results(&self) -> bool {
+        self.decl.parent_results
+    }
 }

@@ -39,6 +39,10 @@ pub(super) struct Run {
     /// For built-in split tasks: the element range [start, end) this worker computes.
     #[serde(default)]
     pub(super) part: Option<[u64; 2]>,
+    /// For a task declared with `parent_results`: `{parent id: result}`. Left out otherwise,
+    /// so a worker that never asked sees the same lines as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) parents: Option<Value>,
 }
 
 /// Worker → server.
@@ -93,6 +97,9 @@ pub struct TaskDecl {
     pub args_schema: Value,
     #[serde(default)]
     pub blob_args: Vec<String>,
+    /// Whether the task wants its parents' results (`run.parents`).
+    #[serde(default)]
+    pub parent_results: bool,
 }
 
 fn any_object() -> Value {
@@ -249,6 +256,7 @@ mod tests {
             description: String::new(),
             args_schema: json!({"type": "object"}),
             blob_args: Vec::new(),
+            parent_results: false,
         };
         assert!(decl("fetch_2").check().is_ok());
         for bad in ["", "2fetch", "Fetch", "fe-tch", &"a".repeat(65)] {

@@ -99,9 +99,13 @@ fn run_one(registry: &Registry, out: &Arc<Mutex<std::io::Stdout>>, run: Run) -> 
         task,
         args,
         part,
+        parents,
         ..
     } = run;
     let ctx = JobCtx::new(id.parse().unwrap_or_default(), attempt);
+    if let Some(parents) = parents {
+        ctx.set_parents(parents);
+    }
     let Some(t) = registry.get(&task) else {
         let e = TaskError::Permanent(format!("task `{task}` is not in the worker"));
         return error_message(id, &e, "UnknownTask");

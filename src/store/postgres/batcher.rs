@@ -24,7 +24,9 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sql::{self, Notices};
+use crate::clock::Micros;
 use crate::job::{Job, JobId, JobStatus, NewJob};
+use crate::store::graph::{Cascade, NewRow};
 use crate::store::{frees_key, Inserted, Settle, StoreError};
 
 /// Most calls written in one round.
@@ -119,16 +121,17 @@ async fn write_round(
     let mut tx = pool.begin().await?;
     let mut notices = Notices::default();
 
-    let rows: Vec<&NewJob> = round
+    // Jobs without parents or keys only (the store sends the others down its own path).
+    let rows: Vec<NewRow> = round
         .iter()
         .filter_map(|op| match op {
-            Op::Insert { jobs, .. } => Some(jobs.iter()),
+            Op::Insert { jobs, .. } => Some(jobs.iter().map(NewRow::queued)),
             Op::Settle { .. } => None,
         })
         .flatten()
         .collect();
     sql::insert_rows(&mut tx, &rows).await?;
-    notices.new.extend(rows.iter().map(|j| j.executor));
+    notices.new.extend(rows.iter().map(|r| r.job.executor));
 
     // Moves in layers: a job's first move in the round goes in the first statement, its
     // second (two callers settling one job, or one caller twice) in the next, which runs
@@ -159,6 +162,9 @@ async fn write_round(
 
     let mut placed = placed.into_iter();
     let mut answers = Vec::with_capacity(round.len());
+    // Moves into a final state that owe a callback: their outbox rows, in this transaction.
+    let (mut calls_back, mut since) = (Vec::new(), Vec::new());
+    let mut finals = Vec::new();
     for op in round {
         answers.push(match op {
             Op::Insert { .. } => Answer::Inserted,
@@ -172,6 +178,13 @@ async fn write_round(
                             if job.status == JobStatus::Queued || frees_key(&job) {
                                 notices.new.insert(job.executor);
                             }
+                            if m.calls_back() {
+                                calls_back.push(job.id);
+                                since.push(m.now.0);
+                            }
+                            if job.status.is_final() {
+                                finals.push(job.id);
+                            }
                             notices.changed.push(job.id);
                             job
                         })
@@ -179,6 +192,16 @@ async fn write_round(
                     .collect(),
             ),
         });
+    }
+    sql::enqueue_callbacks(&mut tx, &calls_back, &since).await?;
+    // The children of jobs that finished move on in the same transaction (one lookup of the
+    // edges per round when there are none); those a cascade cancels owe callbacks too.
+    if !finals.is_empty() {
+        let mut cascade = Cascade::default();
+        let now = Micros::now();
+        super::graph::resolve(&mut tx, finals, now, &mut cascade).await?;
+        sql::enqueue_owed(&mut tx, &cascade.moved, now.0).await?;
+        notices.cascaded(cascade);
     }
     notices.send(&mut tx, channel).await?;
     tx.commit().await?;

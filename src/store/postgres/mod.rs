@@ -16,6 +16,7 @@
 
 mod batcher;
 mod flow;
+mod graph;
 mod sql;
 
 use std::collections::HashMap;
@@ -29,17 +30,19 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use self::sql::{
-    corrupt, error_json, insert_rows, is_unique_violation, job_from_row, maintenance_leader,
-    qualified, Notices, COLUMNS,
+    corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader, qualified,
+    Notices, COLUMNS,
 };
+use super::graph::Cascade;
 use super::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, KeyedSubmit,
-    Lease, ListFilter, Notice, Settle, StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Delivery, Inserted, JobStore, KeyedSubmit, Lease, ListFilter, Notice, RetryOutcome, Settle,
+    StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::flow::{FlowCount, FlowState, FlowStats, Sharing, Top};
-use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, NewJob};
+use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 
 /// The migrations, compiled into the binary.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -72,6 +75,16 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "notify_per_round",
         include_str!("../../../migrations/postgres/0006_notify_per_round.sql"),
+    ),
+    (
+        8,
+        "dependencies",
+        include_str!("../../../migrations/postgres/0008_dependencies.sql"),
+    ),
+    (
+        10,
+        "callbacks",
+        include_str!("../../../migrations/postgres/0010_callbacks.sql"),
     ),
     (
         11,
@@ -153,15 +166,48 @@ impl PostgresStore {
             }
         }
         let plan = KeyedSubmit::plan(jobs, &stored)?;
-        let rows = plan.fresh();
+        // Locked until the commit, so no parent finishes unseen by its new children.
+        let found = graph::lock_statuses(&mut tx, &plan.parents()).await?;
+        let rows = plan.rows(&found)?;
         insert_rows(&mut tx, &rows).await?;
         let notices = Notices {
-            new: rows.iter().map(|j| j.executor).collect(),
-            changed: Vec::new(),
+            new: rows.iter().map(|r| r.job.executor).collect(),
+            ..Notices::default()
         };
         notices.send(&mut tx, &self.channel).await?;
         tx.commit().await?;
-        Ok(plan.answer())
+        Ok(plan.answer(&rows))
+    }
+
+    /// Runs a graph write in a transaction of its own, and announces what it moved.
+    async fn graph_tx<T: Send>(
+        &self,
+        leader_only: bool,
+        f: impl for<'c> FnOnce(
+                &'c mut sqlx::PgConnection,
+                &'c mut Notices,
+                &'c mut Cascade,
+            )
+                -> futures_util::future::BoxFuture<'c, Result<T, StoreError>>
+            + Send,
+        skipped: T,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if leader_only && !maintenance_leader(&mut tx).await? {
+            return Ok(skipped);
+        }
+        let mut notices = Notices::default();
+        let mut cascade = Cascade::default();
+        let out = f(&mut tx, &mut notices, &mut cascade).await?;
+        // Jobs this transaction made final (cancels, and children a cascade cancelled) owe
+        // their callbacks, written in the same transaction.
+        let mut moved = cascade.moved.clone();
+        moved.extend(notices.changed.iter().copied());
+        sql::enqueue_owed(&mut tx, &moved, Micros::now().0).await?;
+        notices.cascaded(cascade);
+        notices.send(&mut tx, &self.channel).await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Hands a call to the batcher and waits for its answer (sent after the round's commit).
@@ -186,6 +232,20 @@ impl PostgresStore {
     ) -> Result<Option<Job>, StoreError> {
         let row = binds(sqlx::query(sql)).fetch_optional(&self.pool).await?;
         row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Lays the outbox rows over the jobs that have a callback (one read, none without).
+    async fn with_callbacks(&self, jobs: &mut [Job]) -> Result<(), StoreError> {
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .filter(|j| j.callback.is_some())
+            .map(|j| j.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows = sql::callback_rows(&self.pool, &ids).await?;
+        super::lay_callbacks(jobs, rows)
     }
 }
 
@@ -399,7 +459,10 @@ impl JobStore for PostgresStore {
     }
 
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, StoreError> {
-        if jobs.iter().all(|j| j.idempotency_key.is_none()) {
+        if jobs
+            .iter()
+            .all(|j| j.idempotency_key.is_none() && j.depends_on.is_empty())
+        {
             return self
                 .batched(|reply| batcher::Op::Insert { jobs, reply })
                 .await;
@@ -414,86 +477,41 @@ impl JobStore for PostgresStore {
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
-        self.one(&sql, |q| q.bind(id.0)).await
+        let Some(job) = self.one(&sql, |q| q.bind(id.0)).await? else {
+            return Ok(None);
+        };
+        let mut jobs = [job];
+        self.with_callbacks(&mut jobs).await?;
+        let [job] = jobs;
+        Ok(Some(job))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
-        let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE TRUE");
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            format!("${n}")
-        };
-        if filter.status.is_some() {
-            sql.push_str(&format!(" AND status = {}", next()));
-        }
-        if filter.task.is_some() {
-            sql.push_str(&format!(" AND task = {}", next()));
-        }
-        if filter.kind.is_some() {
-            sql.push_str(&format!(" AND kind = {}", next()));
-        }
-        if filter.before.is_some() {
-            sql.push_str(&format!(" AND id < {}", next()));
-        }
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", next()));
-        let mut q = sqlx::query(&sql);
-        if let Some(s) = filter.status {
-            q = q.bind(s.as_str());
-        }
-        if let Some(t) = &filter.task {
-            q = q.bind(t.clone());
-        }
-        if let Some(k) = filter.kind {
-            q = q.bind(k.as_str());
-        }
-        if let Some(b) = filter.before {
-            q = q.bind(b.0);
-        }
-        let rows = q.bind(filter.limit as i64).fetch_all(&self.pool).await?;
-        rows.iter().map(job_from_row).collect()
+        let statuses: Vec<JobStatus> = filter.status.into_iter().collect();
+        let (cond, binds) = sql::filter_where(filter, &statuses);
+        let n = binds.len() + 1;
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE {cond} ORDER BY id DESC LIMIT ${n}");
+        let rows = sql::bind_all(sqlx::query(&sql), binds)
+            .bind(filter.limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     async fn cancel(&self, id: JobId, now: Micros) -> Result<CancelOutcome, StoreError> {
-        let error = error_json(&ErrorInfo::new(
-            ErrorKind::Cancelled,
-            "cancelled by request",
-        ));
-        // The row is locked by the subquery, so `was` is the status this update moves from.
-        // The notifications go in the same statement, so at its commit: `cancel:` to whoever
-        // runs the job, `new:` to the lanes when it frees a concurrency key, `change:` to
-        // watchers.
-        let sql = format!(
-            "WITH moved AS (UPDATE jobs SET status = 'cancelled', error = $1::jsonb, \
-             finished_at = $2, owner = NULL, lease_until = NULL FROM (SELECT id, status AS was \
-             FROM jobs WHERE id = $3 FOR UPDATE) AS old WHERE jobs.id = old.id \
-             AND jobs.status IN ('queued', 'running') RETURNING old.was, {}) \
-             SELECT moved.*, \
-             CASE WHEN moved.was = 'running' THEN pg_notify($4, 'cancel:' || moved.id::text) \
-             END::text AS cancel_notified, \
-             CASE WHEN moved.was = 'running' AND moved.concurrency_key IS NOT NULL \
-             THEN pg_notify($4, 'new:' || moved.executor) END::text AS key_notified, \
-             pg_notify($4, 'change:' || moved.id::text)::text AS change_notified FROM moved",
-            qualified()
-        );
-        let row = sqlx::query(&sql)
-            .bind(error)
-            .bind(now.0)
-            .bind(id.0)
-            .bind(&self.channel)
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(row) = row {
-            let was: String = row.try_get("was")?;
-            return Ok(CancelOutcome::Cancelled {
-                job: job_from_row(&row)?,
-                was: was.parse().map_err(|e| corrupt("status", e))?,
-            });
-        }
-        Ok(match self.get(id).await? {
-            Some(job) => CancelOutcome::AlreadyFinal(job),
-            None => CancelOutcome::NotFound,
-        })
+        // The cancelled job's outbox row (and those of children its cascade cancels) is
+        // written by `graph_tx`, in the same transaction.
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| Box::pin(graph::cancel(conn, id, now, notices, cascade)),
+            CancelOutcome::NotFound,
+        )
+        .await
     }
 
     async fn delete(&self, id: JobId) -> Result<DeleteOutcome, StoreError> {
@@ -600,7 +618,7 @@ impl JobStore for PostgresStore {
         }
         let users: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM job_blobs jb JOIN jobs j ON j.id = jb.job_id \
-             WHERE jb.blob_id = $1 AND j.status IN ('queued', 'running')",
+             WHERE jb.blob_id = $1 AND j.status IN ('waiting', 'queued', 'running')",
         )
         .bind(uuid)
         .fetch_one(&mut *tx)
@@ -619,5 +637,207 @@ impl JobStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        now: Micros,
+        until: Micros,
+    ) -> Result<ClaimedCallbacks, StoreError> {
+        // SKIP LOCKED, as for jobs: servers claiming at once take different rows; and the
+        // claim moves `due_at` to the lease's end, so a row being delivered is not due again
+        // until its claimer has had time to finish (or has died).
+        let rows: Vec<(Uuid, i32, i64, Option<String>)> = sqlx::query_as(
+            "WITH picked AS (SELECT job_id FROM callbacks WHERE status = 'pending' \
+             AND due_at <= $2 ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             UPDATE callbacks SET attempts = callbacks.attempts + 1, due_at = $1 FROM picked \
+             WHERE callbacks.job_id = picked.job_id \
+             RETURNING callbacks.job_id, callbacks.attempts, callbacks.since, callbacks.last_error",
+        )
+        .bind(until.0)
+        .bind(now.0)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        if !rows.is_empty() {
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
+            let jobs: HashMap<JobId, Job> = sqlx::query(&sql)
+                .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| job_from_row(r).map(|j| (j.id, j)))
+                .collect::<Result<_, _>>()?;
+            for (id, attempts, since, error) in rows {
+                // A job deleted since takes its outbox row with it (ON DELETE CASCADE).
+                let Some(mut job) = jobs.get(&JobId(id)).cloned() else {
+                    continue;
+                };
+                let Some(cb) = job.callback.as_mut() else {
+                    return Err(corrupt(
+                        "callbacks",
+                        format!("job {id} has no callback_url"),
+                    ));
+                };
+                cb.attempts = attempts as u32;
+                cb.last_error = error;
+                deliveries.push(Delivery {
+                    job,
+                    attempt: attempts as u32,
+                    since: Micros(since),
+                });
+            }
+        }
+        let next_due = if deliveries.len() < limit as usize {
+            let at: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(due_at) FROM callbacks WHERE status = 'pending'")
+                    .fetch_one(&self.pool)
+                    .await?;
+            at.map(Micros)
+        } else {
+            None
+        };
+        Ok(ClaimedCallbacks {
+            deliveries,
+            next_due,
+        })
+    }
+
+    async fn record_callback(
+        &self,
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        let done_at = (outcome.status() != crate::job::CallbackStatus::Pending).then_some(now.0);
+        let done = sqlx::query(
+            "UPDATE callbacks SET status = $1, last_error = COALESCE($2, last_error), \
+             due_at = COALESCE($3, due_at), done_at = $4 \
+             WHERE job_id = $5 AND status = 'pending' AND attempts = $6",
+        )
+        .bind(outcome.status().as_str())
+        .bind(outcome.error())
+        .bind(outcome.due().map(|t| t.0))
+        .bind(done_at)
+        .bind(job.0)
+        .bind(attempt as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT child_id FROM job_deps WHERE parent_id = $1 ORDER BY child_id",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(JobId).collect())
+    }
+
+    async fn results(
+        &self,
+        ids: &[JobId],
+    ) -> Result<Vec<(JobId, Option<serde_json::Value>)>, StoreError> {
+        graph::results(&self.pool, ids).await
+    }
+
+    async fn retry(&self, id: JobId, now: Micros) -> Result<RetryOutcome, StoreError> {
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| {
+                Box::pin(async move {
+                    let out = graph::retry(conn, id, now, cascade).await?;
+                    if let RetryOutcome::Retried(job) = &out {
+                        notices.changed.push(job.id);
+                        if job.status == JobStatus::Queued {
+                            notices.new.insert(job.executor);
+                        }
+                    }
+                    Ok(out)
+                })
+            },
+            RetryOutcome::NotFound,
+        )
+        .await
+    }
+
+    async fn retry_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<Job>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| {
+                Box::pin(async move {
+                    let ids = graph::matching_ids(&mut *conn, &filter, &statuses).await?;
+                    let mut out = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        let outcome = graph::retry(&mut *conn, id, now, cascade).await?;
+                        if let Some(job) = graph::retried(outcome) {
+                            notices.changed.push(job.id);
+                            if job.status == JobStatus::Queued {
+                                notices.new.insert(job.executor);
+                            }
+                            out.push(job);
+                        }
+                    }
+                    Ok(out)
+                })
+            },
+            Vec::new(),
+        )
+        .await
+    }
+
+    async fn cancel_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<(Job, JobStatus)>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.graph_tx(
+            false,
+            move |conn, notices, cascade| {
+                Box::pin(async move {
+                    let ids = graph::matching_ids(&mut *conn, &filter, &statuses).await?;
+                    let mut out = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        if let CancelOutcome::Cancelled { job, was } =
+                            graph::cancel(&mut *conn, id, now, notices, cascade).await?
+                        {
+                            out.push((job, was));
+                        }
+                    }
+                    Ok(out)
+                })
+            },
+            Vec::new(),
+        )
+        .await
+    }
+
+    async fn resolve_waiting(
+        &self,
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+    ) -> Result<(u64, Option<JobId>), StoreError> {
+        self.graph_tx(
+            true,
+            move |conn, _notices, cascade| {
+                Box::pin(graph::resolve_waiting(conn, after, limit, now, cascade))
+            },
+            (0, None),
+        )
+        .await
     }
 }

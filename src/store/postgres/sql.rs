@@ -9,21 +9,23 @@ use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::clock::Micros;
-use crate::job::{ErrorInfo, Job, JobId, NewJob, Timings};
+use crate::job::{Callback, ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
 use crate::store::flow::from_columns;
-use crate::store::{Settle, StoreError};
+use crate::store::graph::NewRow;
+use crate::store::{ListFilter, Settle, StoreError};
 
 pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
     spec_hash, created_at, scheduled_at, started_at, finished_at, tenant, concurrency_key, \
-    concurrency_limit, rate_key, rate_per_second, rate_burst";
+    concurrency_limit, rate_key, rate_per_second, rate_burst, callback_url, \
+    depends_on::text AS depends_on, run_on_parent_failure, retried";
 
 /// The columns, each qualified with the `jobs` table, for statements that join another.
 pub(super) fn qualified() -> String {
     COLUMNS
         .split(", ")
-        .map(|c| format!("jobs.{c}"))
+        .map(|c| format!("jobs.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -87,6 +89,13 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
         rate: None,
         waiting_for: None,
         waiting_until: None,
+        callback: row
+            .try_get::<Option<String>, _>("callback_url")?
+            .map(Callback::pending),
+        depends_on: crate::store::graph::parse_ids(row.try_get("depends_on")?)?,
+        run_on_parent_failure: row.try_get("run_on_parent_failure")?,
+        retried: row.try_get::<i32, _>("retried")? as u32,
+        children: None,
     };
     (job.tenant, job.concurrency, job.rate) = from_columns(
         row.try_get("tenant")?,
@@ -105,27 +114,33 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
     Ok(job)
 }
 
-/// Inserts new queued jobs in one statement (arrays unnested into rows).
+/// Inserts new jobs in one statement (arrays unnested into rows), with the blobs they name
+/// and the parents they wait for.
 pub(super) async fn insert_rows(
     tx: &mut Transaction<'_, Postgres>,
-    rows: &[&NewJob],
+    new: &[NewRow<'_>],
 ) -> Result<(), StoreError> {
-    if rows.is_empty() {
+    if new.is_empty() {
         return Ok(());
     }
+    let rows: Vec<&NewJob> = new.iter().map(|r| r.job).collect();
     let col = |f: &dyn Fn(&NewJob) -> String| rows.iter().map(|j| f(j)).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
          max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at, \
-         tenant, concurrency_key, concurrency_limit, rate_key, rate_per_second, rate_burst, flow) \
-         SELECT id, task, kind, executor, 'queued', args::jsonb, priority, 0, max_attempts, \
-         timeout_ms, 0, key, hash, created_at, scheduled_at, tenant, ckey, climit, rkey, rps, \
-         rburst, flow FROM UNNEST($1::uuid[], $2::text[], \
+         callback_url, error, finished_at, depends_on, run_on_parent_failure, tenant, \
+         concurrency_key, concurrency_limit, rate_key, rate_per_second, rate_burst, flow) \
+         SELECT id, task, kind, executor, status, args::jsonb, priority, 0, max_attempts, \
+         timeout_ms, 0, key, hash, created_at, scheduled_at, callback_url, error::jsonb, \
+         finished_at, depends_on::jsonb, ropf, tenant, ckey, climit, rkey, rps, rburst, flow \
+         FROM UNNEST($1::uuid[], $2::text[], \
          $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
-         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::int[], \
-         $16::text[], $17::float8[], $18::int[], $19::bool[]) AS t(id, task, kind, executor, args, \
-         priority, max_attempts, timeout_ms, key, hash, created_at, scheduled_at, tenant, ckey, \
-         climit, rkey, rps, rburst, flow)",
+         $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::bigint[], \
+         $16::text[], $17::bool[], $18::text[], $19::text[], $20::text[], $21::int[], \
+         $22::text[], $23::float8[], $24::int[], $25::bool[]) AS t(id, task, kind, executor, \
+         args, priority, max_attempts, timeout_ms, key, hash, created_at, scheduled_at, status, \
+         error, finished_at, depends_on, ropf, callback_url, tenant, ckey, climit, rkey, rps, \
+         rburst, flow)",
     )
     .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
     .bind(col(&|j| j.task.clone()))
@@ -151,6 +166,28 @@ pub(super) async fn insert_rows(
     .bind(rows.iter().map(|j| j.spec_hash.clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.created_at.0).collect::<Vec<_>>())
     .bind(rows.iter().map(|j| j.scheduled_at.0).collect::<Vec<_>>())
+    .bind(new.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(
+        new.iter()
+            .map(|r| r.error.as_ref().map(error_json))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|r| r.finished_at().map(|t| t.0))
+            .collect::<Vec<_>>(),
+    )
+    .bind(new.iter().map(|r| r.depends_on_json()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|j| j.run_on_parent_failure)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.callback_url.clone())
+            .collect::<Vec<_>>(),
+    )
     .bind(col(&|j| j.tenant.clone().unwrap_or_default()))
     .bind(
         rows.iter()
@@ -180,6 +217,20 @@ pub(super) async fn insert_rows(
     .bind(rows.iter().map(|j| j.has_flow()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
+    let (parents, children): (Vec<Uuid>, Vec<Uuid>) = new
+        .iter()
+        .flat_map(|r| r.depends_on.iter().map(move |p| (p.0, r.job.id.0)))
+        .unzip();
+    if !parents.is_empty() {
+        sqlx::query(
+            "INSERT INTO job_deps (parent_id, child_id) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(parents)
+        .bind(children)
+        .execute(&mut **tx)
+        .await?;
+    }
     // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
     // the last job that names them.
     let (blobs, jobs): (Vec<Uuid>, Vec<Uuid>) = rows
@@ -201,7 +252,136 @@ pub(super) async fn insert_rows(
             .execute(&mut **tx)
             .await?;
     }
+    // A job cancelled at submit (a parent had already failed) owes its callback too.
+    let owed: Vec<JobId> = new
+        .iter()
+        .filter(|r| r.status.is_final() && r.job.callback_url.is_some())
+        .map(|r| r.job.id)
+        .collect();
+    enqueue_owed(&mut **tx, &owed, crate::clock::Micros::now().0).await?;
     Ok(())
+}
+
+/// The outbox row of each job in `ids` (just made final, with a callback URL): pending, due
+/// at its `since`. A row left from an earlier final state (the job was retried) starts over.
+pub(super) async fn enqueue_callbacks(
+    conn: &mut PgConnection,
+    ids: &[JobId],
+    since: &[i64],
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
+         SELECT id, 'pending', 0, t, t FROM UNNEST($1::uuid[], $2::bigint[]) AS v(id, t) \
+         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+         last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .bind(since)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// `(job id, status, attempts, last_error)` of the outbox rows of `ids`.
+pub(super) async fn callback_rows(
+    pool: &sqlx::PgPool,
+    ids: &[JobId],
+) -> Result<Vec<(JobId, String, i64, Option<String>)>, StoreError> {
+    let rows: Vec<(Uuid, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT job_id, status, attempts, last_error FROM callbacks WHERE job_id = ANY($1)",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, s, n, e)| (JobId(id), s, n as i64, e))
+        .collect())
+}
+
+/// The outbox rows owed by jobs among `ids` that are now final and have a callback URL
+/// (children a cascade cancelled, cancels, bulk cancels): every move into a final state owes
+/// one (`Job::calls_back_on`).
+pub(super) async fn enqueue_owed(
+    conn: &mut PgConnection,
+    ids: &[JobId],
+    now: i64,
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
+         SELECT id, 'pending', 0, $2, $2 FROM jobs WHERE id = ANY($1) \
+         AND callback_url IS NOT NULL AND status IN ('succeeded', 'failed', 'cancelled') \
+         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+         last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL",
+    )
+    .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A value bound to a filter's placeholder.
+pub(super) enum Bind {
+    Text(String),
+    Int(i64),
+    Id(Uuid),
+}
+
+/// The `WHERE` conditions of a list filter (with `statuses` for its status), numbered from
+/// `$1`, and their binds.
+pub(super) fn filter_where(filter: &ListFilter, statuses: &[JobStatus]) -> (String, Vec<Bind>) {
+    let mut sql = String::from("TRUE");
+    let mut binds = Vec::new();
+    if !statuses.is_empty() {
+        let list = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Statuses are the enum's own names, never the caller's text.
+        sql.push_str(&format!(" AND status IN ({list})"));
+    }
+    let mut add = |cond: &str, b: Bind, binds: &mut Vec<Bind>| {
+        binds.push(b);
+        sql.push_str(&format!(" AND {cond} ${}", binds.len()));
+    };
+    if let Some(t) = &filter.task {
+        add("task =", Bind::Text(t.clone()), &mut binds);
+    }
+    if let Some(k) = filter.kind {
+        add("kind =", Bind::Text(k.as_str().into()), &mut binds);
+    }
+    if let Some(t) = filter.created_before {
+        add("created_at <", Bind::Int(t.0), &mut binds);
+    }
+    if let Some(t) = filter.created_after {
+        add("created_at >=", Bind::Int(t.0), &mut binds);
+    }
+    if let Some(b) = filter.before {
+        add("id <", Bind::Id(b.0), &mut binds);
+    }
+    (sql, binds)
+}
+
+pub(super) fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    for b in binds {
+        q = match b {
+            Bind::Text(t) => q.bind(t),
+            Bind::Int(i) => q.bind(i),
+            Bind::Id(u) => q.bind(u),
+        };
+    }
+    q
 }
 
 /// PostgreSQL's `deadlock_detected`: the transaction was rolled back to break a deadlock.
@@ -332,6 +512,17 @@ pub(super) struct Notices {
     pub new: HashSet<crate::job::ExecutorKind>,
     /// Jobs whose state changed: `change:<id>,<id>,...`, for watchers on other servers.
     pub changed: Vec<JobId>,
+    /// Running jobs cancelled: `cancel:<id>`, one each, to whoever runs them.
+    pub cancelled: Vec<JobId>,
+}
+
+impl Notices {
+    /// Adds what a parent's final state (or a retry) moved besides its own job.
+    pub(super) fn cascaded(&mut self, cascade: crate::store::graph::Cascade) {
+        self.new
+            .extend(cascade.queued.iter().map(|(_, lane)| *lane));
+        self.changed.extend(cascade.moved);
+    }
 }
 
 impl Notices {
@@ -341,6 +532,7 @@ impl Notices {
             .new
             .iter()
             .map(|e| format!("new:{}", e.as_str()))
+            .chain(self.cancelled.iter().map(|id| format!("cancel:{id}")))
             .collect();
         let mut list = String::new();
         for id in &self.changed {
@@ -403,6 +595,7 @@ mod tests {
         let notices = Notices {
             new: [ExecutorKind::Async].into_iter().collect(),
             changed: ids.clone(),
+            cancelled: Vec::new(),
         };
         let payloads = notices.payloads();
         assert!(payloads.len() > 2, "cut into several");

@@ -11,6 +11,7 @@
 //! `exclusive`.
 
 mod flow;
+mod graph;
 mod sql;
 mod writer;
 
@@ -27,14 +28,14 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    flow_keys, BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, JobStore, Lease,
-    ListFilter, Notice, Settle, StoreError,
+    flow_keys, BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks,
+    DeleteOutcome, Inserted, JobStore, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
 use crate::flow::{FlowCount, FlowState, FlowStats, Sharing, Top};
-use crate::job::{ExecutorKind, Job, JobId, NewJob};
+use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use sql::{job_from_row, COLUMNS};
 use writer::{Op, MAX_BATCH};
 
@@ -64,6 +65,16 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "store_is_queue",
         include_str!("../../../migrations/sqlite/0005_store_is_queue.sql"),
+    ),
+    (
+        8,
+        "dependencies",
+        include_str!("../../../migrations/sqlite/0008_dependencies.sql"),
+    ),
+    (
+        10,
+        "callbacks",
+        include_str!("../../../migrations/sqlite/0010_callbacks.sql"),
     ),
     (
         11,
@@ -133,6 +144,20 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+
+    /// Lays the outbox rows over the jobs that have a callback (one read, none without).
+    async fn with_callbacks(&self, jobs: &mut [Job]) -> Result<(), StoreError> {
+        let ids: Vec<JobId> = jobs
+            .iter()
+            .filter(|j| j.callback.is_some())
+            .map(|j| j.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows = sql::callback_rows(&self.reads, &ids).await?;
+        super::lay_callbacks(jobs, rows)
+    }
 }
 
 #[async_trait]
@@ -157,39 +182,29 @@ impl JobStore for SqliteStore {
             .bind(id.to_string())
             .fetch_optional(&self.reads)
             .await?;
-        row.as_ref().map(job_from_row).transpose()
+        let Some(job) = row.as_ref().map(job_from_row).transpose()? else {
+            return Ok(None);
+        };
+        let mut jobs = [job];
+        self.with_callbacks(&mut jobs).await?;
+        let [job] = jobs;
+        Ok(Some(job))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Job>, StoreError> {
-        let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1");
-        if filter.status.is_some() {
-            sql.push_str(" AND status = ?");
-        }
-        if filter.task.is_some() {
-            sql.push_str(" AND task = ?");
-        }
-        if filter.kind.is_some() {
-            sql.push_str(" AND kind = ?");
-        }
-        if filter.before.is_some() {
-            sql.push_str(" AND id < ?");
-        }
-        sql.push_str(" ORDER BY id DESC LIMIT ?");
-        let mut q = sqlx::query(&sql);
-        if let Some(s) = filter.status {
-            q = q.bind(s.as_str());
-        }
-        if let Some(t) = &filter.task {
-            q = q.bind(t.clone());
-        }
-        if let Some(k) = filter.kind {
-            q = q.bind(k.as_str());
-        }
-        if let Some(b) = filter.before {
-            q = q.bind(b.to_string());
-        }
-        let rows = q.bind(filter.limit as i64).fetch_all(&self.reads).await?;
-        rows.iter().map(job_from_row).collect()
+        let statuses: Vec<JobStatus> = filter.status.into_iter().collect();
+        let (cond, binds) = sql::filter_where(filter, &statuses);
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE {cond} ORDER BY id DESC LIMIT ?");
+        let rows = sql::bind_all(sqlx::query(&sql), binds)
+            .bind(filter.limit as i64)
+            .fetch_all(&self.reads)
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_callbacks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     async fn claim(
@@ -374,5 +389,107 @@ impl JobStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reads).await?;
         Ok(())
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        now: Micros,
+        until: Micros,
+    ) -> Result<ClaimedCallbacks, StoreError> {
+        self.write(|reply| Op::ClaimCallbacks {
+            limit,
+            now,
+            until,
+            reply,
+        })
+        .await
+    }
+
+    async fn record_callback(
+        &self,
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        self.write(|reply| Op::RecordCallback {
+            job,
+            attempt,
+            outcome,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn children(&self, id: JobId) -> Result<Vec<JobId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT child_id FROM job_deps WHERE parent_id = ? ORDER BY child_id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reads)
+        .await?;
+        ids.iter()
+            .map(|s| s.parse().map_err(|e| super::corrupt("id", e)))
+            .collect()
+    }
+
+    async fn results(
+        &self,
+        ids: &[JobId],
+    ) -> Result<Vec<(JobId, Option<serde_json::Value>)>, StoreError> {
+        graph::results(&self.reads, ids).await
+    }
+
+    async fn retry(&self, id: JobId, now: Micros) -> Result<RetryOutcome, StoreError> {
+        self.write(|reply| Op::Retry { id, now, reply }).await
+    }
+
+    async fn retry_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<Job>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.write(|reply| Op::RetryMatching {
+            filter,
+            statuses,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn cancel_matching(
+        &self,
+        filter: &ListFilter,
+        statuses: &[JobStatus],
+        now: Micros,
+    ) -> Result<Vec<(Job, JobStatus)>, StoreError> {
+        let (filter, statuses) = (filter.clone(), statuses.to_vec());
+        self.write(|reply| Op::CancelMatching {
+            filter,
+            statuses,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn resolve_waiting(
+        &self,
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+    ) -> Result<(u64, Option<JobId>), StoreError> {
+        self.write(|reply| Op::ResolveWaiting {
+            after,
+            limit,
+            now,
+            reply,
+        })
+        .await
     }
 }

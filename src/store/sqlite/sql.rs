@@ -13,17 +13,20 @@ use sqlx::Row;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::flow::Sharing;
-use crate::job::{ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings};
+use crate::job::{
+    Callback, ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings,
+};
 use crate::store::flow::from_columns;
+use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
-    BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, KeyedSubmit, Lease, Settle,
-    StoreError,
+    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
+    Delivery, Inserted, KeyedSubmit, Lease, ListFilter, Settle, StoreError,
 };
 
 pub(super) const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, \
     priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, spec_hash, \
     created_at, scheduled_at, started_at, finished_at, tenant, concurrency_key, concurrency_limit, \
-    rate_key, rate_per_second, rate_burst";
+    rate_key, rate_per_second, rate_burst, callback_url, depends_on, run_on_parent_failure, retried";
 
 /// Most rows in one merged INSERT, and most jobs in one submit that may be merged.
 pub(super) const MERGED_INSERT_MAX: usize = 500;
@@ -83,6 +86,13 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
         rate: None,
         waiting_for: None,
         waiting_until: None,
+        callback: row
+            .try_get::<Option<String>, _>("callback_url")?
+            .map(Callback::pending),
+        depends_on: crate::store::graph::parse_ids(row.try_get("depends_on")?)?,
+        run_on_parent_failure: row.try_get::<i64, _>("run_on_parent_failure")? != 0,
+        retried: row.try_get::<i64, _>("retried")? as u32,
+        children: None,
     };
     (job.tenant, job.concurrency, job.rate) = from_columns(
         row.try_get("tenant")?,
@@ -100,7 +110,10 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
     Ok(job)
 }
 
-fn select_one(conn: Conn<'_>, id: JobId) -> BoxFuture<'_, Result<Option<Job>, StoreError>> {
+pub(super) fn select_one(
+    conn: Conn<'_>,
+    id: JobId,
+) -> BoxFuture<'_, Result<Option<Job>, StoreError>> {
     Box::pin(async move {
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?");
         let row = sqlx::query(&sql)
@@ -111,22 +124,28 @@ fn select_one(conn: Conn<'_>, id: JobId) -> BoxFuture<'_, Result<Option<Job>, St
     })
 }
 
-/// Whether a submit may be merged with others into one INSERT: no idempotency key to look up.
+/// Whether a submit may be merged with others into one INSERT: no idempotency key to look up,
+/// no parents to look up.
 pub(super) fn mergeable(jobs: &[NewJob]) -> bool {
-    jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.idempotency_key.is_none())
+    jobs.len() <= MERGED_INSERT_MAX
+        && jobs
+            .iter()
+            .all(|j| j.idempotency_key.is_none() && j.depends_on.is_empty())
 }
 
-/// Inserts new queued jobs, many rows per statement, and records which blobs they name.
+/// Inserts new jobs, many rows per statement, and records which blobs they name and which
+/// parents they wait for.
 pub(super) fn insert_rows<'a>(
     conn: Conn<'a>,
-    rows: &'a [&'a NewJob],
+    rows: &'a [NewRow<'a>],
 ) -> BoxFuture<'a, Result<(), StoreError>> {
     Box::pin(async move {
         for chunk in rows.chunks(MERGED_INSERT_MAX) {
             let mut sql = String::from(
                 "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
                  max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, \
-                 scheduled_at, tenant, concurrency_key, concurrency_limit, rate_key, \
+                 scheduled_at, callback_url, error, finished_at, depends_on, \
+                 run_on_parent_failure, tenant, concurrency_key, concurrency_limit, rate_key, \
                  rate_per_second, rate_burst, flow) VALUES ",
             );
             for n in 0..chunk.len() {
@@ -134,16 +153,18 @@ pub(super) fn insert_rows<'a>(
                     sql.push(',');
                 }
                 sql.push_str(
-                    "(?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 );
             }
             let mut q = sqlx::query(&sql);
-            for job in chunk {
+            for row in chunk {
+                let job = row.job;
                 q = q
                     .bind(job.id.to_string())
                     .bind(job.task.clone())
                     .bind(job.kind.as_str())
                     .bind(job.executor.as_str())
+                    .bind(row.status.as_str())
                     .bind(job.args.to_string())
                     .bind(job.priority)
                     .bind(job.max_attempts as i64)
@@ -152,6 +173,11 @@ pub(super) fn insert_rows<'a>(
                     .bind(job.spec_hash.clone())
                     .bind(job.created_at.0)
                     .bind(job.scheduled_at.0)
+                    .bind(job.callback_url.clone())
+                    .bind(row.error.as_ref().map(error_json))
+                    .bind(row.finished_at().map(|t| t.0))
+                    .bind(row.depends_on_json())
+                    .bind(job.run_on_parent_failure as i64)
                     .bind(job.tenant.clone().unwrap_or_default())
                     .bind(job.concurrency.as_ref().map(|c| c.key.clone()))
                     .bind(job.concurrency.as_ref().map(|c| c.limit as i64))
@@ -162,11 +188,21 @@ pub(super) fn insert_rows<'a>(
             }
             q.execute(&mut *conn).await?;
         }
+        super::graph::insert_edges(&mut *conn, rows).await?;
+        // A job cancelled at submit (a parent had already failed) owes its callback too.
+        let owed: Vec<JobId> = rows
+            .iter()
+            .filter(|r| r.status.is_final() && r.job.callback_url.is_some())
+            .map(|r| r.job.id)
+            .collect();
+        if !owed.is_empty() {
+            enqueue_callbacks(&mut *conn, &owed, Micros::now()).await?;
+        }
         // The blobs these jobs name (their tasks' blob arguments) are now in use: they go with
         // the last job that names them (see prune_blobs).
         let named: Vec<(&str, JobId)> = rows
             .iter()
-            .flat_map(|j| j.blobs.iter().map(move |b| (b.as_str(), j.id)))
+            .flat_map(|r| r.job.blobs.iter().map(move |b| (b.as_str(), r.job.id)))
             .collect();
         for chunk in named.chunks(ID_CHUNK) {
             let values = vec!["(?, ?)"; chunk.len()].join(", ");
@@ -207,8 +243,10 @@ pub(super) fn insert(
             }
         }
         let plan = KeyedSubmit::plan(&jobs, &stored)?;
-        insert_rows(&mut *conn, &plan.fresh()).await?;
-        Ok(plan.answer())
+        let found = super::graph::statuses(&mut *conn, &plan.parents()).await?;
+        let rows = plan.rows(&found)?;
+        insert_rows(&mut *conn, &rows).await?;
+        Ok(plan.answer(&rows))
     })
 }
 
@@ -330,12 +368,14 @@ pub(super) fn settle_rows<'a>(
     })
 }
 
-/// queued | running → cancelled; answers the status it was cancelled from.
-pub(super) fn cancel(
-    conn: Conn<'_>,
+/// waiting | queued | running → cancelled; answers the status it was cancelled from. Its
+/// waiting children move on in the same transaction (`cascade`).
+pub(super) fn cancel<'a>(
+    conn: Conn<'a>,
     id: JobId,
     now: Micros,
-) -> BoxFuture<'_, Result<CancelOutcome, StoreError>> {
+    cascade: &'a mut Cascade,
+) -> BoxFuture<'a, Result<CancelOutcome, StoreError>> {
     Box::pin(async move {
         // The writer is the only writer, so the status read here is the one the update moves
         // from.
@@ -359,7 +399,7 @@ pub(super) fn cancel(
         ));
         let sql = format!(
             "UPDATE jobs SET status = 'cancelled', error = ?, finished_at = ?, owner = NULL, \
-             lease_until = NULL WHERE id = ? AND status IN ('queued', 'running') \
+             lease_until = NULL WHERE id = ? AND status IN ('waiting', 'queued', 'running') \
              RETURNING {COLUMNS}"
         );
         let row = sqlx::query(&sql)
@@ -368,10 +408,13 @@ pub(super) fn cancel(
             .bind(id.to_string())
             .fetch_one(&mut *conn)
             .await?;
-        Ok(CancelOutcome::Cancelled {
-            job: job_from_row(&row)?,
-            was,
-        })
+        let job = job_from_row(&row)?;
+        if job.callback.is_some() {
+            enqueue_callbacks(&mut *conn, &[id], now).await?;
+        }
+        super::graph::resolve(&mut *conn, vec![id], now, cascade).await?;
+        enqueue_owed(&mut *conn, &cascade.moved, now).await?;
+        Ok(CancelOutcome::Cancelled { job, was })
     })
 }
 
@@ -498,7 +541,7 @@ pub(super) fn delete_blob(
         }
         let users: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM job_blobs jb JOIN jobs j ON j.id = jb.job_id \
-             WHERE jb.blob_id = ? AND j.status IN ('queued', 'running')",
+             WHERE jb.blob_id = ? AND j.status IN ('waiting', 'queued', 'running')",
         )
         .bind(&id)
         .fetch_one(&mut *conn)
@@ -511,6 +554,270 @@ pub(super) fn delete_blob(
             .execute(&mut *conn)
             .await?;
         Ok(BlobDeleteOutcome::Deleted)
+    })
+}
+
+/// Writes the outbox rows of jobs that just became final with a callback URL: pending, due
+/// now. A row left from an earlier final state (the job was retried) starts over.
+pub(super) fn enqueue_callbacks<'a>(
+    conn: Conn<'a>,
+    ids: &'a [JobId],
+    now: Micros,
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        for chunk in ids.chunks(ID_CHUNK) {
+            let values = vec!["(?, 'pending', 0, NULL, ?, ?, NULL)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO callbacks (job_id, status, attempts, last_error, since, due_at, \
+                 done_at) VALUES {values} ON CONFLICT (job_id) DO UPDATE SET \
+                 status = 'pending', attempts = 0, last_error = NULL, since = excluded.since, \
+                 due_at = excluded.due_at, done_at = NULL"
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string()).bind(now.0).bind(now.0);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
+    })
+}
+
+/// The outbox rows owed by the moves that applied (`done`), written in the same transaction.
+pub(super) fn enqueue_settled<'a>(
+    conn: Conn<'a>,
+    moves: &'a [&'a Settle],
+    done: &'a HashSet<JobId>,
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        let mut by_time: HashMap<i64, Vec<JobId>> = HashMap::new();
+        for m in moves
+            .iter()
+            .filter(|m| m.calls_back() && done.contains(&m.job.id))
+        {
+            by_time.entry(m.now.0).or_default().push(m.job.id);
+        }
+        for (now, ids) in by_time {
+            enqueue_callbacks(&mut *conn, &ids, Micros(now)).await?;
+        }
+        Ok(())
+    })
+}
+
+/// `(job id, status, attempts, last_error)` of the outbox rows of `ids`.
+pub(super) type CallbackRow = (JobId, String, i64, Option<String>);
+
+pub(super) fn callback_rows<'a>(
+    pool: &'a sqlx::SqlitePool,
+    ids: &'a [JobId],
+) -> BoxFuture<'a, Result<Vec<CallbackRow>, StoreError>> {
+    Box::pin(async move {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ID_CHUNK) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT job_id, status, attempts, last_error FROM callbacks \
+                 WHERE job_id IN ({marks})"
+            );
+            let mut q = sqlx::query_as::<_, (String, String, i64, Option<String>)>(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for (id, status, attempts, error) in q.fetch_all(pool).await? {
+                out.push((
+                    id.parse().map_err(|e| corrupt("id", e))?,
+                    status,
+                    attempts,
+                    error,
+                ));
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Claims due pending callbacks: one more attempt each, not due again before `until`.
+pub(super) fn claim_callbacks(
+    conn: Conn<'_>,
+    limit: u32,
+    now: Micros,
+    until: Micros,
+) -> BoxFuture<'_, Result<ClaimedCallbacks, StoreError>> {
+    Box::pin(async move {
+        let rows: Vec<(String, i64, i64, Option<String>)> = sqlx::query_as(
+            "UPDATE callbacks SET attempts = attempts + 1, due_at = ?1 WHERE job_id IN \
+             (SELECT job_id FROM callbacks WHERE status = 'pending' AND due_at <= ?2 \
+             ORDER BY due_at LIMIT ?3) RETURNING job_id, attempts, since, last_error",
+        )
+        .bind(until.0)
+        .bind(now.0)
+        .bind(limit as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for (id, attempts, since, error) in rows {
+            let Some(mut job) =
+                select_one(&mut *conn, id.parse().map_err(|e| corrupt("id", e))?).await?
+            else {
+                continue;
+            };
+            let Some(cb) = job.callback.as_mut() else {
+                return Err(corrupt(
+                    "callbacks",
+                    format!("job {id} has no callback_url"),
+                ));
+            };
+            cb.attempts = attempts as u32;
+            cb.last_error = error;
+            deliveries.push(Delivery {
+                job,
+                attempt: attempts as u32,
+                since: Micros(since),
+            });
+        }
+        let next_due = if deliveries.len() < limit as usize {
+            let at: Option<i64> =
+                sqlx::query_scalar("SELECT MIN(due_at) FROM callbacks WHERE status = 'pending'")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            at.map(Micros)
+        } else {
+            None
+        };
+        Ok(ClaimedCallbacks {
+            deliveries,
+            next_due,
+        })
+    })
+}
+
+/// Writes a delivery's outcome if the callback is still pending at `attempt`.
+pub(super) fn record_callback(
+    conn: Conn<'_>,
+    job: JobId,
+    attempt: u32,
+    outcome: CallbackOutcome,
+    now: Micros,
+) -> BoxFuture<'_, Result<bool, StoreError>> {
+    Box::pin(async move {
+        let done_at = (outcome.status() != crate::job::CallbackStatus::Pending).then_some(now.0);
+        let done = sqlx::query(
+            "UPDATE callbacks SET status = ?, last_error = COALESCE(?, last_error), \
+             due_at = COALESCE(?, due_at), done_at = ? \
+             WHERE job_id = ? AND status = 'pending' AND attempts = ?",
+        )
+        .bind(outcome.status().as_str())
+        .bind(outcome.error())
+        .bind(outcome.due().map(|t| t.0))
+        .bind(done_at)
+        .bind(job.to_string())
+        .bind(attempt as i64)
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
+}
+
+/// Writes the outbox rows owed by jobs among `ids` that are now final and have a callback URL
+/// (children a cascade cancelled, bulk cancels): every move into a final state owes one
+/// (`Job::calls_back_on`).
+pub(super) fn enqueue_owed<'a>(
+    conn: Conn<'a>,
+    ids: &'a [JobId],
+    now: Micros,
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        let mut owed = Vec::new();
+        for chunk in ids.chunks(ID_CHUNK) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT id FROM jobs WHERE id IN ({marks}) AND callback_url IS NOT NULL \
+                 AND status IN ('succeeded', 'failed', 'cancelled')"
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for id in q.fetch_all(&mut *conn).await? {
+                owed.push(id.parse().map_err(|e| corrupt("id", e))?);
+            }
+        }
+        enqueue_callbacks(&mut *conn, &owed, now).await
+    })
+}
+
+/// A value bound to a filter's placeholder.
+pub(super) enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// The `WHERE` conditions of a list filter (with `statuses` for its status), and their binds.
+pub(super) fn filter_where(filter: &ListFilter, statuses: &[JobStatus]) -> (String, Vec<Bind>) {
+    let mut sql = String::from("1 = 1");
+    let mut binds = Vec::new();
+    if !statuses.is_empty() {
+        sql.push_str(&format!(
+            " AND status IN ({})",
+            vec!["?"; statuses.len()].join(", ")
+        ));
+        binds.extend(statuses.iter().map(|s| Bind::Text(s.as_str().into())));
+    }
+    if let Some(t) = &filter.task {
+        sql.push_str(" AND task = ?");
+        binds.push(Bind::Text(t.clone()));
+    }
+    if let Some(k) = filter.kind {
+        sql.push_str(" AND kind = ?");
+        binds.push(Bind::Text(k.as_str().into()));
+    }
+    if let Some(t) = filter.created_before {
+        sql.push_str(" AND created_at < ?");
+        binds.push(Bind::Int(t.0));
+    }
+    if let Some(t) = filter.created_after {
+        sql.push_str(" AND created_at >= ?");
+        binds.push(Bind::Int(t.0));
+    }
+    if let Some(b) = filter.before {
+        sql.push_str(" AND id < ?");
+        binds.push(Bind::Text(b.to_string()));
+    }
+    (sql, binds)
+}
+
+pub(super) fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for b in binds {
+        q = match b {
+            Bind::Text(t) => q.bind(t),
+            Bind::Int(i) => q.bind(i),
+        };
+    }
+    q
+}
+
+/// The ids of up to `filter.limit` jobs matching the filter, oldest first.
+pub(super) fn matching_ids<'a>(
+    conn: Conn<'a>,
+    filter: &'a ListFilter,
+    statuses: &'a [JobStatus],
+) -> BoxFuture<'a, Result<Vec<JobId>, StoreError>> {
+    Box::pin(async move {
+        let (cond, binds) = filter_where(filter, statuses);
+        let sql = format!("SELECT id FROM jobs WHERE {cond} ORDER BY id LIMIT ?");
+        let rows = bind_all(sqlx::query(&sql), binds)
+            .bind(filter.limit as i64)
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(0)?;
+                id.parse().map_err(|e| corrupt("id", e))
+            })
+            .collect()
     })
 }
 

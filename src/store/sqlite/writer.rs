@@ -18,15 +18,17 @@ use sqlx::sqlite::SqliteConnection;
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::graph;
 use super::sql::{self, exec, mergeable, MERGED_INSERT_MAX, SETTLE_CHUNK};
 use super::NoticeTx;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::flow::Sharing;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
+use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
-    frees_key, BlobDeleteOutcome, CancelOutcome, Claimed, DeleteOutcome, Inserted, Lease, Notice,
-    Settle, StoreError,
+    frees_key, BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks,
+    DeleteOutcome, Inserted, Lease, ListFilter, Notice, RetryOutcome, Settle, StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -84,18 +86,70 @@ pub(super) enum Op {
         limit: u32,
         reply: Reply<Vec<String>>,
     },
+    ClaimCallbacks {
+        limit: u32,
+        now: Micros,
+        until: Micros,
+        reply: Reply<ClaimedCallbacks>,
+    },
+    RecordCallback {
+        job: JobId,
+        attempt: u32,
+        outcome: CallbackOutcome,
+        now: Micros,
+        reply: Reply<bool>,
+    },
+    Retry {
+        id: JobId,
+        now: Micros,
+        reply: Reply<RetryOutcome>,
+    },
+    RetryMatching {
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+        now: Micros,
+        reply: Reply<Vec<Job>>,
+    },
+    CancelMatching {
+        filter: ListFilter,
+        statuses: Vec<JobStatus>,
+        now: Micros,
+        reply: Reply<Vec<(Job, JobStatus)>>,
+    },
+    ResolveWaiting {
+        after: Option<JobId>,
+        limit: u32,
+        now: Micros,
+        reply: Reply<(u64, Option<JobId>)>,
+    },
 }
 
 impl Op {
     /// Whether the op writes with at most one statement, so that SQLite's autocommit makes it
     /// atomic without a transaction of its own. (Reads that explain a miss do not count: this
-    /// task is the only writer.)
-    fn single_write(&self) -> bool {
+    /// task is the only writer.) `edges`: whether any job has parents, so that a job reaching
+    /// a final state may move children too (more writes, which must share its transaction).
+    fn single_write(&self, edges: bool) -> bool {
         match self {
             Op::Insert { jobs, .. } => {
-                jobs.len() <= MERGED_INSERT_MAX && jobs.iter().all(|j| j.blobs.is_empty())
+                jobs.len() <= MERGED_INSERT_MAX
+                    && jobs
+                        .iter()
+                        .all(|j| j.blobs.is_empty() && j.depends_on.is_empty())
             }
-            Op::Settle { moves, .. } => moves.len() <= SETTLE_CHUNK,
+            // A move that owes a callback writes its outbox row too; with edges, a job
+            // reaching a final state may move its children.
+            Op::Settle { moves, .. } => {
+                moves.len() <= SETTLE_CHUNK
+                    && !moves.iter().any(Settle::calls_back)
+                    && !(edges && moves.iter().any(|m| m.next.status().is_final()))
+            }
+            // Its job may have a callback to enqueue: not known before the read.
+            Op::Cancel { .. } => false,
+            Op::Retry { .. }
+            | Op::RetryMatching { .. }
+            | Op::CancelMatching { .. }
+            | Op::ResolveWaiting { .. } => false,
             _ => true,
         }
     }
@@ -116,6 +170,12 @@ impl Op {
             Op::InsertBlob { reply, .. } => send(reply, msg),
             Op::DeleteBlob { reply, .. } => send(reply, msg),
             Op::PruneBlobs { reply, .. } => send(reply, msg),
+            Op::ClaimCallbacks { reply, .. } => send(reply, msg),
+            Op::RecordCallback { reply, .. } => send(reply, msg),
+            Op::Retry { reply, .. } => send(reply, msg),
+            Op::RetryMatching { reply, .. } => send(reply, msg),
+            Op::CancelMatching { reply, .. } => send(reply, msg),
+            Op::ResolveWaiting { reply, .. } => send(reply, msg),
         }
     }
 }
@@ -145,6 +205,19 @@ fn stops_batch(e: &StoreError) -> bool {
 struct Outcome {
     answers: Vec<Answer>,
     notices: Vec<Notice>,
+    /// Whether any job has parents (`job_deps` has rows): until one has, no final state can
+    /// move another job, and the writer does not look for children.
+    edges: bool,
+}
+
+impl Outcome {
+    /// Announces what a parent's final state (or a retry) moved besides its own job.
+    fn cascaded(&mut self, cascade: Cascade) {
+        let lanes: HashSet<ExecutorKind> = cascade.queued.iter().map(|(_, l)| *l).collect();
+        self.notices.extend(lanes.into_iter().map(Notice::New));
+        self.notices
+            .extend(cascade.moved.into_iter().map(Notice::Changed));
+    }
 }
 
 pub(super) fn run(
@@ -154,26 +227,33 @@ pub(super) fn run(
 ) -> BoxFuture<'static, ()> {
     Box::pin(async move {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        // Read once; from then on this task (the only writer) sets it when it stores an edge.
+        let mut edges = graph::any_edges(&mut conn).await.unwrap_or(true);
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            commit_batch(&mut conn, std::mem::take(&mut batch), &notices).await;
+            edges = commit_batch(&mut conn, std::mem::take(&mut batch), &notices, edges).await;
         }
         let _ = conn.close().await;
     })
 }
 
+/// Commits one batch; answers whether any job has parents now.
 fn commit_batch<'a>(
     conn: &'a mut SqliteConnection,
     mut batch: Vec<Op>,
     notices: &'a NoticeTx,
-) -> BoxFuture<'a, ()> {
+    edges: bool,
+) -> BoxFuture<'a, bool> {
     Box::pin(async move {
         let started = std::time::Instant::now();
         let ops = batch.len();
         // One op that writes once needs no transaction of its own: SQLite runs the statement as
         // one (autocommit). Skipping BEGIN and COMMIT saves two round trips to SQLite's
         // thread, most of an idle server's submit latency.
-        let solo = ops == 1 && batch[0].single_write();
-        let mut out = Outcome::default();
+        let solo = ops == 1 && batch[0].single_write(edges);
+        let mut out = Outcome {
+            edges,
+            ..Outcome::default()
+        };
         let result = if solo {
             let op = batch.pop().expect("one op");
             run_op(conn, op, &mut out).await
@@ -188,6 +268,7 @@ fn commit_batch<'a>(
                 },
             }
         };
+        let edges = out.edges;
         match result {
             Ok(()) => {
                 metrics::histogram!("offload_store_commit_seconds")
@@ -211,6 +292,7 @@ fn commit_batch<'a>(
                 }
             }
         }
+        edges
     })
 }
 
@@ -270,11 +352,14 @@ fn run_batch<'a>(
                 .collect::<Vec<Op>>()
         };
         if !inserts.is_empty() {
-            let rows: Vec<&NewJob> = inserts.iter().flat_map(|(_, jobs)| jobs.iter()).collect();
+            let rows: Vec<NewRow> = inserts
+                .iter()
+                .flat_map(|(_, jobs)| jobs.iter().map(NewRow::queued))
+                .collect();
             if let Err(e) = sql::insert_rows(&mut *conn, &rows).await {
                 return Err((e.to_string(), unrun(inserts, settles, rest)));
             }
-            let lanes: HashSet<ExecutorKind> = rows.iter().map(|j| j.executor).collect();
+            let lanes: HashSet<ExecutorKind> = rows.iter().map(|r| r.job.executor).collect();
             out.notices.extend(lanes.into_iter().map(Notice::New));
             for (reply, jobs) in inserts {
                 let created = jobs.iter().map(|j| Inserted::Created(j.to_job())).collect();
@@ -287,6 +372,22 @@ fn run_batch<'a>(
                 Ok(done) => done,
                 Err(e) => return Err((e.to_string(), unrun(Vec::new(), settles, rest))),
             };
+            if let Err(e) = sql::enqueue_settled(&mut *conn, &all, &done).await {
+                return Err((e.to_string(), unrun(Vec::new(), settles, rest)));
+            }
+            if out.edges {
+                let finals = finished(&all, &done);
+                let mut cascade = Cascade::default();
+                let now = Micros::now();
+                let moved = match graph::resolve(&mut *conn, finals, now, &mut cascade).await {
+                    Ok(()) => sql::enqueue_owed(&mut *conn, &cascade.moved, now).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = moved {
+                    return Err((e.to_string(), unrun(Vec::new(), settles, rest)));
+                }
+                out.cascaded(cascade);
+            }
             for (reply, moves) in settles {
                 let moved = settled(&moves, &done, &mut out.notices);
                 out.answers.push(answer(reply, Ok(moved)));
@@ -304,6 +405,15 @@ fn run_batch<'a>(
     })
 }
 
+/// The jobs that the applied moves of a settle left final: their children move next.
+fn finished(moves: &[&Settle], done: &HashSet<JobId>) -> Vec<JobId> {
+    moves
+        .iter()
+        .filter(|m| m.next.status().is_final() && done.contains(&m.job.id))
+        .map(|m| m.job.id)
+        .collect()
+}
+
 /// The answer to a settle: each move's job as moved, or `None` where its guard refused.
 fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -> Vec<Option<Job>> {
     moves
@@ -318,6 +428,16 @@ fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -
             })
         })
         .collect()
+}
+
+/// Announces retried jobs: their lanes, if queued.
+fn retried(out: &mut Outcome, jobs: &[Job]) {
+    let lanes: HashSet<ExecutorKind> = jobs
+        .iter()
+        .filter(|j| j.status == JobStatus::Queued)
+        .map(|j| j.executor)
+        .collect();
+    out.notices.extend(lanes.into_iter().map(Notice::New));
 }
 
 /// Runs one op. A database error comes back as the message (the op itself has been answered
@@ -347,9 +467,11 @@ fn run_op<'a>(
         match op {
             Op::Insert { jobs, reply } => {
                 let lanes: HashSet<ExecutorKind> = jobs.iter().map(|j| j.executor).collect();
+                let has_parents = jobs.iter().any(|j| !j.depends_on.is_empty());
                 let result = sql::insert(&mut *conn, jobs).await;
                 if result.is_ok() {
                     out.notices.extend(lanes.into_iter().map(Notice::New));
+                    out.edges |= has_parents;
                 }
                 finish!(reply, result)
             }
@@ -366,13 +488,33 @@ fn run_op<'a>(
             ),
             Op::Settle { moves, reply } => {
                 let all: Vec<&Settle> = moves.iter().collect();
-                let result = sql::settle_rows(&mut *conn, &all)
-                    .await
-                    .map(|done| settled(&moves, &done, &mut out.notices));
+                let mut cascade = Cascade::default();
+                let result = match sql::settle_rows(&mut *conn, &all).await {
+                    Ok(done) => sql::enqueue_settled(&mut *conn, &all, &done)
+                        .await
+                        .map(|()| done),
+                    Err(e) => Err(e),
+                };
+                let result = match result {
+                    Ok(done) if out.edges => {
+                        let finals = finished(&all, &done);
+                        let now = Micros::now();
+                        match graph::resolve(&mut *conn, finals, now, &mut cascade).await {
+                            Ok(()) => sql::enqueue_owed(&mut *conn, &cascade.moved, now)
+                                .await
+                                .map(|()| done),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
+                let result = result.map(|done| settled(&moves, &done, &mut out.notices));
+                out.cascaded(cascade);
                 finish!(reply, result)
             }
             Op::Cancel { id, now, reply } => {
-                let result = sql::cancel(&mut *conn, id, now).await;
+                let mut cascade = Cascade::default();
+                let result = sql::cancel(&mut *conn, id, now, &mut cascade).await;
                 if let Ok(CancelOutcome::Cancelled {
                     was: JobStatus::Running,
                     job,
@@ -383,6 +525,75 @@ fn run_op<'a>(
                         out.notices.push(Notice::New(job.executor));
                     }
                 }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::Retry { id, now, reply } => {
+                let mut cascade = Cascade::default();
+                let result = graph::retry(&mut *conn, id, now, &mut cascade).await;
+                if let Ok(RetryOutcome::Retried(job)) = &result {
+                    retried(out, std::slice::from_ref(job));
+                }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::RetryMatching {
+                filter,
+                statuses,
+                now,
+                reply,
+            } => {
+                let mut cascade = Cascade::default();
+                let result = match sql::matching_ids(&mut *conn, &filter, &statuses).await {
+                    Ok(ids) => graph::retry_many(&mut *conn, ids, now, &mut cascade).await,
+                    Err(e) => Err(e),
+                };
+                if let Ok(jobs) = &result {
+                    retried(out, jobs);
+                }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::CancelMatching {
+                filter,
+                statuses,
+                now,
+                reply,
+            } => {
+                let mut cascade = Cascade::default();
+                let result = match sql::matching_ids(&mut *conn, &filter, &statuses).await {
+                    Ok(ids) => graph::cancel_many(&mut *conn, ids, now, &mut cascade).await,
+                    Err(e) => Err(e),
+                };
+                if let Ok(jobs) = &result {
+                    for (job, was) in jobs {
+                        if *was == JobStatus::Running {
+                            out.notices.push(Notice::Cancel(job.id));
+                            if frees_key(job) {
+                                out.notices.push(Notice::New(job.executor));
+                            }
+                        }
+                    }
+                }
+                out.cascaded(cascade);
+                finish!(reply, result)
+            }
+            Op::ResolveWaiting {
+                after,
+                limit,
+                now,
+                reply,
+            } => {
+                let mut cascade = Cascade::default();
+                let result =
+                    match graph::resolve_waiting(&mut *conn, after, limit, now, &mut cascade).await
+                    {
+                        Ok(r) => sql::enqueue_owed(&mut *conn, &cascade.moved, now)
+                            .await
+                            .map(|()| r),
+                        Err(e) => Err(e),
+                    };
+                out.cascaded(cascade);
                 finish!(reply, result)
             }
             Op::Delete { id, reply } => finish!(reply, sql::delete(&mut *conn, id).await),
@@ -404,6 +615,25 @@ fn run_op<'a>(
             Op::PruneBlobs { limit, reply } => {
                 finish!(reply, sql::prune_blobs(&mut *conn, limit).await)
             }
+            Op::ClaimCallbacks {
+                limit,
+                now,
+                until,
+                reply,
+            } => finish!(
+                reply,
+                sql::claim_callbacks(&mut *conn, limit, now, until).await
+            ),
+            Op::RecordCallback {
+                job,
+                attempt,
+                outcome,
+                now,
+                reply,
+            } => finish!(
+                reply,
+                sql::record_callback(&mut *conn, job, attempt, outcome, now).await
+            ),
         }
     })
 }
