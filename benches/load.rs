@@ -50,6 +50,7 @@ fn cpu_us(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     // SAFETY: sysconf only reads a configuration value.
+    #[allow(unsafe_code)]
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks as f64 / hz * 1e6
 }
