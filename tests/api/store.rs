@@ -828,6 +828,81 @@ async fn a_concurrency_key_caps_its_running_jobs_and_holds_back_nothing_else(
     assert!(next[0].started_at.unwrap() >= first_k.started_at.unwrap());
 }
 
+/// Forgets the notices said so far (PostgreSQL's come a moment after the commit).
+async fn drain(notices: &mut tokio::sync::mpsc::UnboundedReceiver<Notice>) {
+    while tokio::time::timeout(Duration::from_millis(200), notices.recv())
+        .await
+        .is_ok()
+    {}
+}
+
+/// Waits until every notice of `want` has been heard, with anything else around them.
+async fn hear(notices: &mut tokio::sync::mpsc::UnboundedReceiver<Notice>, mut want: Vec<Notice>) {
+    while !want.is_empty() {
+        let heard = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+            .await
+            .unwrap_or_else(|_| panic!("heard none of {want:?}"))
+            .unwrap();
+        want.retain(|n| *n != heard);
+    }
+}
+
+conformance!(a_cancelled_keyed_job_alone_or_in_bulk_frees_its_key_and_says_so);
+async fn a_cancelled_keyed_job_alone_or_in_bulk_frees_its_key_and_says_so(
+    store: Arc<dyn JobStore>,
+) {
+    let mut notices = store.listen().await.unwrap();
+    let jobs: Vec<NewJob> = (0..3).map(|_| keyed("one", 1)).collect();
+    store.insert(jobs).await.unwrap();
+    let first = claim_all(&store, 10).await;
+    assert_eq!(first.len(), 1, "limit 1");
+    assert!(claim_all(&store, 10).await.is_empty(), "the key is full");
+    // A cancel by id: `cancel` to whoever runs it, `new` to its lane (the key is free).
+    drain(&mut notices).await;
+    let out = store.cancel(first[0].id, Micros::now()).await.unwrap();
+    assert!(matches!(
+        out,
+        CancelOutcome::Cancelled {
+            was: JobStatus::Running,
+            ..
+        }
+    ));
+    hear(
+        &mut notices,
+        vec![
+            Notice::Cancel(first[0].id),
+            Notice::New(ExecutorKind::Async),
+        ],
+    )
+    .await;
+    let second = claim_all(&store, 10).await;
+    assert_eq!(second.len(), 1, "the freed key lets the next start");
+    // A bulk cancel of the running ones does the same.
+    drain(&mut notices).await;
+    let running = ListFilter {
+        task: Some("keyed".into()),
+        limit: 10,
+        ..Default::default()
+    };
+    let cancelled = store
+        .cancel_matching(&running, &[JobStatus::Running], Micros::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        cancelled.iter().map(|(j, _)| j.id).collect::<Vec<_>>(),
+        vec![second[0].id]
+    );
+    hear(
+        &mut notices,
+        vec![
+            Notice::Cancel(second[0].id),
+            Notice::New(ExecutorKind::Async),
+        ],
+    )
+    .await;
+    assert_eq!(claim_all(&store, 10).await.len(), 1, "the last one starts");
+}
+
 conformance!(a_rate_key_spends_its_burst_then_says_when_its_next_token_is_due);
 async fn a_rate_key_spends_its_burst_then_says_when_its_next_token_is_due(
     store: Arc<dyn JobStore>,
