@@ -51,6 +51,9 @@ pub enum AppError {
     },
     #[error("server: {0}")]
     Serve(std::io::Error),
+    /// The config gives flow control defaults for a task the server does not have.
+    #[error("task_flow.{0}: no task has this name")]
+    UnknownTask(String),
 }
 
 /// The file of a `sqlite:` database URL (not an in-memory one).
@@ -109,10 +112,19 @@ impl App {
                 path: settings.data_dir.join("blobs").display().to_string(),
                 source,
             })?;
+        let weights = settings.tenant_weights.clone();
         let store: Arc<dyn JobStore> = if settings.database_url.starts_with("sqlite:") {
-            Arc::new(SqliteStore::open(&settings.database_url, settings.durability).await?)
+            Arc::new(
+                SqliteStore::open(&settings.database_url, settings.durability)
+                    .await?
+                    .with_tenant_weights(weights),
+            )
         } else {
-            Arc::new(PostgresStore::open(&settings.database_url, None).await?)
+            Arc::new(
+                PostgresStore::open(&settings.database_url, None)
+                    .await?
+                    .with_tenant_weights(weights),
+            )
         };
         let worker_exe = match &settings.worker_exe {
             Some(p) => p.clone(),
@@ -152,6 +164,14 @@ impl App {
                         }),
                 });
             }
+        }
+        // Flow defaults name tasks: each must be one the server has.
+        if let Some(task) = settings
+            .task_flow
+            .keys()
+            .find(|t| registry.get(t).is_none())
+        {
+            return Err(AppError::UnknownTask(task.clone()));
         }
         let executors: Vec<Arc<dyn Executor>> = vec![
             Arc::new(AsyncLane::new(settings.async_capacity)),
@@ -199,6 +219,7 @@ impl App {
                 dispatcher,
                 health: Arc::default(),
                 blobs,
+                task_flow: Arc::new(settings.task_flow.clone()),
                 settings: Arc::new(settings),
                 started: Instant::now(),
             },

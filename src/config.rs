@@ -4,11 +4,14 @@
 //! TOML file named by `--config` / `OFFLOAD_CONFIG`, the built-in default. Every setting is
 //! validated at start, and an error names the setting to fix.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
+
+use crate::flow::TaskFlow;
 
 /// How hard a commit tries to reach the disk before a submit is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -88,6 +91,10 @@ pub struct Settings {
     pub http_allow_private: bool,
     pub http_max_bytes: u64,
     pub http_timeout_ms: u64,
+    /// Tenants' weights in the round-robin of a lane's slots (a tenant not named weighs 1).
+    pub tenant_weights: BTreeMap<String, u32>,
+    /// Flow control defaults per task (`[task_flow.<task>]` in the config file).
+    pub task_flow: BTreeMap<String, TaskFlow>,
     /// The secret completion callbacks are signed with (HMAC-SHA256); without one, specs with
     /// a `callback_url` are refused and no callbacks are sent.
     #[serde(serialize_with = "mask")]
@@ -151,6 +158,8 @@ impl Settings {
             http_allow_private: false,
             http_max_bytes: 10 << 20,
             http_timeout_ms: 30_000,
+            tenant_weights: BTreeMap::new(),
+            task_flow: BTreeMap::new(),
             callback_secret: None,
             callback_retry_secs: 24 * 3600,
             callback_backoff_ms: 1_000,
@@ -221,6 +230,17 @@ impl Settings {
         if let Some(v) = args.http_allow_hosts.clone().or(file.http_allow_hosts) {
             s.http_allow_hosts = v;
         }
+        match &args.tenant_weights {
+            Some(flags) => {
+                s.tenant_weights = BTreeMap::new();
+                for flag in flags.iter().filter(|f| !f.trim().is_empty()) {
+                    let (tenant, weight) = parse_weight(flag)?;
+                    s.tenant_weights.insert(tenant, weight);
+                }
+            }
+            None => s.tenant_weights = file.tenant_weights.unwrap_or_default(),
+        }
+        s.task_flow = file.task_flow.unwrap_or_default();
         if let Some(bind) = args.bind.clone().or(file.bind) {
             s.bind = bind.parse().map_err(|e| {
                 ConfigError(format!(
@@ -294,6 +314,18 @@ impl Settings {
                 "retry-max-ms: must be at least retry-base-ms".into(),
             ));
         }
+        for (tenant, weight) in &self.tenant_weights {
+            if tenant.is_empty() || !(1..=crate::flow::MAX_WEIGHT).contains(weight) {
+                return Err(ConfigError(format!(
+                    "tenant-weight: `{tenant}={weight}`: give a tenant and a weight from 1 to {}",
+                    crate::flow::MAX_WEIGHT
+                )));
+            }
+        }
+        for (task, flow) in &self.task_flow {
+            flow.check()
+                .map_err(|e| ConfigError(format!("task_flow.{task}: {e}")))?;
+        }
         if !self.database_url.starts_with("sqlite:")
             && !self.database_url.starts_with("postgres://")
             && !self.database_url.starts_with("postgresql://")
@@ -305,6 +337,22 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// `tenant=weight`, as `--tenant-weight` takes it.
+fn parse_weight(flag: &str) -> Result<(String, u32), ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "tenant-weight: `{flag}` is not `tenant=weight` with a weight from 1 to {}",
+            crate::flow::MAX_WEIGHT
+        ))
+    };
+    let (tenant, weight) = flag.rsplit_once('=').ok_or_else(bad)?;
+    let weight: u32 = weight.trim().parse().map_err(|_| bad())?;
+    if tenant.is_empty() || !(1..=crate::flow::MAX_WEIGHT).contains(&weight) {
+        return Err(bad());
+    }
+    Ok((tenant.to_string(), weight))
 }
 
 pub fn sqlite_url(data_dir: &Path) -> String {
@@ -352,6 +400,8 @@ struct FileSettings {
     http_allow_private: Option<bool>,
     http_max_bytes: Option<u64>,
     http_timeout_ms: Option<u64>,
+    tenant_weights: Option<BTreeMap<String, u32>>,
+    task_flow: Option<BTreeMap<String, TaskFlow>>,
     callback_secret: Option<String>,
     callback_retry_secs: Option<u64>,
     callback_backoff_ms: Option<u64>,
@@ -491,6 +541,13 @@ pub struct ServeArgs {
     /// Time limit of one http_get request [default: 30000].
     #[arg(long, env = "OFFLOAD_HTTP_TIMEOUT_MS")]
     pub http_timeout_ms: Option<u64>,
+    /// A tenant's weight in the round-robin of a lane's slots, as `tenant=weight` (1 to 1000; a tenant not named weighs 1). Repeat the flag for several; in OFFLOAD_TENANT_WEIGHTS separate them with `,`.
+    #[arg(
+        long = "tenant-weight",
+        env = "OFFLOAD_TENANT_WEIGHTS",
+        value_delimiter = ','
+    )]
+    pub tenant_weights: Option<Vec<String>>,
     /// Sign completion callbacks with this secret (HMAC-SHA256, the `Offload-Signature` header); without it, a spec's `callback_url` is refused (422).
     #[arg(long, env = "OFFLOAD_CALLBACK_SECRET", hide_env_values = true)]
     pub callback_secret: Option<String>,
@@ -594,6 +651,60 @@ mod tests {
         };
         let e = Settings::load(&args).unwrap_err();
         assert!(e.0.contains("task-program"), "{e}");
+    }
+
+    #[test]
+    fn tenant_weights_and_task_flow_come_from_flags_or_the_file_and_are_checked() {
+        use clap::Parser;
+        let serve = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            Settings::load(&args)
+        };
+        let s = serve(&[
+            "offload",
+            "serve",
+            "--tenant-weight",
+            "a=3",
+            "--tenant-weight",
+            "b=c=2",
+        ])
+        .unwrap();
+        assert_eq!(s.tenant_weights.get("a"), Some(&3));
+        assert_eq!(s.tenant_weights.get("b=c"), Some(&2), "the last `=` splits");
+        for bad in ["a", "a=0", "=2", "a=x", "a=1001"] {
+            let e = serve(&["offload", "serve", "--tenant-weight", bad]).unwrap_err();
+            assert!(e.0.contains("tenant-weight"), "{bad}: {e}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(
+            &path,
+            "tenant_weights = { big = 5 }\n[task_flow.sleep]\nconcurrency = { limit = 2 }\n\
+             rate = { key = \"api\", per_second = 0.5 }\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let s = Settings::load(&args).unwrap();
+        assert_eq!(s.tenant_weights.get("big"), Some(&5));
+        let flow = &s.task_flow["sleep"];
+        assert_eq!(
+            flow.concurrency_for("sleep").unwrap(),
+            crate::flow::Concurrency {
+                key: "sleep".into(),
+                limit: 2
+            }
+        );
+        assert_eq!(flow.rate_for("sleep").unwrap().burst, 1);
+        std::fs::write(&path, "[task_flow.sleep]\nrate = { per_second = 0 }\n").unwrap();
+        let e = Settings::load(&args).unwrap_err();
+        assert!(e.0.contains("task_flow.sleep"), "{e}");
     }
 
     #[test]

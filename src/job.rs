@@ -31,6 +31,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::clock::Micros;
+use crate::flow::{Concurrency, Rate, WaitingFor};
 
 /// A job's id: a UUID v7, so ids sort by creation time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -504,6 +505,19 @@ pub struct Job {
     pub started_at: Option<Micros>,
     pub finished_at: Option<Micros>,
     pub timings: Timings,
+    /// Shares the lane with other tenants' jobs round-robin (`None`: no tenant).
+    pub tenant: Option<String>,
+    /// At most `limit` jobs with this key run at once.
+    pub concurrency: Option<Concurrency>,
+    /// Jobs with this key start at most this fast.
+    pub rate: Option<Rate>,
+    /// Why a due queued job does not start: flow control holds it back. Filled in when the
+    /// job is shown, not stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingFor>,
+    /// For `waiting_for: rate`: when its key next has a token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_until: Option<Micros>,
     /// The completion callback, if the spec gave a `callback_url`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
@@ -592,6 +606,9 @@ pub struct NewJob {
     /// The blobs the job names: the values of its task's blob arguments
     /// (`Task::blob_args`), in canonical form.
     pub blobs: Vec<String>,
+    pub tenant: Option<String>,
+    pub concurrency: Option<Concurrency>,
+    pub rate: Option<Rate>,
     /// Where to POST the job once it is final (checked against the address rules at submit).
     pub callback_url: Option<String>,
     /// The jobs it waits for: stored jobs, or earlier specs of the same batch.
@@ -609,6 +626,12 @@ pub enum Parent {
 }
 
 impl NewJob {
+    /// Whether the job is under flow control (a tenant, a concurrency key or a rate): claimed
+    /// by the flow-aware claim instead of the plain one.
+    pub fn has_flow(&self) -> bool {
+        self.tenant.is_some() || self.concurrency.is_some() || self.rate.is_some()
+    }
+
     /// The job object this becomes once stored.
     pub fn to_job(&self) -> Job {
         Job {
@@ -634,6 +657,11 @@ impl NewJob {
                 queued_ms: None,
                 run_ms: None,
             },
+            tenant: self.tenant.clone(),
+            concurrency: self.concurrency.clone(),
+            rate: self.rate.clone(),
+            waiting_for: None,
+            waiting_until: None,
             callback: self.callback_url.clone().map(Callback::pending),
             depends_on: Vec::new(),
             run_on_parent_failure: self.run_on_parent_failure,

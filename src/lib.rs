@@ -6,6 +6,8 @@
 //! - [`app`]: wiring: store, lanes, dispatcher, HTTP server; the shutdown order.
 //! - [`datadir`]: the data dir's lock file: one server per data dir.
 //! - [`api`]: axum handlers, the JSON body extractor, `ApiError` → problem+json.
+//! - [`flow`]: flow control: concurrency keys, rate limits (token buckets), fair sharing
+//!   between tenants; the policy both stores' claims follow.
 //! - [`job`]: `Job`, `JobId`, the states, their allowed transitions, `next_state()`: the
 //!   one place that decides what a job moves to after an attempt, and `after_parents()`: what
 //!   a job with parents moves to.
@@ -45,6 +47,7 @@ pub mod datadir;
 pub mod dispatch;
 pub mod events;
 pub mod executor;
+pub mod flow;
 pub mod job;
 pub mod observe;
 pub mod schedule;

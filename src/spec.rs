@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Micros;
 use crate::dispatch::{route, RouteHints};
+use crate::flow::{self, Concurrency, Rate, TaskFlow};
 use crate::job::{JobId, Kind, NewJob, Parent};
 use crate::schema;
 use crate::task::Registry;
@@ -24,6 +25,9 @@ pub const SPEC_FIELDS: &[&str] = &[
     "run_at",
     "idempotency_key",
     "isolate",
+    "tenant",
+    "concurrency",
+    "rate",
     "callback_url",
     "depends_on",
     "run_on_parent_failure",
@@ -50,6 +54,27 @@ pub fn spec_schema() -> Value {
             "run_at": {"type": "string", "minLength": 1, "maxLength": 64},
             "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255},
             "isolate": {"type": "boolean"},
+            "tenant": {"type": "string", "minLength": 1, "maxLength": flow::MAX_NAME_CHARS},
+            "concurrency": {
+                "type": "object",
+                "properties": {
+                    "key": {"type": "string", "minLength": 1, "maxLength": flow::MAX_NAME_CHARS},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": flow::MAX_LIMIT}
+                },
+                "required": ["key", "limit"],
+                "additionalProperties": false
+            },
+            "rate": {
+                "type": "object",
+                "properties": {
+                    "key": {"type": "string", "minLength": 1, "maxLength": flow::MAX_NAME_CHARS},
+                    "per_second": {"type": "number", "exclusiveMinimum": 0,
+                                   "maximum": flow::MAX_PER_SECOND},
+                    "burst": {"type": "integer", "minimum": 1, "maximum": flow::MAX_BURST}
+                },
+                "required": ["key", "per_second"],
+                "additionalProperties": false
+            },
             "callback_url": {"type": "string", "minLength": 1, "maxLength": 2048},
             "depends_on": {
                 "type": "array", "maxItems": MAX_PARENTS,
@@ -111,6 +136,8 @@ pub struct SpecDefaults {
     pub max_attempts: u32,
     /// Cpu jobs naming a blob at least this large run in worker processes.
     pub process_threshold: u64,
+    /// Flow control per task, for specs that give none (`[task_flow.<task>]` in the config).
+    pub task_flow: std::sync::Arc<std::collections::BTreeMap<String, TaskFlow>>,
     /// The address rules a `callback_url` must pass (those of `http_get`); `None` when the
     /// server has no `--callback-secret`, which refuses every `callback_url`: a callback is
     /// always signed.
@@ -165,7 +192,7 @@ pub fn parse(
     path: &str,
     header_key: Option<&str>,
     registry: &Registry,
-    defaults: SpecDefaults,
+    defaults: &SpecDefaults,
     blob_sizes: &BlobSizes,
     now: Micros,
 ) -> Result<NewJob, String> {
@@ -313,6 +340,7 @@ pub fn parse(
             .collect::<String>()
     });
 
+    let (tenant, concurrency, rate) = flow_fields(obj, name, path, defaults)?;
     let callback_url = match obj.get("callback_url").and_then(Value::as_str) {
         None => None,
         Some(raw) => {
@@ -389,6 +417,9 @@ pub fn parse(
         idempotency_key,
         spec_hash,
         blobs,
+        tenant,
+        concurrency,
+        rate,
         callback_url,
     })
 }
@@ -455,4 +486,51 @@ pub fn check_batch_parents(jobs: &[NewJob]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A spec's tenant, concurrency key and rate (the task's config defaults where the spec
+/// gives none). The schema has checked their types and bounds; what it cannot say is said
+/// here.
+#[allow(clippy::type_complexity)]
+fn flow_fields(
+    obj: &serde_json::Map<String, Value>,
+    task: &str,
+    path: &str,
+    defaults: &SpecDefaults,
+) -> Result<(Option<String>, Option<Concurrency>, Option<Rate>), String> {
+    let text = |v: &Value, name: &str| -> Result<String, String> {
+        let s = v.as_str().unwrap_or_default();
+        // Characters, as the schema's maxLength counts them, and no control characters: a
+        // key is shown in metrics labels and logs.
+        if s.chars().any(char::is_control) {
+            return Err(format!(
+                "{}: must not hold control characters",
+                field(path, name)
+            ));
+        }
+        Ok(s.to_string())
+    };
+    let tenant = obj.get("tenant").map(|t| text(t, "tenant")).transpose()?;
+    let task_flow = defaults.task_flow.get(task);
+    let concurrency = match obj.get("concurrency") {
+        Some(c) => Some(Concurrency {
+            key: text(&c["key"], "concurrency.key")?,
+            limit: c["limit"].as_u64().unwrap_or(1) as u32,
+        }),
+        None => task_flow.and_then(|f| f.concurrency_for(task)),
+    };
+    let rate = match obj.get("rate") {
+        Some(r) => {
+            let rate = Rate {
+                key: text(&r["key"], "rate.key")?,
+                per_second: r["per_second"].as_f64().unwrap_or(0.0),
+                burst: r.get("burst").and_then(Value::as_u64).unwrap_or(1) as u32,
+            };
+            flow::check_rate(rate.per_second, rate.burst)
+                .map_err(|e| format!("{}: {e}", field(path, "rate")))?;
+            Some(rate)
+        }
+        None => task_flow.and_then(|f| f.rate_for(task)),
+    };
+    Ok((tenant, concurrency, rate))
 }

@@ -57,14 +57,52 @@ fn job_location(id: JobId) -> HeaderValue {
     HeaderValue::from_str(&format!("/v1/jobs/{id}")).expect("a job path is a valid header")
 }
 
-/// A job as callers see it, with live progress when it is running here.
-fn present(state: &AppState, mut job: Job) -> Job {
-    if job.status == JobStatus::Running {
+/// A job as callers see it, with live progress when it is running here, and why it waits
+/// when flow control holds it back.
+async fn present(state: &AppState, job: Job) -> Job {
+    present_all(state, vec![job])
+        .await
+        .pop()
+        .expect("one job in, one out")
+}
+
+/// Jobs as callers see them (see [`present`]): one look at the store for all their keys.
+async fn present_all(state: &AppState, mut jobs: Vec<Job>) -> Vec<Job> {
+    for job in jobs.iter_mut().filter(|j| j.status == JobStatus::Running) {
         if let Some(p) = state.dispatcher.live_progress(job.id) {
             job.progress = p;
         }
     }
-    job
+    let now = Micros::now();
+    let held = |j: &Job| {
+        j.status == JobStatus::Queued
+            && j.scheduled_at <= now
+            && (j.concurrency.is_some() || j.rate.is_some())
+    };
+    let mut conc: Vec<String> = Vec::new();
+    let mut rate: Vec<String> = Vec::new();
+    for j in jobs.iter().filter(|j| held(j)) {
+        conc.extend(j.concurrency.as_ref().map(|c| c.key.clone()));
+        rate.extend(j.rate.as_ref().map(|r| r.key.clone()));
+    }
+    if conc.is_empty() && rate.is_empty() {
+        return jobs;
+    }
+    match state.dispatcher.store().flow_state(&conc, &rate).await {
+        Ok(flow) => {
+            for job in jobs.iter_mut().filter(|j| held(j)) {
+                if let Some((why, until)) =
+                    crate::flow::waiting_for(job, &flow.running, &flow.buckets, now)
+                {
+                    job.waiting_for = Some(why);
+                    job.waiting_until = until;
+                }
+            }
+        }
+        // The job is shown without the reason: the store's trouble shows elsewhere.
+        Err(e) => tracing::warn!(error = %e, "could not read flow control state"),
+    }
+    jobs
 }
 
 /// Looks up the blobs the specs name, for parsing (see [`spec::blob_sizes`]).
@@ -96,7 +134,7 @@ pub async fn submit(
         "",
         key,
         state.dispatcher.registry(),
-        state.spec_defaults(),
+        &state.spec_defaults(),
         &sizes,
         Micros::now(),
     )
@@ -107,7 +145,7 @@ pub async fn submit(
         Inserted::Existing(j) => (StatusCode::OK, j),
     };
     let location = job_location(job.id);
-    let job = present(&state, job);
+    let job = present(&state, job).await;
     Ok((status, [(header::LOCATION, location)], Json(job)).into_response())
 }
 
@@ -150,7 +188,7 @@ pub async fn submit_batch(
                 &format!("jobs[{i}]"),
                 None,
                 registry,
-                defaults.clone(),
+                &defaults,
                 &sizes,
                 now,
             )
@@ -230,7 +268,7 @@ pub async fn get_job(
     if children {
         job.children = Some(state.dispatcher.store().children(id).await?);
     }
-    Ok(Json(present(&state, job)))
+    Ok(Json(present(&state, job).await))
 }
 
 /// A page's `cursor`: the `next_cursor` of the page before, which is a job id in its
@@ -319,7 +357,7 @@ pub async fn list(
     } else {
         None
     };
-    let jobs: Vec<Job> = jobs.into_iter().map(|j| present(&state, j)).collect();
+    let jobs = present_all(&state, jobs).await;
     Ok(Json(JobList { jobs, next_cursor }))
 }
 
@@ -451,7 +489,7 @@ pub async fn events(
         .get(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no job has the id `{id}`")))?;
-    let first = present(&state, job);
+    let first = present(&state, job).await;
     let closing = events.closing();
     // State: the next job to send (if any), the subscription, whether the stream is over.
     let stream = stream::unfold(

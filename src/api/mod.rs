@@ -38,6 +38,8 @@ pub struct AppState {
     pub blobs: BlobDir,
     pub settings: Arc<Settings>,
     pub started: Instant,
+    /// The settings' `task_flow`, shared with every parse.
+    pub task_flow: Arc<std::collections::BTreeMap<String, crate::flow::TaskFlow>>,
 }
 
 impl AppState {
@@ -45,6 +47,7 @@ impl AppState {
         SpecDefaults {
             max_attempts: self.settings.default_max_attempts,
             process_threshold: self.settings.process_threshold_bytes,
+            task_flow: self.task_flow.clone(),
             callbacks: self.dispatcher.callback_rules(),
         }
     }

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::{ApiError, AppState};
 use crate::dispatch::{route, LaneStats, RouteHints};
+use crate::flow::{FlowCount, FlowStats, Top, STATS_TOP};
 
 pub async fn tasks(State(state): State<AppState>) -> Json<Value> {
     let tasks: Vec<Value> = state
@@ -55,6 +56,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
         .map(|(k, s)| (k.as_str().to_string(), json!(s)))
         .collect();
     let last_stall = state.health.last.lock().expect("stall lock").clone();
+    let flow = state.dispatcher.store().flow_stats(STATS_TOP).await?;
     Ok(Json(json!({
         "executors": executors,
         "draining": state.dispatcher.is_draining(),
@@ -65,7 +67,33 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
         },
         "server": state.dispatcher.node(),
         "servers": servers,
+        "flow": flow_json(&flow),
     })))
+}
+
+/// The busiest concurrency keys, rate keys and tenants, each with what runs and what waits,
+/// and the rest summed: a bounded answer however many keys there are.
+fn flow_json(flow: &FlowStats) -> Value {
+    let top = |t: &Top| {
+        json!({
+            "top": t.top.iter().map(|c| json!({
+                "name": c.name, "running": c.running, "queued": c.queued,
+            })).collect::<Vec<_>>(),
+            "others": {"running": t.others.running, "queued": t.others.queued},
+        })
+    };
+    json!({
+        "concurrency": top(&flow.concurrency),
+        "rate": top(&flow.rate),
+        "tenants": top(&flow.tenants),
+    })
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub async fn healthz() -> Json<Value> {
@@ -121,6 +149,51 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.succeeded,
             s.failed
         );
+    }
+    // Per key and tenant: the busiest by name, the rest summed as `other` (bounded series).
+    match state.dispatcher.store().flow_stats(STATS_TOP).await {
+        Ok(flow) => {
+            let families: [(&str, &str, &str, &Top); 3] = [
+                (
+                    "offload_concurrency_key",
+                    "key",
+                    "concurrency key",
+                    &flow.concurrency,
+                ),
+                ("offload_rate_key", "key", "rate key", &flow.rate),
+                ("offload_tenant", "tenant", "tenant", &flow.tenants),
+            ];
+            for (prefix, name, what, top) in families {
+                for (suffix, get) in [
+                    (
+                        "running",
+                        (|c: &FlowCount| c.running) as fn(&FlowCount) -> u64,
+                    ),
+                    ("queued", |c: &FlowCount| c.queued),
+                ] {
+                    let metric = format!("{prefix}_{suffix}");
+                    let _ = writeln!(
+                        out,
+                        "# HELP {metric} Jobs {suffix} per {what} (the busiest; the rest as \
+                         {name}=\"\", other=\"true\").\n# TYPE {metric} gauge"
+                    );
+                    for c in &top.top {
+                        let _ = writeln!(
+                            out,
+                            "{metric}{{{name}=\"{}\",other=\"false\"}} {}",
+                            label(&c.name),
+                            get(c)
+                        );
+                    }
+                    let _ = writeln!(
+                        out,
+                        "{metric}{{{name}=\"\",other=\"true\"}} {}",
+                        get(&top.others)
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not count flow control for /metrics"),
     }
     out.push_str(&crate::observe::render());
     (

@@ -343,7 +343,7 @@ pub fn parse_request(
             return Err(format!("job.{field}: not allowed in a schedule: {why}"));
         }
     }
-    spec::parse(job, "job", None, registry, defaults, blob_sizes, now)?;
+    spec::parse(job, "job", None, registry, &defaults, blob_sizes, now)?;
 
     Ok(Schedule {
         name: name.to_string(),

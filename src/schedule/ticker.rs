@@ -164,7 +164,7 @@ impl Ticker {
                 "job",
                 Some(&key),
                 registry,
-                self.defaults.clone(),
+                &self.defaults,
                 &sizes,
                 now,
             ) {

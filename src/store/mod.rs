@@ -15,6 +15,7 @@
 //! Running jobs hold a lease (an owner and an expiry) on both stores; one protocol, one
 //! conformance suite (`tests/api/store.rs`) that every store passes.
 
+mod flow;
 pub(crate) mod graph;
 mod postgres;
 mod sqlite;
@@ -23,6 +24,7 @@ use async_trait::async_trait;
 
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
+use crate::flow::{FlowState, FlowStats};
 use crate::job::{CallbackStatus, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next};
 use crate::schedule::Schedule;
 use serde_json::Value;
@@ -60,6 +62,28 @@ impl MigrationSource<'static> for Embedded {
     }
 }
 pub use sqlite::SqliteStore;
+
+/// The keys of a `flow_state` call, as the claim looks them up: sorted, each once.
+pub(crate) fn flow_keys(
+    concurrency: &[String],
+    rate: &[String],
+) -> Vec<(crate::flow::KeyKind, String)> {
+    use crate::flow::KeyKind;
+    let mut keys: Vec<(KeyKind, String)> = concurrency
+        .iter()
+        .map(|k| (KeyKind::Concurrency, k.clone()))
+        .chain(rate.iter().map(|k| (KeyKind::Rate, k.clone())))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Whether a job's move out of `running` (or its cancel) frees a slot of a concurrency key,
+/// so that its lane should look again.
+pub(crate) fn frees_key(job: &Job) -> bool {
+    job.concurrency.is_some()
+}
 
 /// An `ErrorInfo` as the JSON both stores keep in the `error` column.
 pub(crate) fn error_json(e: &crate::job::ErrorInfo) -> String {
@@ -454,10 +478,11 @@ impl CallbackOutcome {
 /// cancel is found by the next lease renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Jobs became queued in this lane; `added` of them were not counted by this server yet:
-    /// those another server queued, and children a cascade queued on any server (this server
-    /// counts the jobs it submits, requeues or retries itself as it writes them, so its own
-    /// notices of those say 0).
+    /// Jobs became queued in this lane, or a job with a concurrency key stopped running in it
+    /// (its key's queued jobs may start): the lane should look. `added` of them were not
+    /// counted by this server yet: those another server queued, and children a cascade queued
+    /// on any server (this server counts the jobs it submits, requeues or retries itself as it
+    /// writes them, so its own notices of those say 0).
     New { lane: ExecutorKind, added: u64 },
     /// A running job was cancelled: whoever runs it must stop it.
     Cancel(JobId),
@@ -524,6 +549,12 @@ pub trait JobStore: Send + Sync + 'static {
     /// Claims up to `limit` due queued jobs of a lane, in priority then schedule order:
     /// queued → running, a new attempt, under `lease`. Rows another server is claiming at the
     /// same moment are skipped, not waited for.
+    ///
+    /// Flow control (`crate::flow`) holds: no job starts past its concurrency key's limit or
+    /// without a token of its rate key (counted across every server of the store), tenants of
+    /// one priority take turns, and a job held back does not hold back the jobs behind it.
+    /// `next_due` then also says when a held-back job may start (a rate's next token); a key
+    /// freed by a finishing job is announced instead ([`Notice::New`] for its lane).
     async fn claim(
         &self,
         lane: ExecutorKind,
@@ -557,6 +588,16 @@ pub trait JobStore: Send + Sync + 'static {
     /// reading a rescue guards with. One server at a time gets an answer on a shared store;
     /// the others get none that round.
     async fn expired(&self, which: Expiry, limit: u32) -> Result<Expired, StoreError>;
+    /// Flow control as it stands for these keys, for showing why queued jobs wait: running
+    /// jobs per concurrency key, stored buckets per rate key. Reads only.
+    async fn flow_state(
+        &self,
+        concurrency_keys: &[String],
+        rate_keys: &[String],
+    ) -> Result<FlowState, StoreError>;
+    /// Running and queued jobs per concurrency key, rate key and tenant: the `top` busiest of
+    /// each, the rest summed.
+    async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError>;
     /// How many jobs are queued in each lane (for admission and `/v1/stats`).
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError>;
     /// Deletes up to `limit` jobs that finished before `before`; returns how many.

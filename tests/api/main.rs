@@ -9,6 +9,7 @@ mod crash;
 mod csrf;
 mod datadir;
 mod errors;
+mod flow;
 mod graph;
 mod helpers;
 mod inputs;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use offload::blob::BlobMeta;
 use offload::clock::Micros;
 use offload::config::Durability;
+use offload::flow::{Concurrency, Rate};
 use offload::job::CallbackStatus;
 use offload::job::{
     next_state, AttemptEnd, ErrorKind, ExecutorKind, Job, JobId, JobStatus, Kind, NewJob, Next,
@@ -34,6 +35,9 @@ pub(crate) fn new_job(task: &str, key: Option<&str>, hash: Option<&str>) -> NewJ
         idempotency_key: key.map(String::from),
         spec_hash: hash.map(String::from),
         blobs: Vec::new(),
+        tenant: None,
+        concurrency: None,
+        rate: None,
         depends_on: Vec::new(),
         run_on_parent_failure: false,
         callback_url: None,
@@ -954,6 +958,354 @@ async fn only_the_sqlite_store_is_exclusive() {
     assert!(store.exclusive());
     if let Some((schema, pg)) = postgres().await {
         assert!(!pg.exclusive());
+        crate::helpers::drop_pg_schema(&schema).await;
+    }
+}
+
+fn keyed(key: &str, limit: u32) -> NewJob {
+    NewJob {
+        concurrency: Some(Concurrency {
+            key: key.into(),
+            limit,
+        }),
+        ..new_job("keyed", None, None)
+    }
+}
+
+fn tenant_job(tenant: &str) -> NewJob {
+    NewJob {
+        tenant: Some(tenant.into()),
+        ..new_job(tenant, None, None)
+    }
+}
+
+/// Settles a claimed job as succeeded.
+async fn succeed(store: &Arc<dyn JobStore>, job: &Job) {
+    settle(store, job, AttemptEnd::Succeeded(json!({})))
+        .await
+        .expect("still running");
+}
+
+conformance!(a_concurrency_key_caps_its_running_jobs_and_holds_back_nothing_else);
+async fn a_concurrency_key_caps_its_running_jobs_and_holds_back_nothing_else(
+    store: Arc<dyn JobStore>,
+) {
+    let mut notices = store.listen().await.unwrap();
+    // Keyed jobs first, so a claim in plain order would meet them before the free ones.
+    let k: Vec<NewJob> = (0..3).map(|_| keyed("k", 2)).collect();
+    let l: Vec<NewJob> = (0..2).map(|_| keyed("l", 1)).collect();
+    let free: Vec<NewJob> = (0..2).map(|_| new_job("free", None, None)).collect();
+    let all: Vec<NewJob> = k.iter().chain(&l).chain(&free).cloned().collect();
+    store.insert(all).await.unwrap();
+    let got = store
+        .claim(ExecutorKind::Async, 10, Micros::now(), &lease("me"))
+        .await
+        .unwrap();
+    let count = |key: &str| {
+        got.jobs
+            .iter()
+            .filter(|j| j.concurrency.as_ref().is_some_and(|c| c.key == key))
+            .count()
+    };
+    assert_eq!((count("k"), count("l")), (2, 1), "each key up to its limit");
+    assert_eq!(
+        got.jobs.iter().filter(|j| j.concurrency.is_none()).count(),
+        2,
+        "jobs without a key are not held back by keyed ones ahead of them"
+    );
+    assert_eq!(
+        got.next_due, None,
+        "held back by keys only: nothing to poll for, a finish announces itself"
+    );
+    assert_eq!(got.jobs[0].concurrency.as_ref().unwrap().key, "k");
+    let state = store
+        .flow_state(&["k".into(), "l".into(), "none".into()], &[])
+        .await
+        .unwrap();
+    assert_eq!(state.running.get("k"), Some(&2));
+    assert_eq!(state.running.get("l"), Some(&1));
+    assert_eq!(state.running.get("none"), None);
+    let stats = store.flow_stats(10).await.unwrap();
+    let k_stats = stats
+        .concurrency
+        .top
+        .iter()
+        .find(|c| c.name == "k")
+        .unwrap();
+    assert_eq!((k_stats.running, k_stats.queued), (2, 1));
+
+    // Nothing more starts while the keys are full...
+    assert!(claim_all(&store, 10).await.is_empty());
+    // ...and a keyed job's end is announced to its lane, then frees one slot of its key.
+    while tokio::time::timeout(Duration::from_millis(200), notices.recv())
+        .await
+        .is_ok()
+    {}
+    let first_k = got
+        .jobs
+        .iter()
+        .find(|j| j.concurrency.as_ref().is_some_and(|c| c.key == "k"))
+        .unwrap();
+    succeed(&store, first_k).await;
+    let heard = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+        .await
+        .expect("a notice of the freed key")
+        .unwrap();
+    assert_eq!(heard, Notice::New(ExecutorKind::Async));
+    let next = claim_all(&store, 10).await;
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].concurrency.as_ref().unwrap().key, "k");
+    assert!(next[0].started_at.unwrap() >= first_k.started_at.unwrap());
+}
+
+/// Forgets the notices said so far (PostgreSQL's come a moment after the commit).
+async fn drain(notices: &mut tokio::sync::mpsc::UnboundedReceiver<Notice>) {
+    while tokio::time::timeout(Duration::from_millis(200), notices.recv())
+        .await
+        .is_ok()
+    {}
+}
+
+/// Waits until every notice of `want` has been heard, with anything else around them.
+async fn hear(notices: &mut tokio::sync::mpsc::UnboundedReceiver<Notice>, mut want: Vec<Notice>) {
+    while !want.is_empty() {
+        let heard = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+            .await
+            .unwrap_or_else(|_| panic!("heard none of {want:?}"))
+            .unwrap();
+        want.retain(|n| *n != heard);
+    }
+}
+
+conformance!(a_cancelled_keyed_job_alone_or_in_bulk_frees_its_key_and_says_so);
+async fn a_cancelled_keyed_job_alone_or_in_bulk_frees_its_key_and_says_so(
+    store: Arc<dyn JobStore>,
+) {
+    let mut notices = store.listen().await.unwrap();
+    let jobs: Vec<NewJob> = (0..3).map(|_| keyed("one", 1)).collect();
+    store.insert(jobs).await.unwrap();
+    let first = claim_all(&store, 10).await;
+    assert_eq!(first.len(), 1, "limit 1");
+    assert!(claim_all(&store, 10).await.is_empty(), "the key is full");
+    // A cancel by id: `cancel` to whoever runs it, `new` to its lane (the key is free).
+    drain(&mut notices).await;
+    let out = store.cancel(first[0].id, Micros::now()).await.unwrap();
+    assert!(matches!(
+        out,
+        CancelOutcome::Cancelled {
+            was: JobStatus::Running,
+            ..
+        }
+    ));
+    hear(
+        &mut notices,
+        vec![
+            Notice::Cancel(first[0].id),
+            Notice::New(ExecutorKind::Async),
+        ],
+    )
+    .await;
+    let second = claim_all(&store, 10).await;
+    assert_eq!(second.len(), 1, "the freed key lets the next start");
+    // A bulk cancel of the running ones does the same.
+    drain(&mut notices).await;
+    let running = ListFilter {
+        task: Some("keyed".into()),
+        limit: 10,
+        ..Default::default()
+    };
+    let cancelled = store
+        .cancel_matching(&running, &[JobStatus::Running], Micros::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        cancelled.iter().map(|(j, _)| j.id).collect::<Vec<_>>(),
+        vec![second[0].id]
+    );
+    hear(
+        &mut notices,
+        vec![
+            Notice::Cancel(second[0].id),
+            Notice::New(ExecutorKind::Async),
+        ],
+    )
+    .await;
+    assert_eq!(claim_all(&store, 10).await.len(), 1, "the last one starts");
+}
+
+conformance!(a_rate_key_spends_its_burst_then_says_when_its_next_token_is_due);
+async fn a_rate_key_spends_its_burst_then_says_when_its_next_token_is_due(
+    store: Arc<dyn JobStore>,
+) {
+    let rate = Rate {
+        key: "api".into(),
+        per_second: 1.0,
+        burst: 2,
+    };
+    let jobs: Vec<NewJob> = (0..5)
+        .map(|_| NewJob {
+            rate: Some(rate.clone()),
+            ..new_job("rated", None, None)
+        })
+        .collect();
+    store.insert(jobs).await.unwrap();
+    store
+        .insert(vec![new_job("free", None, None)])
+        .await
+        .unwrap();
+    let before = Micros::now();
+    let got = store
+        .claim(ExecutorKind::Async, 10, before, &lease("me"))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.jobs.len(),
+        3,
+        "the burst of two, and the job without a rate"
+    );
+    let due = got.next_due.expect("when the next token comes");
+    let wait = due.0 - before.0;
+    // A token a second, counted from the claim's moment (a little after `before`).
+    assert!(
+        (1_000_000..=1_500_000).contains(&wait),
+        "a token a second: {wait} µs"
+    );
+    let state = store.flow_state(&[], &["api".into()]).await.unwrap();
+    assert!(state.buckets["api"].tokens < 1.0);
+    assert!(claim_all(&store, 10).await.is_empty(), "no token yet");
+    // The next token, without sleeping for it: a claim at the moment it is due. The bucket
+    // fills by the claim's clock (never earlier than the real one), so a second token would
+    // take a second more: a loaded machine does not change the answer.
+    let bucket = store
+        .flow_state(&[], &["api".into()])
+        .await
+        .unwrap()
+        .buckets["api"];
+    let due = bucket.at.0 + ((1.0 - bucket.tokens) * 1e6) as i64 + 100_000;
+    let got = store
+        .claim(ExecutorKind::Async, 10, Micros(due), &lease("me"))
+        .await
+        .unwrap();
+    assert_eq!(got.jobs.len(), 1, "one token came");
+}
+
+conformance!(tenants_of_one_priority_take_turns_whatever_their_backlogs);
+async fn tenants_of_one_priority_take_turns_whatever_their_backlogs(store: Arc<dyn JobStore>) {
+    store
+        .insert((0..40).map(|_| tenant_job("big")).collect())
+        .await
+        .unwrap();
+    store
+        .insert((0..5).map(|_| tenant_job("small")).collect())
+        .await
+        .unwrap();
+    let mut order = Vec::new();
+    for _ in 0..10 {
+        for job in claim_all(&store, 1).await {
+            order.push(job.tenant.unwrap());
+        }
+    }
+    assert_eq!(order.len(), 10);
+    assert_eq!(
+        order.iter().filter(|t| *t == "small").count(),
+        5,
+        "one-job claims alternate: {order:?}"
+    );
+    // A higher priority goes first, whatever the turns.
+    let urgent = NewJob {
+        priority: 9,
+        ..tenant_job("big")
+    };
+    store.insert(vec![urgent.clone()]).await.unwrap();
+    assert_eq!(claim_all(&store, 1).await[0].id, urgent.id);
+    let stats = store.flow_stats(1).await.unwrap();
+    assert_eq!(stats.tenants.top.len(), 1);
+    assert_eq!(stats.tenants.top[0].name, "big");
+    assert_eq!(
+        stats.tenants.top[0].running + stats.tenants.top[0].queued,
+        41
+    );
+    assert_eq!(stats.tenants.others.running, 5, "small's, summed");
+}
+
+/// PostgreSQL only (one SQLite file has one server): two stores on one schema, claiming at
+/// once, never run more jobs of a key than its limit, nor take more tokens than its bucket
+/// holds.
+#[tokio::test]
+async fn claims_from_two_servers_keep_a_keys_limit_and_a_rates_bucket() {
+    let Some((schema, a)) = postgres().await else {
+        return;
+    };
+    let url = crate::helpers::pg_url().unwrap();
+    let b: Arc<dyn JobStore> = Arc::new(PostgresStore::open(&url, Some(&schema)).await.unwrap());
+    let rate = Rate {
+        key: "shared-rate".into(),
+        per_second: 0.001,
+        burst: 7,
+    };
+    let mut jobs: Vec<NewJob> = (0..60).map(|_| keyed("shared", 3)).collect();
+    jobs.extend((0..30).map(|_| NewJob {
+        rate: Some(rate.clone()),
+        ..new_job("rated", None, None)
+    }));
+    a.insert(jobs).await.unwrap();
+    let claimers = [a.clone(), b.clone(), a.clone(), b.clone()].map(|store| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..20 {
+                got.extend(claim_all(&store, 2).await);
+            }
+            got
+        })
+    });
+    let mut all = Vec::new();
+    for c in claimers {
+        all.extend(c.await.unwrap());
+    }
+    let keyed = all.iter().filter(|j| j.concurrency.is_some()).count();
+    let rated = all.iter().filter(|j| j.rate.is_some()).count();
+    assert_eq!(keyed, 3, "the key's limit, across servers");
+    assert_eq!(rated, 7, "the bucket's burst, across servers");
+    crate::helpers::drop_pg_schema(&schema).await;
+}
+
+/// Weights given to a store (`--tenant-weight`) tilt the turns: a weighs 3, b 1.
+#[tokio::test]
+async fn tenant_weights_tilt_the_turns_on_both_stores() {
+    async fn check(store: Arc<dyn JobStore>) {
+        store
+            .insert((0..20).map(|_| tenant_job("a")).collect())
+            .await
+            .unwrap();
+        store
+            .insert((0..20).map(|_| tenant_job("b")).collect())
+            .await
+            .unwrap();
+        let mut a = 0;
+        for _ in 0..16 {
+            let got = claim_all(&store, 1).await;
+            a += got
+                .iter()
+                .filter(|j| j.tenant.as_deref() == Some("a"))
+                .count();
+        }
+        assert_eq!(a, 12, "three of every four");
+    }
+    let weights = || [("a".to_string(), 3)];
+    let dir = tempfile::tempdir().unwrap();
+    let url = offload::config::sqlite_url(dir.path());
+    let sqlite = SqliteStore::open(&url, Durability::Full)
+        .await
+        .unwrap()
+        .with_tenant_weights(weights());
+    check(Arc::new(sqlite)).await;
+    if let Some(url) = crate::helpers::pg_url() {
+        let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+        let pg = PostgresStore::open(&url, Some(&schema))
+            .await
+            .unwrap()
+            .with_tenant_weights(weights());
+        check(Arc::new(pg)).await;
         crate::helpers::drop_pg_schema(&schema).await;
     }
 }

@@ -27,7 +27,7 @@ use super::sql::{self, Notices};
 use crate::clock::Micros;
 use crate::job::{Job, JobId, JobStatus, NewJob};
 use crate::store::graph::{Cascade, NewRow};
-use crate::store::{Inserted, Settle, StoreError};
+use crate::store::{frees_key, Inserted, Settle, StoreError};
 
 /// Most calls written in one round.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -181,6 +181,9 @@ async fn write_round(
                         done[layer].contains(&(job.id, job.attempt)).then(|| {
                             if job.status == JobStatus::Queued {
                                 *notices.new.entry(job.executor).or_default() += 1;
+                            } else if frees_key(&job) {
+                                // Its key's queued jobs may start: the lane looks (adds 0).
+                                notices.new.entry(job.executor).or_default();
                             }
                             if m.calls_back() {
                                 calls_back.push(job.id);

@@ -20,7 +20,7 @@ use super::sql::{corrupt, error_json, job_from_row, Notices, COLUMNS};
 use crate::clock::Micros;
 use crate::job::{after_parents, AfterParents, ErrorInfo, ErrorKind, Job, JobId, JobStatus};
 use crate::store::graph::{decide, Cascade, EdgeRow};
-use crate::store::{CancelOutcome, RetryOutcome, StoreError};
+use crate::store::{frees_key, CancelOutcome, RetryOutcome, StoreError};
 
 fn uuids(ids: &[JobId]) -> Vec<Uuid> {
     ids.iter().map(|i| i.0).collect()
@@ -264,15 +264,17 @@ pub(super) async fn cancel(
         .bind(id.0)
         .fetch_one(&mut *conn)
         .await?;
+    let job = job_from_row(&row)?;
     if was == JobStatus::Running {
         notices.cancelled.push(id);
+        // A running job that held a slot of a concurrency key frees it: its lane looks again.
+        if frees_key(&job) {
+            notices.new.entry(job.executor).or_default();
+        }
     }
     notices.changed.push(id);
     resolve(&mut *conn, vec![id], now, cascade).await?;
-    Ok(CancelOutcome::Cancelled {
-        job: job_from_row(&row)?,
-        was,
-    })
+    Ok(CancelOutcome::Cancelled { job, was })
 }
 
 /// Moves one failed or cancelled job back, as [`after_parents`] decides from its parents

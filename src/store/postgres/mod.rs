@@ -24,6 +24,7 @@
 //! server's.
 
 mod batcher;
+mod flow;
 mod graph;
 mod schedules;
 mod sql;
@@ -50,6 +51,7 @@ use super::{
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
+use crate::flow::{FlowCount, FlowState, FlowStats, Sharing, Top};
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::schedule::Schedule;
 
@@ -105,10 +107,17 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "callbacks",
         include_str!("../../../migrations/postgres/0010_callbacks.sql"),
     ),
+    (
+        11,
+        "flow_control",
+        include_str!("../../../migrations/postgres/0011_flow_control.sql"),
+    ),
 ];
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Tenants' weights and each lane's round-robin state, for flow-aware claims.
+    sharing: std::sync::Arc<Sharing>,
     /// The schema's notification channel (`offload_<schema>`).
     channel: String,
     /// This store's name in the notifications it sends, so it can tell its own from those of
@@ -162,6 +171,7 @@ impl PostgresStore {
         ));
         Ok(PostgresStore {
             pool,
+            sharing: Default::default(),
             channel,
             origin,
             batcher,
@@ -170,6 +180,12 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
+    /// Shares lanes between tenants by these weights (a tenant not named weighs 1).
+    pub fn with_tenant_weights(mut self, weights: impl IntoIterator<Item = (String, u32)>) -> Self {
+        self.sharing = std::sync::Arc::new(Sharing::new(weights));
+        self
+    }
+
     async fn try_insert(&self, jobs: &[NewJob]) -> Result<Vec<Inserted>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut stored = HashMap::new();
@@ -281,9 +297,13 @@ impl JobStore for PostgresStore {
         // queueing behind each other's locks.
         // The rows are picked in a CTE, which PostgreSQL runs once: an `IN (subquery …
         // LIMIT … SKIP LOCKED)` may be re-run by the planner and update more rows than LIMIT.
+        // The NOT EXISTS probes the (usually empty) flow index once: with flow-controlled jobs
+        // queued, the plain statement takes nothing and the flow-aware claim decides.
         let sql = format!(
-            "WITH picked AS (SELECT id FROM jobs WHERE status = 'queued' AND executor = $4 \
-             AND scheduled_at <= $1 AND attempt < max_attempts \
+            "WITH picked AS (SELECT id FROM jobs WHERE status = 'queued' AND NOT flow \
+             AND executor = $4 AND scheduled_at <= $1 AND attempt < max_attempts \
+             AND NOT EXISTS (SELECT 1 FROM jobs f WHERE f.status = 'queued' AND f.flow \
+             AND f.executor = $4) \
              ORDER BY priority DESC, scheduled_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
              UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
              progress = 0, owner = $2, lease_until = {DB_NOW} + $3 FROM picked \
@@ -298,22 +318,99 @@ impl JobStore for PostgresStore {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
-        let jobs = rows
+        let mut jobs = rows
             .iter()
             .map(job_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let next_due = if jobs.len() < limit as usize {
-            let at: Option<i64> = sqlx::query_scalar(
-                "SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = $1",
-            )
-            .bind(lane.as_str())
+        if jobs.len() >= limit as usize {
+            return Ok(Claimed {
+                jobs,
+                next_due: None,
+            });
+        }
+        let (at, flow): (Option<i64>, bool) = sqlx::query_as(
+            "SELECT MIN(scheduled_at), EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' \
+             AND flow AND executor = $1) FROM jobs WHERE status = 'queued' AND executor = $1",
+        )
+        .bind(lane.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        if !flow {
+            return Ok(Claimed {
+                jobs,
+                next_due: at.map(Micros),
+            });
+        }
+        let left = limit - jobs.len() as u32;
+        let mut tx = self.pool.begin().await?;
+        let mut facts = flow::Facts { conn: &mut tx };
+        let more =
+            super::flow::flow_claim(&mut facts, &self.sharing, lane, left, now, lease).await?;
+        tx.commit().await?;
+        jobs.extend(more.jobs);
+        Ok(Claimed {
+            jobs,
+            next_due: more.next_due,
+        })
+    }
+
+    async fn flow_state(
+        &self,
+        concurrency_keys: &[String],
+        rate_keys: &[String],
+    ) -> Result<FlowState, StoreError> {
+        let keys = super::flow_keys(concurrency_keys, rate_keys);
+        if keys.is_empty() {
+            return Ok(FlowState::default());
+        }
+        let mut conn = self.pool.acquire().await?;
+        flow::read_flow_state(&mut conn, &keys).await
+    }
+
+    async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError> {
+        let mut stats = FlowStats::default();
+        for (slot, column, index) in [
+            (
+                &mut stats.concurrency,
+                "concurrency_key",
+                "concurrency_key IS NOT NULL",
+            ),
+            (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
+            (&mut stats.tenants, "tenant", "tenant <> ''"),
+        ] {
+            // Counted over the flow index (queued) and the running rows, never over plain
+            // queued or finished jobs: a lane without flow control pays nothing here.
+            let flows = format!(
+                "SELECT {column} AS name, 0 AS r, 1 AS q FROM jobs \
+                 WHERE status = 'queued' AND flow AND {index} \
+                 UNION ALL SELECT {column}, 1, 0 FROM jobs \
+                 WHERE status = 'running' AND flow AND {index}"
+            );
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+                "SELECT name, SUM(r)::bigint, SUM(q)::bigint FROM ({flows}) AS f GROUP BY name \
+                 ORDER BY COUNT(*) DESC, name LIMIT $1"
+            ))
+            .bind(top as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            let total: (Option<i64>, Option<i64>) = sqlx::query_as(&format!(
+                "SELECT SUM(r)::bigint, SUM(q)::bigint FROM ({flows}) AS f"
+            ))
             .fetch_one(&self.pool)
             .await?;
-            at.map(Micros)
-        } else {
-            None
-        };
-        Ok(Claimed { jobs, next_due })
+            let total = (total.0.unwrap_or(0), total.1.unwrap_or(0));
+            *slot = Top::new(
+                rows.into_iter()
+                    .map(|(name, r, q)| FlowCount {
+                        name,
+                        running: r.max(0) as u64,
+                        queued: q.max(0) as u64,
+                    })
+                    .collect(),
+                (total.0.max(0) as u64, total.1.max(0) as u64),
+            );
+        }
+        Ok(stats)
     }
 
     async fn settle(&self, moves: Vec<Settle>) -> Result<Vec<Option<Job>>, StoreError> {

@@ -10,13 +10,15 @@ use uuid::Uuid;
 
 use crate::clock::Micros;
 use crate::job::{Callback, ErrorInfo, Job, JobId, JobStatus, NewJob, Timings};
+use crate::store::flow::from_columns;
 use crate::store::graph::NewRow;
 use crate::store::{ListFilter, Settle, StoreError};
 
 pub(super) const COLUMNS: &str =
     "id, task, kind, executor, status, args::text AS args, result::text AS result, \
     error::text AS error, priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, \
-    spec_hash, created_at, scheduled_at, started_at, finished_at, callback_url, \
+    spec_hash, created_at, scheduled_at, started_at, finished_at, tenant, concurrency_key, \
+    concurrency_limit, rate_key, rate_per_second, rate_burst, callback_url, \
     depends_on::text AS depends_on, run_on_parent_failure, retried";
 
 /// The database's clock, in the microseconds every timestamp column holds: what leases are
@@ -92,6 +94,11 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
             queued_ms: None,
             run_ms: None,
         },
+        tenant: None,
+        concurrency: None,
+        rate: None,
+        waiting_for: None,
+        waiting_until: None,
         callback: row
             .try_get::<Option<String>, _>("callback_url")?
             .map(Callback::pending),
@@ -100,6 +107,19 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
         retried: row.try_get::<i32, _>("retried")? as u32,
         children: None,
     };
+    (job.tenant, job.concurrency, job.rate) = from_columns(
+        row.try_get("tenant")?,
+        (
+            row.try_get("concurrency_key")?,
+            row.try_get::<Option<i32>, _>("concurrency_limit")?
+                .map(i64::from),
+        ),
+        (
+            row.try_get("rate_key")?,
+            row.try_get("rate_per_second")?,
+            row.try_get::<Option<i32>, _>("rate_burst")?.map(i64::from),
+        ),
+    );
     job.compute_timings();
     Ok(job)
 }
@@ -118,15 +138,19 @@ pub(super) async fn insert_rows(
     sqlx::query(
         "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
          max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, scheduled_at, \
-         callback_url, error, finished_at, depends_on, run_on_parent_failure) \
+         callback_url, error, finished_at, depends_on, run_on_parent_failure, tenant, \
+         concurrency_key, concurrency_limit, rate_key, rate_per_second, rate_burst, flow) \
          SELECT id, task, kind, executor, status, args::jsonb, priority, 0, max_attempts, \
          timeout_ms, 0, key, hash, created_at, scheduled_at, callback_url, error::jsonb, \
-         finished_at, depends_on::jsonb, ropf FROM UNNEST($1::uuid[], $2::text[], \
+         finished_at, depends_on::jsonb, ropf, tenant, ckey, climit, rkey, rps, rburst, flow \
+         FROM UNNEST($1::uuid[], $2::text[], \
          $3::text[], $4::text[], $5::text[], $6::int[], $7::int[], $8::bigint[], $9::text[], \
          $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::bigint[], \
-         $16::text[], $17::bool[], $18::text[]) AS t(id, task, kind, executor, args, priority, \
-         max_attempts, timeout_ms, key, hash, created_at, scheduled_at, status, error, \
-         finished_at, depends_on, ropf, callback_url)",
+         $16::text[], $17::bool[], $18::text[], $19::text[], $20::text[], $21::int[], \
+         $22::text[], $23::float8[], $24::int[], $25::bool[]) AS t(id, task, kind, executor, \
+         args, priority, max_attempts, timeout_ms, key, hash, created_at, scheduled_at, status, \
+         error, finished_at, depends_on, ropf, callback_url, tenant, ckey, climit, rkey, rps, \
+         rburst, flow)",
     )
     .bind(rows.iter().map(|j| j.id.0).collect::<Vec<_>>())
     .bind(col(&|j| j.task.clone()))
@@ -174,6 +198,33 @@ pub(super) async fn insert_rows(
             .map(|j| j.callback_url.clone())
             .collect::<Vec<_>>(),
     )
+    .bind(col(&|j| j.tenant.clone().unwrap_or_default()))
+    .bind(
+        rows.iter()
+            .map(|j| j.concurrency.as_ref().map(|c| c.key.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.concurrency.as_ref().map(|c| c.limit as i32))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.rate.as_ref().map(|r| r.key.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.rate.as_ref().map(|r| r.per_second))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|j| j.rate.as_ref().map(|r| r.burst as i32))
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|j| j.has_flow()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     let (parents, children): (Vec<Uuid>, Vec<Uuid>) = new

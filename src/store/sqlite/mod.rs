@@ -10,6 +10,7 @@
 //! (WAL mode). Only this process uses the file (the data-dir lock), so the store is
 //! `exclusive`.
 
+mod flow;
 mod graph;
 mod schedules;
 mod sql;
@@ -28,13 +29,14 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Expired, Expiry, Fire, Inserted, JobStore, Lease, ListFilter, Notice, RetryOutcome, ServerBeat,
-    ServerInfo, Settle, StoreError,
+    flow_keys, BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks,
+    DeleteOutcome, Expired, Expiry, Fire, Inserted, JobStore, Lease, ListFilter, Notice,
+    RetryOutcome, ServerBeat, ServerInfo, Settle, StoreError,
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
+use crate::flow::{FlowCount, FlowState, FlowStats, Sharing, Top};
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::schedule::Schedule;
 use sql::{job_from_row, COLUMNS};
@@ -87,6 +89,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "callbacks",
         include_str!("../../../migrations/sqlite/0010_callbacks.sql"),
     ),
+    (
+        11,
+        "flow_control",
+        include_str!("../../../migrations/sqlite/0011_flow_control.sql"),
+    ),
 ];
 
 /// Where the writer sends its notices once a commit is done: set by [`JobStore::listen`].
@@ -96,6 +103,8 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Op>,
     reads: SqlitePool,
     notices: NoticeTx,
+    /// Tenants' weights and each lane's round-robin state, for flow-aware claims.
+    sharing: Arc<Sharing>,
 }
 
 impl SqliteStore {
@@ -126,7 +135,14 @@ impl SqliteStore {
             writer: tx,
             reads,
             notices,
+            sharing: Arc::default(),
         })
+    }
+
+    /// Shares lanes between tenants by these weights (a tenant not named weighs 1).
+    pub fn with_tenant_weights(mut self, weights: impl IntoIterator<Item = (String, u32)>) -> Self {
+        self.sharing = Arc::new(Sharing::new(weights));
+        self
     }
 
     /// Hands an op to the writer and waits for its answer, which comes after the commit.
@@ -230,11 +246,13 @@ impl JobStore for SqliteStore {
         lease: &Lease,
     ) -> Result<Claimed, StoreError> {
         let lease = lease.clone();
+        let sharing = self.sharing.clone();
         self.write(|reply| Op::Claim {
             lane,
             limit,
             now,
             lease,
+            sharing,
             reply,
         })
         .await
@@ -291,6 +309,67 @@ impl JobStore for SqliteStore {
             jobs: rows.iter().map(job_from_row).collect::<Result<_, _>>()?,
             before,
         })
+    }
+
+    async fn flow_state(
+        &self,
+        concurrency_keys: &[String],
+        rate_keys: &[String],
+    ) -> Result<FlowState, StoreError> {
+        let keys = flow_keys(concurrency_keys, rate_keys);
+        if keys.is_empty() {
+            return Ok(FlowState::default());
+        }
+        let mut conn = self.reads.acquire().await?;
+        flow::read_flow_state(&mut conn, &keys).await
+    }
+
+    async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError> {
+        let mut conn = self.reads.acquire().await?;
+        let mut stats = FlowStats::default();
+        for (slot, column, index) in [
+            (
+                &mut stats.concurrency,
+                "concurrency_key",
+                "concurrency_key IS NOT NULL",
+            ),
+            (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
+            (&mut stats.tenants, "tenant", "tenant <> ''"),
+        ] {
+            // Counted over the flow index (queued) and the running rows, never over plain
+            // queued or finished jobs: a lane without flow control pays nothing here.
+            let flows = format!(
+                "SELECT {column} AS name, 0 AS r, 1 AS q FROM jobs INDEXED BY jobs_flow_ready \
+                 WHERE status = 'queued' AND flow = 1 AND {index} \
+                 UNION ALL SELECT {column}, 1, 0 FROM jobs \
+                 WHERE status = 'running' AND flow = 1 AND {index}"
+            );
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+                "SELECT name, SUM(r), SUM(q) FROM ({flows}) GROUP BY name \
+                 ORDER BY COUNT(*) DESC, name LIMIT ?"
+            ))
+            .bind(top as i64)
+            .fetch_all(&mut *conn)
+            .await?;
+            let total: (Option<i64>, Option<i64>) =
+                sqlx::query_as(&format!("SELECT SUM(r), SUM(q) FROM ({flows})"))
+                    .fetch_one(&mut *conn)
+                    .await?;
+            *slot = Top::new(
+                rows.into_iter()
+                    .map(|(name, r, q)| FlowCount {
+                        name,
+                        running: r.max(0) as u64,
+                        queued: q.max(0) as u64,
+                    })
+                    .collect(),
+                (
+                    total.0.unwrap_or(0).max(0) as u64,
+                    total.1.unwrap_or(0).max(0) as u64,
+                ),
+            );
+        }
+        Ok(stats)
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {

@@ -12,9 +12,11 @@ use sqlx::Row;
 
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
+use crate::flow::Sharing;
 use crate::job::{
     Callback, ErrorInfo, ErrorKind, ExecutorKind, Job, JobId, JobStatus, NewJob, Timings,
 };
+use crate::store::flow::from_columns;
 use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
     BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
@@ -23,8 +25,8 @@ use crate::store::{
 
 pub(super) const COLUMNS: &str = "id, task, kind, executor, status, args, result, error, \
     priority, attempt, max_attempts, timeout_ms, progress, idempotency_key, spec_hash, \
-    created_at, scheduled_at, started_at, finished_at, callback_url, depends_on, \
-    run_on_parent_failure, retried";
+    created_at, scheduled_at, started_at, finished_at, tenant, concurrency_key, concurrency_limit, \
+    rate_key, rate_per_second, rate_burst, callback_url, depends_on, run_on_parent_failure, retried";
 
 /// Most rows in one merged INSERT, and most jobs in one submit that may be merged.
 pub(super) const MERGED_INSERT_MAX: usize = 500;
@@ -79,6 +81,11 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
             queued_ms: None,
             run_ms: None,
         },
+        tenant: None,
+        concurrency: None,
+        rate: None,
+        waiting_for: None,
+        waiting_until: None,
         callback: row
             .try_get::<Option<String>, _>("callback_url")?
             .map(Callback::pending),
@@ -87,6 +94,18 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
         retried: row.try_get::<i64, _>("retried")? as u32,
         children: None,
     };
+    (job.tenant, job.concurrency, job.rate) = from_columns(
+        row.try_get("tenant")?,
+        (
+            row.try_get("concurrency_key")?,
+            row.try_get("concurrency_limit")?,
+        ),
+        (
+            row.try_get("rate_key")?,
+            row.try_get("rate_per_second")?,
+            row.try_get("rate_burst")?,
+        ),
+    );
     job.compute_timings();
     Ok(job)
 }
@@ -126,13 +145,16 @@ pub(super) fn insert_rows<'a>(
                 "INSERT INTO jobs (id, task, kind, executor, status, args, priority, attempt, \
                  max_attempts, timeout_ms, progress, idempotency_key, spec_hash, created_at, \
                  scheduled_at, callback_url, error, finished_at, depends_on, \
-                 run_on_parent_failure) VALUES ",
+                 run_on_parent_failure, tenant, concurrency_key, concurrency_limit, rate_key, \
+                 rate_per_second, rate_burst, flow) VALUES ",
             );
             for n in 0..chunk.len() {
                 if n > 0 {
                     sql.push(',');
                 }
-                sql.push_str("(?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                sql.push_str(
+                    "(?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                );
             }
             let mut q = sqlx::query(&sql);
             for row in chunk {
@@ -155,7 +177,14 @@ pub(super) fn insert_rows<'a>(
                     .bind(row.error.as_ref().map(error_json))
                     .bind(row.finished_at().map(|t| t.0))
                     .bind(row.depends_on_json())
-                    .bind(job.run_on_parent_failure as i64);
+                    .bind(job.run_on_parent_failure as i64)
+                    .bind(job.tenant.clone().unwrap_or_default())
+                    .bind(job.concurrency.as_ref().map(|c| c.key.clone()))
+                    .bind(job.concurrency.as_ref().map(|c| c.limit as i64))
+                    .bind(job.rate.as_ref().map(|r| r.key.clone()))
+                    .bind(job.rate.as_ref().map(|r| r.per_second))
+                    .bind(job.rate.as_ref().map(|r| r.burst as i64))
+                    .bind(job.has_flow() as i64);
             }
             q.execute(&mut *conn).await?;
         }
@@ -222,23 +251,30 @@ pub(super) fn insert(
 }
 
 /// queued → running for up to `limit` due jobs of a lane, in priority then schedule order.
+/// Jobs without flow control go by the plain statement; while any flow-controlled job is
+/// queued in the lane, the flow-aware claim ([`flow`](super::flow)) takes over.
 pub(super) fn claim<'a>(
     conn: Conn<'a>,
     lane: ExecutorKind,
     limit: u32,
     now: Micros,
     lease: &'a Lease,
+    sharing: &'a Sharing,
 ) -> BoxFuture<'a, Result<Claimed, StoreError>> {
     Box::pin(async move {
         // `INDEXED BY jobs_ready`: walked in claim order, the first `limit` due rows end the
         // scan. Left to itself SQLite picked `jobs_due` for the `scheduled_at` range and sorted
         // every due row of the lane on each claim (a temp B-tree; end to end fell to half).
+        // The NOT EXISTS probes the (usually empty) flow index once: with flow-controlled jobs
+        // queued, the plain statement takes nothing and the flow-aware claim decides.
         let sql = format!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?1, \
              progress = 0, owner = ?2, lease_until = ?3 WHERE id IN (SELECT id FROM jobs \
              INDEXED BY jobs_ready \
-             WHERE status = 'queued' AND executor = ?4 AND scheduled_at <= ?1 \
+             WHERE status = 'queued' AND flow = 0 AND executor = ?4 AND scheduled_at <= ?1 \
              AND attempt < max_attempts ORDER BY priority DESC, scheduled_at, id LIMIT ?5) \
+             AND NOT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_flow_ready \
+             WHERE status = 'queued' AND flow = 1 AND executor = ?4) \
              RETURNING {COLUMNS}"
         );
         let rows = sqlx::query(&sql)
@@ -250,22 +286,37 @@ pub(super) fn claim<'a>(
             .bind(limit as i64)
             .fetch_all(&mut *conn)
             .await?;
-        let jobs = rows
+        let mut jobs = rows
             .iter()
             .map(job_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let next_due = if jobs.len() < limit as usize {
-            let at: Option<i64> = sqlx::query_scalar(
-                "SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = ?",
-            )
-            .bind(lane.as_str())
-            .fetch_one(&mut *conn)
-            .await?;
-            at.map(Micros)
-        } else {
-            None
-        };
-        Ok(Claimed { jobs, next_due })
+        if jobs.len() >= limit as usize {
+            return Ok(Claimed {
+                jobs,
+                next_due: None,
+            });
+        }
+        let (at, flow): (Option<i64>, bool) = sqlx::query_as(
+            "SELECT MIN(scheduled_at), EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_flow_ready \
+             WHERE status = 'queued' AND flow = 1 AND executor = ?1) \
+             FROM jobs WHERE status = 'queued' AND executor = ?1",
+        )
+        .bind(lane.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+        if !flow {
+            return Ok(Claimed {
+                jobs,
+                next_due: at.map(Micros),
+            });
+        }
+        let left = limit - jobs.len() as u32;
+        let more = super::flow::claim(conn, lane, left, now, lease, sharing).await?;
+        jobs.extend(more.jobs);
+        Ok(Claimed {
+            jobs,
+            next_due: more.next_due,
+        })
     })
 }
 

@@ -11,6 +11,7 @@
 //! hearing of it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use sqlx::sqlite::SqliteConnection;
@@ -23,12 +24,14 @@ use super::sql::{self, exec, mergeable, MERGED_INSERT_MAX, SETTLE_CHUNK};
 use super::NoticeTx;
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
+use crate::flow::Sharing;
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::schedule::Schedule;
 use crate::store::graph::{Cascade, NewRow};
 use crate::store::{
-    BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks, DeleteOutcome,
-    Fire, Inserted, Lease, ListFilter, Notice, RetryOutcome, ServerBeat, Settle, StoreError,
+    frees_key, BlobDeleteOutcome, CallbackOutcome, CancelOutcome, Claimed, ClaimedCallbacks,
+    DeleteOutcome, Fire, Inserted, Lease, ListFilter, Notice, RetryOutcome, ServerBeat, Settle,
+    StoreError,
 };
 
 /// Most ops committed in one transaction.
@@ -47,6 +50,7 @@ pub(super) enum Op {
         limit: u32,
         now: Micros,
         lease: Lease,
+        sharing: Arc<Sharing>,
         reply: Reply<Claimed>,
     },
     Settle {
@@ -466,7 +470,7 @@ fn settled(moves: &[Settle], done: &HashSet<JobId>, notices: &mut Vec<Notice>) -
         .map(|m| {
             done.contains(&m.job.id).then(|| {
                 let job = m.moved();
-                if job.status == JobStatus::Queued {
+                if job.status == JobStatus::Queued || frees_key(&job) {
                     notices.push(Notice::New {
                         lane: job.executor,
                         added: 0,
@@ -531,10 +535,11 @@ fn run_op<'a>(
                 limit,
                 now,
                 lease,
+                sharing,
                 reply,
             } => finish!(
                 reply,
-                sql::claim(&mut *conn, lane, limit, now, &lease).await
+                sql::claim(&mut *conn, lane, limit, now, &lease, &sharing).await
             ),
             Op::Settle { moves, reply } => {
                 let all: Vec<&Settle> = moves.iter().collect();
@@ -567,10 +572,16 @@ fn run_op<'a>(
                 let result = sql::cancel(&mut *conn, id, now, &mut cascade).await;
                 if let Ok(CancelOutcome::Cancelled {
                     was: JobStatus::Running,
-                    ..
+                    job,
                 }) = &result
                 {
                     out.notices.push(Notice::Cancel(id));
+                    if frees_key(job) {
+                        out.notices.push(Notice::New {
+                            lane: job.executor,
+                            added: 0,
+                        });
+                    }
                 }
                 out.cascaded(cascade);
                 finish!(reply, result)
@@ -616,6 +627,12 @@ fn run_op<'a>(
                     for (job, was) in jobs {
                         if *was == JobStatus::Running {
                             out.notices.push(Notice::Cancel(job.id));
+                            if frees_key(job) {
+                                out.notices.push(Notice::New {
+                                    lane: job.executor,
+                                    added: 0,
+                                });
+                            }
                         }
                     }
                 }
