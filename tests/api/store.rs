@@ -1051,7 +1051,13 @@ async fn a_concurrency_key_caps_its_running_jobs_and_holds_back_nothing_else(
         .await
         .expect("a notice of the freed key")
         .unwrap();
-    assert_eq!(heard, Notice::New(ExecutorKind::Async));
+    assert_eq!(
+        heard,
+        Notice::New {
+            lane: ExecutorKind::Async,
+            added: 0
+        }
+    );
     let next = claim_all(&store, 10).await;
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].concurrency.as_ref().unwrap().key, "k");
@@ -1101,7 +1107,10 @@ async fn a_cancelled_keyed_job_alone_or_in_bulk_frees_its_key_and_says_so(
         &mut notices,
         vec![
             Notice::Cancel(first[0].id),
-            Notice::New(ExecutorKind::Async),
+            Notice::New {
+                lane: ExecutorKind::Async,
+                added: 0,
+            },
         ],
     )
     .await;
@@ -1126,7 +1135,10 @@ async fn a_cancelled_keyed_job_alone_or_in_bulk_frees_its_key_and_says_so(
         &mut notices,
         vec![
             Notice::Cancel(second[0].id),
-            Notice::New(ExecutorKind::Async),
+            Notice::New {
+                lane: ExecutorKind::Async,
+                added: 0,
+            },
         ],
     )
     .await;
