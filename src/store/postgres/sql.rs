@@ -207,7 +207,7 @@ pub(super) async fn insert_rows(
         .filter(|r| r.status.is_final() && r.job.callback_url.is_some())
         .map(|r| r.job.id)
         .collect();
-    enqueue_owed(&mut **tx, &owed, crate::clock::Micros::now().0).await?;
+    enqueue_owed(tx, &owed, crate::clock::Micros::now().0).await?;
     Ok(())
 }
 
