@@ -156,7 +156,10 @@ async fn insert_then_get_list_and_count(store: Arc<dyn JobStore>) {
         limit: 10,
         ..Default::default()
     };
-    assert_eq!(store.list(&lane(ExecutorKind::Async)).await.unwrap().len(), 2);
+    assert_eq!(
+        store.list(&lane(ExecutorKind::Async)).await.unwrap().len(),
+        2
+    );
     assert!(store
         .list(&lane(ExecutorKind::Rayon))
         .await
