@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::{ApiError, AppState, JsonObject, Path, Query};
 use crate::clock::Micros;
-use crate::job::{Job, JobId, JobStatus, Kind};
+use crate::job::{ExecutorKind, Job, JobId, JobStatus, Kind};
 use crate::spec;
 use crate::store::{CancelOutcome, DeleteOutcome, Inserted, ListFilter, RetryOutcome};
 
@@ -289,7 +289,14 @@ fn parse_cursor(raw: Option<&str>) -> Result<Option<JobId>, ApiError> {
 }
 
 /// The filters `GET /v1/jobs` takes, which bulk cancel and retry take too.
-const FILTERS: [&str; 5] = ["status", "task", "kind", "created_before", "created_after"];
+const FILTERS: [&str; 6] = [
+    "status",
+    "task",
+    "kind",
+    "executor",
+    "created_before",
+    "created_after",
+];
 
 /// Reads the list filters from the query string; any parameter outside `FILTERS` and
 /// `extra` is a 422.
@@ -335,6 +342,11 @@ fn parse_filter(
             .map(|k| k.parse::<Kind>())
             .transpose()
             .map_err(|e| ApiError::invalid(format!("kind: {e}")))?,
+        executor: query
+            .get("executor")
+            .map(|e| e.parse::<ExecutorKind>())
+            .transpose()
+            .map_err(|e| ApiError::invalid(format!("executor: {e}")))?,
         created_before: time("created_before")?,
         created_after: time("created_after")?,
         before: None,
@@ -391,7 +403,7 @@ fn bulk(jobs: Vec<Job>, limit: u32) -> Json<Bulk> {
     })
 }
 
-/// `POST /v1/jobs/cancel?status=&task=&kind=&created_before=&created_after=&limit=`: cancels
+/// `POST /v1/jobs/cancel?status=&task=&kind=&executor=&created_before=&created_after=&limit=`: cancels
 /// up to `limit` (default and most 1000) unfinished jobs that match, oldest first.
 pub async fn cancel_matching(
     State(state): State<AppState>,

@@ -304,6 +304,8 @@ pub struct ListFilter {
     pub status: Option<JobStatus>,
     pub task: Option<String>,
     pub kind: Option<Kind>,
+    /// Only jobs routed to this lane.
+    pub executor: Option<ExecutorKind>,
     /// Only jobs created before this time (exclusive).
     pub created_before: Option<Micros>,
     /// Only jobs created at or after this time.

@@ -1,5 +1,7 @@
 //! The dashboard in a real browser: headless Chromium driven over WebDriver (chromedriver),
-//! submitting a job through the form and watching it finish on the page.
+//! submitting a job through the form and watching it finish on the page, retrying failures,
+//! filtering and paging the job list, following a job's parents and children, and pausing a
+//! schedule; each change the page makes is checked through the API.
 //!
 //! Needs Debian's `chromium` and `chromium-driver`, which `.ci/run` installs, so it is
 //! ignored by a plain `cargo test`; run it with
@@ -136,14 +138,58 @@ impl Driver {
         );
     }
 
+    /// Clicks the element, finding it again if the page replaced it between the find and the
+    /// click (a refresh re-renders what changed).
     async fn click(&self, css: &str) {
-        let id = self.find(css).await;
+        for _ in 0..20 {
+            let id = self.find(css).await;
+            let r = self
+                .cmd(
+                    reqwest::Method::POST,
+                    &format!("/element/{id}/click"),
+                    json!({}),
+                )
+                .await;
+            if r.get("error").is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not click {css}");
+    }
+
+    /// Runs a script in the page and returns its value.
+    async fn eval(&self, script: &str) -> Value {
         self.cmd(
             reqwest::Method::POST,
-            &format!("/element/{id}/click"),
-            json!({}),
+            "/execute/sync",
+            json!({"script": script, "args": []}),
         )
-        .await;
+        .await
+    }
+
+    /// Waits up to 20 s for `script`'s value to equal `want`; returns the last value seen.
+    async fn eval_until(&self, script: &str, want: &Value) -> Value {
+        let mut got = Value::Null;
+        for _ in 0..200 {
+            got = self.eval(script).await;
+            if &got == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        got
+    }
+
+    /// The ids of the rows of a table body, top to bottom.
+    async fn row_ids(&self, tbody: &str) -> Value {
+        self.eval(&Self::row_ids_script(tbody)).await
+    }
+
+    fn row_ids_script(tbody: &str) -> String {
+        format!(
+            "return [...document.querySelectorAll('{tbody} tr[data-id]')].map((tr) => tr.dataset.id)"
+        )
     }
 
     async fn type_into(&self, css: &str, text: &str) {
@@ -186,6 +232,15 @@ impl Driver {
         .as_str()
         .unwrap_or("")
         .to_string()
+    }
+
+    async fn resize(&self, width: u32, height: u32) {
+        self.cmd(
+            reqwest::Method::POST,
+            "/window/rect",
+            json!({"width": width, "height": height}),
+        )
+        .await;
     }
 
     async fn screenshot(&self) -> Vec<u8> {
@@ -267,6 +322,15 @@ async fn the_dashboard_submits_a_job_and_shows_it_finish() {
         lanes.contains("rayon") && lanes.contains("process"),
         "{lanes}"
     );
+
+    failures_show_their_error_and_are_retried(&app, &driver).await;
+    filters_narrow_the_list_and_pages_move(&app, &driver).await;
+    parents_and_children_are_linked(&app, &driver).await;
+    schedules_show_their_next_run_and_pause(&app, &driver).await;
+
+    // Tall enough for every section, from the top, for the screenshot.
+    driver.resize(1360, 1800).await;
+    driver.eval("window.scrollTo(0, 0)").await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // let the chart draw a few points
     let png = driver.screenshot().await;
     assert_eq!(&png[1..4], b"PNG");
@@ -276,4 +340,193 @@ async fn the_dashboard_submits_a_job_and_shows_it_finish() {
     // Without the token the page is refused.
     let r = reqwest::get(app.url("/")).await.unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+}
+
+/// The ids `GET /v1/jobs?{query}` answers, newest first, and its `next_cursor`.
+async fn api_page(app: &TestApp, query: &str) -> (Vec<String>, Option<String>) {
+    let a = app.get(&format!("/v1/jobs?{query}")).await;
+    assert_eq!(a.status, reqwest::StatusCode::OK, "{}", a.body);
+    let ids = a.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id_of)
+        .collect();
+    (ids, a.body["next_cursor"].as_str().map(String::from))
+}
+
+/// A failed job appears in the failures view with its error; its Retry button, and then
+/// "retry all shown", put it back (the API counts each in `retried`).
+async fn failures_show_their_error_and_are_retried(app: &TestApp, driver: &Driver) {
+    let failing =
+        |message: &str| json!({"task": "fail", "max_attempts": 1, "args": {"message": message}});
+    let a = id_of(&app.submit(failing("boom on purpose")).await);
+    assert_eq!(app.wait(&a, 20).await["status"], "failed");
+    let row = format!("#failures tr[data-id=\"{a}\"]");
+    assert_eq!(driver.text(&format!("{row} .etype")).await, "task_error");
+    let message = driver.text(&format!("{row} .emsg")).await;
+    assert!(message.contains("boom on purpose"), "{message}");
+
+    driver.click(&format!("{row} button.retry")).await;
+    app.wait_until(&a, 20, |j| j["retried"] == 1).await;
+    let note = driver.text("#failures-note").await;
+    assert!(note.contains(&a), "the page says what it retried: {note}");
+    // One attempt again, so it fails again and is back in the view with its count.
+    assert_eq!(app.wait(&a, 20).await["status"], "failed");
+    let retried = format!("{row} .retried");
+    assert_eq!(
+        driver
+            .eval_until(
+                &format!(
+                    "return document.querySelector('{}').textContent",
+                    retried.replace('\'', "\\'")
+                ),
+                &json!("1")
+            )
+            .await,
+        json!("1")
+    );
+
+    let b = id_of(&app.submit(failing("boom again")).await);
+    assert_eq!(app.wait(&b, 20).await["status"], "failed");
+    let (failed, _) = api_page(app, "status=failed").await;
+    assert_eq!(failed, vec![b.clone(), a.clone()]);
+    let shown = driver
+        .eval_until(&Driver::row_ids_script("#failures"), &json!(failed))
+        .await;
+    assert_eq!(shown, json!(failed), "the failures view shows both");
+    assert_eq!(driver.text("#retry-all").await, "Retry all 2 shown");
+    driver.click("#retry-all").await;
+    app.wait_until(&a, 20, |j| j["retried"] == 2).await;
+    app.wait_until(&b, 20, |j| j["retried"] == 1).await;
+    let note = driver.text("#failures-note").await;
+    assert!(note.contains("Retried 2 jobs"), "{note}");
+    for id in [&a, &b] {
+        assert_eq!(app.wait(id, 20).await["status"], "failed");
+    }
+}
+
+/// The status filter narrows the job list to what the API lists for it; paging follows
+/// `next_cursor` to the next page and back; the lane filter asks for one executor.
+async fn filters_narrow_the_list_and_pages_move(app: &TestApp, driver: &Driver) {
+    // 30 more succeeded jobs: the succeeded ones fill more than a page (25).
+    let specs: Vec<Value> = (0..30).map(|_| json!({"task": "noop"})).collect();
+    let batch = app.post("/v1/jobs/batch", json!({"jobs": specs})).await;
+    assert_eq!(
+        batch.status,
+        reqwest::StatusCode::ACCEPTED,
+        "{}",
+        batch.body
+    );
+    for j in batch.body["jobs"].as_array().unwrap() {
+        assert_eq!(app.wait(&id_of(j), 20).await["status"], "succeeded");
+    }
+    let rows = Driver::row_ids_script("#jobs");
+
+    driver.click("#f-status option[value=failed]").await;
+    let (failed, _) = api_page(app, "status=failed&limit=25").await;
+    assert_eq!(failed.len(), 2);
+    assert_eq!(
+        driver.eval_until(&rows, &json!(failed)).await,
+        json!(failed)
+    );
+    assert_eq!(driver.attr("#page-older", "disabled").await, "true");
+
+    driver.click("#f-status option[value=succeeded]").await;
+    let (first, next) = api_page(app, "status=succeeded&limit=25").await;
+    let next = next.expect("more than a page of succeeded jobs");
+    let (second, _) = api_page(app, &format!("status=succeeded&limit=25&cursor={next}")).await;
+    assert_eq!((first.len(), second.len()), (25, 12));
+    assert_eq!(driver.eval_until(&rows, &json!(first)).await, json!(first));
+    driver.click("#page-older").await;
+    assert_eq!(
+        driver.eval_until(&rows, &json!(second)).await,
+        json!(second),
+        "the next page is the API's page after next_cursor"
+    );
+    assert_eq!(driver.text("#page-info").await, "page 2");
+    driver.click("#page-newer").await;
+    assert_eq!(driver.eval_until(&rows, &json!(first)).await, json!(first));
+
+    // The lane: the rayon lane ran the sum_squares and count_primes jobs only.
+    driver.click("#f-lane option[value=rayon]").await;
+    let (rayon, _) = api_page(app, "status=succeeded&executor=rayon&limit=25").await;
+    assert_eq!(rayon.len(), 7, "six sum_squares and one count_primes");
+    assert_eq!(driver.eval_until(&rows, &json!(rayon)).await, json!(rayon));
+    let lanes = driver
+        .eval("return [...document.querySelectorAll('#jobs tr[data-id] td:nth-child(3)')].map((td) => td.textContent)")
+        .await;
+    assert_eq!(lanes, json!(vec!["rayon"; 7]));
+
+    driver.click("#f-lane option[value=\"\"]").await;
+    driver.click("#f-status option[value=\"\"]").await;
+    let (all, _) = api_page(app, "limit=25").await;
+    assert_eq!(driver.eval_until(&rows, &json!(all)).await, json!(all));
+    assert_eq!(driver.row_ids("#jobs").await, json!(all));
+}
+
+/// A job with a parent shows it in its detail, and the parent, clicked there, shows its child.
+async fn parents_and_children_are_linked(app: &TestApp, driver: &Driver) {
+    let graph = json!({"jobs": [{"task": "noop"}, {"task": "noop", "depends_on": ["#0"]}]});
+    let batch = app.post("/v1/jobs/batch", graph).await;
+    assert_eq!(
+        batch.status,
+        reqwest::StatusCode::ACCEPTED,
+        "{}",
+        batch.body
+    );
+    let parent = id_of(&batch.body["jobs"][0]);
+    let child = id_of(&batch.body["jobs"][1]);
+    assert_eq!(app.wait(&child, 20).await["status"], "succeeded");
+
+    driver
+        .click(&format!("#jobs tr[data-id=\"{child}\"]"))
+        .await;
+    let to_parent = format!("#relations a.parent[data-id=\"{parent}\"]");
+    driver.find(&to_parent).await;
+    driver.click(&to_parent).await;
+    driver
+        .find(&format!("#relations a.child[data-id=\"{child}\"]"))
+        .await;
+    let detail: Value = serde_json::from_str(&driver.text("#detail").await).unwrap();
+    assert_eq!(detail["id"], json!(parent));
+    assert_eq!(detail["children"], json!([child]));
+}
+
+/// A schedule appears with its next run; its Pause button pauses it and Resume resumes it.
+async fn schedules_show_their_next_run_and_pause(app: &TestApp, driver: &Driver) {
+    let spec = json!({"name": "nightly-report", "cron": "0 3 * * *", "timezone": "UTC",
+                      "job": {"task": "noop"}, "catch_up": "none"});
+    let created = app.post("/v1/schedules", spec).await;
+    assert_eq!(
+        created.status,
+        reqwest::StatusCode::CREATED,
+        "{}",
+        created.body
+    );
+    let row = "#schedules tr[data-name=\"nightly-report\"]";
+    let cell = format!("{row} .next-run");
+    assert_eq!(
+        driver.attr(&cell, "data-next-run").await,
+        created.body["next_run"].as_str().unwrap()
+    );
+    let shown = driver.text(&cell).await;
+    assert!(!shown.is_empty() && shown != "paused", "{shown}");
+
+    let paused = |want: bool| async move {
+        for _ in 0..200 {
+            if app.get("/v1/schedules/nightly-report").await.body["paused"] == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the schedule's paused never became {want}");
+    };
+    driver.click(&format!("{row} button.pause")).await;
+    paused(true).await;
+    driver.find(&format!("{row} button.resume")).await;
+    assert_eq!(driver.text(&cell).await, "paused");
+    driver.click(&format!("{row} button.resume")).await;
+    paused(false).await;
+    driver.find(&format!("{row} button.pause")).await;
 }

@@ -384,7 +384,13 @@ async fn bulk_retry_puts_a_hundred_failed_jobs_back_with_a_limit_per_call() {
         )
         .await;
     assert_eq!(r.body["matched"], 0, "{}", r.body);
+    // Nor does another lane's: `fail` runs on the async lane.
+    let r = app
+        .call(Method::POST, "/v1/jobs/retry?executor=rayon", None)
+        .await;
+    assert_eq!(r.body["matched"], 0, "{}", r.body);
     for bad in [
+        "/v1/jobs/retry?executor=gpu",
         "/v1/jobs/retry?status=queued",
         "/v1/jobs/retry?limit=0",
         "/v1/jobs/retry?limit=1001",

@@ -150,6 +150,20 @@ async fn list_filters_newest_first_and_pages_with_a_cursor() {
     assert_eq!(cpu.body["jobs"].as_array().unwrap().len(), 0);
     let ok = app.get("/v1/jobs?status=succeeded&limit=1000").await;
     assert_eq!(ok.body["jobs"].as_array().unwrap().len(), 5);
+    // By lane: noop and sleep run on the async lane, nothing here on rayon.
+    let lane = app.get("/v1/jobs?executor=async&limit=1000").await;
+    assert_eq!(lane.body["jobs"].as_array().unwrap().len(), 6);
+    let lane = app.get("/v1/jobs?executor=async&status=queued").await;
+    assert_eq!(lane.body["jobs"][0]["id"], delayed["id"]);
+    let rayon = app.get("/v1/jobs?executor=rayon").await;
+    assert_eq!(rayon.body["jobs"].as_array().unwrap().len(), 0);
+    let bad = app.get("/v1/jobs?executor=gpu").await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        bad.body["detail"].as_str().unwrap().contains("executor"),
+        "{}",
+        bad.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,20 @@ async fn insert_then_get_list_and_count(store: Arc<dyn JobStore>) {
         .await
         .unwrap();
     assert_eq!(only_b.len(), 1);
+    let lane = |executor| ListFilter {
+        executor: Some(executor),
+        limit: 10,
+        ..Default::default()
+    };
+    assert_eq!(
+        store.list(&lane(ExecutorKind::Async)).await.unwrap().len(),
+        2
+    );
+    assert!(store
+        .list(&lane(ExecutorKind::Rayon))
+        .await
+        .unwrap()
+        .is_empty());
     assert!(store.get(JobId::new()).await.unwrap().is_none());
     let mut many: Vec<JobId> = store
         .get_many(&[a.id, JobId::new(), b.id])

@@ -368,6 +368,9 @@ pub(super) fn filter_where(filter: &ListFilter, statuses: &[JobStatus]) -> (Stri
     if let Some(k) = filter.kind {
         add("kind =", Bind::Text(k.as_str().into()), &mut binds);
     }
+    if let Some(e) = filter.executor {
+        add("executor =", Bind::Text(e.as_str().into()), &mut binds);
+    }
     if let Some(t) = filter.created_before {
         add("created_at <", Bind::Int(t.0), &mut binds);
     }

@@ -775,6 +775,10 @@ pub(super) fn filter_where(filter: &ListFilter, statuses: &[JobStatus]) -> (Stri
         sql.push_str(" AND kind = ?");
         binds.push(Bind::Text(k.as_str().into()));
     }
+    if let Some(e) = filter.executor {
+        sql.push_str(" AND executor = ?");
+        binds.push(Bind::Text(e.as_str().into()));
+    }
     if let Some(t) = filter.created_before {
         sql.push_str(" AND created_at < ?");
         binds.push(Bind::Int(t.0));
