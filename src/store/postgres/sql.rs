@@ -574,7 +574,8 @@ fn new_payload(
     origin: &str,
     counts: &HashMap<crate::job::ExecutorKind, u64>,
 ) {
-    let mut new: Vec<_> = counts.iter().filter(|(_, n)| **n > 0).collect();
+    // A lane with 0 is a wake-up that adds nothing (a job freed its concurrency key's slot).
+    let mut new: Vec<_> = counts.iter().collect();
     new.sort_by_key(|(e, _)| e.index());
     if !new.is_empty() {
         let counts: Vec<String> = new
@@ -704,6 +705,27 @@ mod tests {
     use super::*;
     use crate::job::ExecutorKind;
     use crate::store::Notice;
+
+    #[test]
+    fn a_lane_woken_with_nothing_added_is_still_announced() {
+        // A job that freed its concurrency key's slot: every server's lane must look again.
+        let notices = Notices {
+            new: [(ExecutorKind::Async, 0)].into_iter().collect(),
+            ..Notices::default()
+        };
+        let heard: Vec<Notice> = notices
+            .payloads("them")
+            .iter()
+            .flat_map(|p| parse_payload(p, "me"))
+            .collect();
+        assert_eq!(
+            heard,
+            vec![Notice::New {
+                lane: ExecutorKind::Async,
+                added: 0
+            }]
+        );
+    }
 
     #[test]
     fn a_long_change_list_is_cut_below_the_payload_limit_and_parses_back() {
