@@ -130,8 +130,11 @@ fn children_in<'a>(
     status: &'static str,
 ) -> BoxFuture<'a, Result<Vec<JobId>, StoreError>> {
     Box::pin(async move {
+        // CROSS JOIN fixes the order (edges by parent first, then each child by id): with a
+        // plain JOIN the planner walked every job in `status` (thousands of waiting jobs while
+        // graphs are in flight) for each finished parent.
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT d.child_id FROM job_deps d JOIN jobs c ON c.id = d.child_id \
+            "SELECT DISTINCT d.child_id FROM job_deps d CROSS JOIN jobs c ON c.id = d.child_id \
              WHERE d.parent_id IN (SELECT value FROM json_each(?)) AND c.status = ? \
              AND (c.status <> 'cancelled' \
                   OR json_extract(c.error, '$.type') = 'dependency_failed')",
