@@ -103,8 +103,12 @@ async fn children_in(
     status: &str,
 ) -> Result<Vec<JobId>, StoreError> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT DISTINCT d.child_id FROM job_deps d JOIN jobs c ON c.id = d.child_id \
-         WHERE d.parent_id = ANY($1) AND c.status = $2 \
+        // The edges of these parents first (a materialized CTE fixes the order), then each
+        // child by id: joined the other way the planner can walk every job in `status`
+        // (thousands waiting while graphs are in flight) for each round of finished parents.
+        "WITH e AS MATERIALIZED (SELECT child_id FROM job_deps WHERE parent_id = ANY($1)) \
+         SELECT DISTINCT c.id FROM e JOIN jobs c ON c.id = e.child_id \
+         WHERE c.status = $2 \
          AND (c.status <> 'cancelled' OR c.error->>'type' = 'dependency_failed')",
     )
     .bind(uuids(parents))
