@@ -211,7 +211,11 @@ async fn a_retry_gives_fresh_attempts_and_brings_back_cancelled_children(store: 
         other => panic!("{other:?}"),
     };
     assert_eq!(retried.status, JobStatus::Queued);
-    assert_eq!((retried.attempt, retried.retried), (0, 1));
+    // The attempt it used stays counted; the retry grants the budget it was submitted with.
+    assert_eq!(
+        (retried.attempt, retried.max_attempts, retried.retried),
+        (1, 3, 1)
+    );
     assert!(retried.error.is_none() && retried.finished_at.is_none());
     assert_eq!(status(&store, a.id).await.retried, 1);
     for id in [b.id, c.id] {
@@ -227,6 +231,53 @@ async fn a_retry_gives_fresh_attempts_and_brings_back_cancelled_children(store: 
         store.retry(JobId::new(), Micros::now()).await.unwrap(),
         RetryOutcome::NotFound
     ));
+}
+
+conformance!(a_retried_job_runs_under_a_new_attempt_number_the_old_one_cannot_touch);
+async fn a_retried_job_runs_under_a_new_attempt_number_the_old_one_cannot_touch(
+    store: Arc<dyn JobStore>,
+) {
+    let a = new_job("a", None, None);
+    store.insert(vec![a.clone()]).await.unwrap();
+    let first = claim_all(&store, 10).await.pop().expect("claimed");
+    assert_eq!(first.attempt, 1);
+    // Cancelled while running; the attempt winds down slowly. Retried meanwhile, and run again.
+    assert!(matches!(
+        store.cancel(a.id, Micros::now()).await.unwrap(),
+        CancelOutcome::Cancelled { .. }
+    ));
+    let retried = match store.retry(a.id, Micros::now()).await.unwrap() {
+        RetryOutcome::Retried(job) => job,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((retried.attempt, retried.max_attempts), (1, 3));
+    let second = claim_all(&store, 10).await.pop().expect("claimed again");
+    assert_eq!(second.attempt, 2, "attempt numbers only grow");
+    // The old attempt's renewal and its outcome name attempt 1: neither touches the new run.
+    let gone = store
+        .renew("me", &[(a.id, 1), (a.id, 2)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![(a.id, 1)]);
+    assert!(settle(&store, &first, broken()).await.is_none());
+    let job = status(&store, a.id).await;
+    assert_eq!((job.status, job.attempt), (JobStatus::Running, 2));
+    // The new run fails transiently: its budget (2, as submitted) allows one more attempt.
+    let failed = AttemptEnd::Transient("flaky".into());
+    let moved = settle(&store, &second, failed).await.expect("it moved");
+    assert_eq!(moved.status, JobStatus::Queued);
+    let third = claim_all(&store, 10).await.pop().expect("claimed a third time");
+    assert_eq!(third.attempt, 3);
+    let last = settle(&store, &third, AttemptEnd::Transient("flaky".into()))
+        .await
+        .expect("it moved");
+    assert_eq!(last.status, JobStatus::Failed, "the budget is spent");
+    // A second retry grants the same budget again, not a bigger one.
+    let again = match store.retry(a.id, Micros::now()).await.unwrap() {
+        RetryOutcome::Retried(job) => job,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((again.attempt, again.max_attempts, again.retried), (3, 5, 2));
 }
 
 conformance!(bulk_cancel_and_retry_act_on_matches_oldest_first_up_to_the_limit);

@@ -112,6 +112,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "flow_control",
         include_str!("../../../migrations/postgres/0011_flow_control.sql"),
     ),
+    (
+        12,
+        "retry_budget",
+        include_str!("../../../migrations/postgres/0012_retry_budget.sql"),
+    ),
 ];
 
 pub struct PostgresStore {
