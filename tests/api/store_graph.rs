@@ -266,7 +266,10 @@ async fn a_retried_job_runs_under_a_new_attempt_number_the_old_one_cannot_touch(
     let failed = AttemptEnd::Transient("flaky".into());
     let moved = settle(&store, &second, failed).await.expect("it moved");
     assert_eq!(moved.status, JobStatus::Queued);
-    let third = claim_all(&store, 10).await.pop().expect("claimed a third time");
+    let third = claim_all(&store, 10)
+        .await
+        .pop()
+        .expect("claimed a third time");
     assert_eq!(third.attempt, 3);
     let last = settle(&store, &third, AttemptEnd::Transient("flaky".into()))
         .await
@@ -277,7 +280,10 @@ async fn a_retried_job_runs_under_a_new_attempt_number_the_old_one_cannot_touch(
         RetryOutcome::Retried(job) => job,
         other => panic!("{other:?}"),
     };
-    assert_eq!((again.attempt, again.max_attempts, again.retried), (3, 5, 2));
+    assert_eq!(
+        (again.attempt, again.max_attempts, again.retried),
+        (3, 5, 2)
+    );
 }
 
 conformance!(bulk_cancel_and_retry_act_on_matches_oldest_first_up_to_the_limit);

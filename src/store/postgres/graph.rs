@@ -322,7 +322,12 @@ pub(super) async fn retry(
         .fetch_one(&mut *conn)
         .await?;
     let job = job_from_row(&row)?;
+    let before = cascade.moved.len();
     restore(&mut *conn, vec![id], now, cascade).await?;
+    // It and the children it brought back are unfinished again: their callbacks wait.
+    let mut back = vec![id];
+    back.extend_from_slice(&cascade.moved[before..]);
+    super::sql::supersede_callbacks(&mut *conn, &back).await?;
     Ok(RetryOutcome::Retried(job))
 }
 
