@@ -262,7 +262,9 @@ async fn a_retry_by_hand_runs_a_failed_job_again_and_brings_back_its_children() 
     let r = app.post(&format!("/v1/jobs/{ida}/retry"), json!({})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["retried"], 1);
-    assert_eq!(r.body["attempt"], 0, "fresh attempts");
+    // Fresh attempts under new numbers: the one used stays counted, the budget is raised.
+    assert_eq!(r.body["attempt"], 1);
+    assert_eq!(r.body["max_attempts"], 2, "one more, as submitted");
     assert!(matches!(
         r.body["status"].as_str(),
         Some("queued" | "running" | "succeeded")
@@ -271,7 +273,8 @@ async fn a_retry_by_hand_runs_a_failed_job_again_and_brings_back_its_children() 
     assert_eq!(a["status"], "succeeded", "{a}");
     assert_eq!(
         (a["attempt"].as_u64(), a["retried"].as_u64()),
-        (Some(1), Some(1))
+        (Some(2), Some(1)),
+        "ran as attempt 2"
     );
     let b = app.wait(&idb, 30).await;
     assert_eq!(b["status"], "succeeded", "came back with its parent: {b}");
@@ -357,7 +360,7 @@ async fn bulk_retry_puts_a_hundred_failed_jobs_back_with_a_limit_per_call() {
     );
     assert_eq!(r.body["limit_reached"], false);
 
-    // Each ran once more and failed again, its manual retry counted.
+    // Each ran once more (as attempt 2) and failed again, its manual retry counted.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let page = app.get("/v1/jobs?task=fail&limit=1000").await;
@@ -365,7 +368,7 @@ async fn bulk_retry_puts_a_hundred_failed_jobs_back_with_a_limit_per_call() {
         assert_eq!(jobs.len(), 100);
         if jobs
             .iter()
-            .all(|j| j["status"] == "failed" && j["retried"] == 1 && j["attempt"] == 1)
+            .all(|j| j["status"] == "failed" && j["retried"] == 1 && j["attempt"] == 2)
         {
             break;
         }

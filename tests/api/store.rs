@@ -1577,6 +1577,61 @@ async fn a_callback_outcome_is_recorded_once_under_its_attempt(store: Arc<dyn Jo
     );
 }
 
+conformance!(a_retried_job_is_not_called_back_until_final_again_and_old_deliveries_cannot_record);
+async fn a_retried_job_is_not_called_back_until_final_again_and_old_deliveries_cannot_record(
+    store: Arc<dyn JobStore>,
+) {
+    let a = calling_back("a");
+    store.insert(vec![a.clone()]).await.unwrap();
+    store.cancel(a.id, Micros::now()).await.unwrap();
+    let now = Micros::now().plus(Duration::from_millis(1));
+    let first = claim_callbacks(&store, now).await;
+    assert_eq!(first.len(), 1);
+    let stale = first[0].attempt;
+    // While the first delivery is in flight, the job is retried: it is queued, not final.
+    assert!(matches!(
+        store.retry(a.id, Micros::now()).await.unwrap(),
+        offload::store::RetryOutcome::Retried(_)
+    ));
+    let later = now.plus(Duration::from_secs(60));
+    let claimed = store
+        .claim_callbacks(10, later, later.plus(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(
+        claimed.deliveries.is_empty(),
+        "a queued job is not delivered as its completion"
+    );
+    assert_eq!(claimed.next_due, None, "nothing is owed until it is final");
+    assert!(
+        !store
+            .record_callback(a.id, stale, CallbackOutcome::Delivered, later)
+            .await
+            .unwrap(),
+        "the stale delivery records nothing"
+    );
+    // Final again (succeeded): delivered afresh, and the stale delivery still cannot record.
+    let job = claim_all(&store, 10).await.pop().expect("claimed");
+    settle(&store, &job, AttemptEnd::Succeeded(json!({"ok": true})))
+        .await
+        .expect("it moved");
+    let again = claim_callbacks(&store, Micros::now().plus(Duration::from_millis(1))).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].job.status, JobStatus::Succeeded);
+    assert!(again[0].attempt > stale, "tries keep counting");
+    let t = Micros::now();
+    assert!(!store
+        .record_callback(a.id, stale, CallbackOutcome::Delivered, t)
+        .await
+        .unwrap());
+    assert!(store
+        .record_callback(a.id, again[0].attempt, CallbackOutcome::Delivered, t)
+        .await
+        .unwrap());
+    let cb = store.get(a.id).await.unwrap().unwrap().callback.unwrap();
+    assert_eq!(cb.status, CallbackStatus::Delivered);
+}
+
 conformance!(concurrent_callback_claims_never_take_one_row_twice);
 async fn concurrent_callback_claims_never_take_one_row_twice(store: Arc<dyn JobStore>) {
     let jobs: Vec<NewJob> = (0..60).map(|i| calling_back(&format!("j{i}"))).collect();

@@ -211,7 +211,11 @@ async fn a_retry_gives_fresh_attempts_and_brings_back_cancelled_children(store: 
         other => panic!("{other:?}"),
     };
     assert_eq!(retried.status, JobStatus::Queued);
-    assert_eq!((retried.attempt, retried.retried), (0, 1));
+    // The attempt it used stays counted; the retry grants the budget it was submitted with.
+    assert_eq!(
+        (retried.attempt, retried.max_attempts, retried.retried),
+        (1, 3, 1)
+    );
     assert!(retried.error.is_none() && retried.finished_at.is_none());
     assert_eq!(status(&store, a.id).await.retried, 1);
     for id in [b.id, c.id] {
@@ -227,6 +231,59 @@ async fn a_retry_gives_fresh_attempts_and_brings_back_cancelled_children(store: 
         store.retry(JobId::new(), Micros::now()).await.unwrap(),
         RetryOutcome::NotFound
     ));
+}
+
+conformance!(a_retried_job_runs_under_a_new_attempt_number_the_old_one_cannot_touch);
+async fn a_retried_job_runs_under_a_new_attempt_number_the_old_one_cannot_touch(
+    store: Arc<dyn JobStore>,
+) {
+    let a = new_job("a", None, None);
+    store.insert(vec![a.clone()]).await.unwrap();
+    let first = claim_all(&store, 10).await.pop().expect("claimed");
+    assert_eq!(first.attempt, 1);
+    // Cancelled while running; the attempt winds down slowly. Retried meanwhile, and run again.
+    assert!(matches!(
+        store.cancel(a.id, Micros::now()).await.unwrap(),
+        CancelOutcome::Cancelled { .. }
+    ));
+    let retried = match store.retry(a.id, Micros::now()).await.unwrap() {
+        RetryOutcome::Retried(job) => job,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((retried.attempt, retried.max_attempts), (1, 3));
+    let second = claim_all(&store, 10).await.pop().expect("claimed again");
+    assert_eq!(second.attempt, 2, "attempt numbers only grow");
+    // The old attempt's renewal and its outcome name attempt 1: neither touches the new run.
+    let gone = store
+        .renew("me", &[(a.id, 1), (a.id, 2)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![(a.id, 1)]);
+    assert!(settle(&store, &first, broken()).await.is_none());
+    let job = status(&store, a.id).await;
+    assert_eq!((job.status, job.attempt), (JobStatus::Running, 2));
+    // The new run fails transiently: its budget (2, as submitted) allows one more attempt.
+    let failed = AttemptEnd::Transient("flaky".into());
+    let moved = settle(&store, &second, failed).await.expect("it moved");
+    assert_eq!(moved.status, JobStatus::Queued);
+    let third = claim_all(&store, 10)
+        .await
+        .pop()
+        .expect("claimed a third time");
+    assert_eq!(third.attempt, 3);
+    let last = settle(&store, &third, AttemptEnd::Transient("flaky".into()))
+        .await
+        .expect("it moved");
+    assert_eq!(last.status, JobStatus::Failed, "the budget is spent");
+    // A second retry grants the same budget again, not a bigger one.
+    let again = match store.retry(a.id, Micros::now()).await.unwrap() {
+        RetryOutcome::Retried(job) => job,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (again.attempt, again.max_attempts, again.retried),
+        (3, 5, 2)
+    );
 }
 
 conformance!(bulk_cancel_and_retry_act_on_matches_oldest_first_up_to_the_limit);
@@ -342,6 +399,67 @@ async fn the_sweep_moves_a_stranded_waiting_job_on_sqlite() {
         .unwrap();
     assert_eq!(moved, 1);
     assert_eq!(status(&store, c.id).await.status, JobStatus::Queued);
+}
+
+/// An op that moves a job and then meets a malformed row in the graph walk after it (here a
+/// child whose lane no build knows) answers the error and changes nothing: the SQLite writer
+/// runs it in a savepoint, as PostgreSQL runs it in a transaction.
+#[tokio::test]
+async fn an_op_that_fails_midway_writes_nothing_on_sqlite() {
+    use sqlx::Connection;
+    let (dir, store) = sqlite().await;
+    let a = new_job("a", None, None);
+    let c = NewJob {
+        run_on_parent_failure: true,
+        ..child("c", &[Parent::Batch(0)])
+    };
+    store.insert(vec![a.clone(), c.clone()]).await.unwrap();
+    let url = offload::config::sqlite_url(dir.path());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("PRAGMA ignore_check_constraints = ON")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE jobs SET executor = 'gpu' WHERE id = ?")
+        .bind(c.id.to_string())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    // Cancelling the parent would queue the child (it runs on failure): its lane is unknown.
+    let err = store.cancel(a.id, Micros::now()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert_eq!(
+        status(&store, a.id).await.status,
+        JobStatus::Queued,
+        "not half-cancelled"
+    );
+    // Nor a settle: the parent's failure is not written either.
+    let claimed = claim_all(&store, 10).await.pop().expect("claimed");
+    assert_eq!(claimed.id, a.id);
+    let next = offload::job::next_state(&claimed, broken(), Duration::ZERO, Micros::now()).unwrap();
+    let err = store
+        .settle(vec![offload::store::Settle {
+            job: claimed.clone(),
+            next,
+            progress: 0.5,
+            now: Micros::now(),
+            expired_before: None,
+        }])
+        .await;
+    assert!(err.is_err(), "{err:?}");
+    assert_eq!(
+        status(&store, a.id).await.status,
+        JobStatus::Running,
+        "not half-settled"
+    );
+    // The writer goes on: other ops apply.
+    let b = new_job("b", None, None);
+    store.insert(vec![b.clone()]).await.unwrap();
+    assert!(matches!(
+        store.cancel(b.id, Micros::now()).await.unwrap(),
+        CancelOutcome::Cancelled { .. }
+    ));
 }
 
 /// Two servers finish the two parents of many children at the same moment, each in a

@@ -112,6 +112,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "flow_control",
         include_str!("../../../migrations/postgres/0011_flow_control.sql"),
     ),
+    (
+        12,
+        "retry_budget",
+        include_str!("../../../migrations/postgres/0012_retry_budget.sql"),
+    ),
 ];
 
 pub struct PostgresStore {
@@ -834,18 +839,22 @@ impl JobStore for PostgresStore {
         // SKIP LOCKED, as for jobs: servers claiming at once take different rows; and the
         // claim moves `due_at` to the lease's end, so a row being delivered is not due again
         // until its claimer has had time to finish (or has died).
-        let rows: Vec<(Uuid, i32, i64, Option<String>)> = sqlx::query_as(
+        // Only rows of final jobs: a retried job's row waits for its next final state.
+        let sql = format!(
             "WITH picked AS (SELECT job_id FROM callbacks WHERE status = 'pending' \
-             AND due_at <= $2 ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             AND due_at <= $2 AND {} ORDER BY due_at LIMIT $3 \
+             FOR UPDATE OF callbacks SKIP LOCKED) \
              UPDATE callbacks SET attempts = callbacks.attempts + 1, due_at = $1 FROM picked \
              WHERE callbacks.job_id = picked.job_id \
              RETURNING callbacks.job_id, callbacks.attempts, callbacks.since, callbacks.last_error",
-        )
-        .bind(until.0)
-        .bind(now.0)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+            sql::FINAL_JOB
+        );
+        let rows: Vec<(Uuid, i32, i64, Option<String>)> = sqlx::query_as(&sql)
+            .bind(until.0)
+            .bind(now.0)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         let mut deliveries = Vec::with_capacity(rows.len());
         if !rows.is_empty() {
             let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
@@ -877,10 +886,11 @@ impl JobStore for PostgresStore {
             }
         }
         let next_due = if deliveries.len() < limit as usize {
-            let at: Option<i64> =
-                sqlx::query_scalar("SELECT MIN(due_at) FROM callbacks WHERE status = 'pending'")
-                    .fetch_one(&self.pool)
-                    .await?;
+            let sql = format!(
+                "SELECT MIN(due_at) FROM callbacks WHERE status = 'pending' AND {}",
+                sql::FINAL_JOB
+            );
+            let at: Option<i64> = sqlx::query_scalar(&sql).fetch_one(&self.pool).await?;
             at.map(Micros)
         } else {
             None

@@ -273,7 +273,9 @@ pub(super) async fn insert_rows(
 }
 
 /// The outbox row of each job in `ids` (just made final, with a callback URL): pending, due
-/// at its `since`. A row left from an earlier final state (the job was retried) starts over.
+/// at its `since`. A row left from an earlier final state (the job was retried) starts over,
+/// but keeps its count of tries: a delivery is known by (job, attempt), so a stale one still
+/// in flight for the earlier state cannot record against this one.
 pub(super) async fn enqueue_callbacks(
     conn: &mut PgConnection,
     ids: &[JobId],
@@ -285,7 +287,7 @@ pub(super) async fn enqueue_callbacks(
     sqlx::query(
         "INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
          SELECT id, 'pending', 0, t, t FROM UNNEST($1::uuid[], $2::bigint[]) AS v(id, t) \
-         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', \
          last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL",
     )
     .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
@@ -294,6 +296,26 @@ pub(super) async fn enqueue_callbacks(
     .await?;
     Ok(())
 }
+
+/// Jobs whose move out of a final state (a retry by hand) makes their outbox row stale: it
+/// is not claimed while the job is unfinished, and its count of tries goes up, so a delivery
+/// of the old state still in flight cannot record its outcome (nor against the next final
+/// state's row).
+pub(super) async fn supersede_callbacks(
+    conn: &mut PgConnection,
+    ids: &[JobId],
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE callbacks SET attempts = attempts + 1 WHERE job_id = ANY($1)")
+        .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Only the outbox rows of final jobs are delivered (a retried job's row waits for its next
+/// final state).
+pub(super) const FINAL_JOB: &str = "EXISTS (SELECT 1 FROM jobs j WHERE j.id = callbacks.job_id \
+     AND j.status IN ('succeeded', 'failed', 'cancelled'))";
 
 /// `(job id, status, attempts, last_error)` of the outbox rows of `ids`.
 pub(super) async fn callback_rows(
@@ -327,7 +349,7 @@ pub(super) async fn enqueue_owed(
         "INSERT INTO callbacks (job_id, status, attempts, since, due_at) \
          SELECT id, 'pending', 0, $2, $2 FROM jobs WHERE id = ANY($1) \
          AND callback_url IS NOT NULL AND status IN ('succeeded', 'failed', 'cancelled') \
-         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', attempts = 0, \
+         ON CONFLICT (job_id) DO UPDATE SET status = 'pending', \
          last_error = NULL, since = excluded.since, due_at = excluded.due_at, done_at = NULL",
     )
     .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())

@@ -285,9 +285,11 @@ fn retry_one<'a>(
             d => d.status(),
         };
         let sql = format!(
-            "UPDATE jobs SET status = ?, attempt = 0, result = NULL, error = NULL, \
+            "UPDATE jobs SET status = ?, result = NULL, error = NULL, \
              progress = 0, started_at = NULL, finished_at = NULL, scheduled_at = ?, \
-             retried = retried + 1, owner = NULL, lease_until = NULL \
+             retried = retried + 1, owner = NULL, lease_until = NULL, \
+             attempt_budget = COALESCE(attempt_budget, max_attempts), \
+             max_attempts = attempt + COALESCE(attempt_budget, max_attempts) \
              WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING {COLUMNS}"
         );
         let row = sqlx::query(&sql)
@@ -297,7 +299,12 @@ fn retry_one<'a>(
             .fetch_one(&mut *conn)
             .await?;
         let job = job_from_row(&row)?;
+        let before = cascade.moved.len();
         restore(&mut *conn, vec![id], now, cascade).await?;
+        // It and the children it brought back are unfinished again: their callbacks wait.
+        let mut back = vec![id];
+        back.extend_from_slice(&cascade.moved[before..]);
+        super::sql::supersede_callbacks(&mut *conn, &back).await?;
         Ok(RetryOutcome::Retried(job))
     })
 }
@@ -324,7 +331,7 @@ fn restore<'a>(
                     d => d.status(),
                 };
                 let lane: Option<String> = sqlx::query_scalar(
-                    "UPDATE jobs SET status = ?, attempt = 0, error = NULL, progress = 0, \
+                    "UPDATE jobs SET status = ?, error = NULL, progress = 0, \
                      started_at = NULL, finished_at = NULL, scheduled_at = MAX(scheduled_at, ?) \
                      WHERE id = ? AND status = 'cancelled' RETURNING executor",
                 )

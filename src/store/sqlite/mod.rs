@@ -94,6 +94,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "flow_control",
         include_str!("../../../migrations/sqlite/0011_flow_control.sql"),
     ),
+    (
+        12,
+        "retry_budget",
+        include_str!("../../../migrations/sqlite/0012_retry_budget.sql"),
+    ),
 ];
 
 /// Where the writer sends its notices once a commit is done: set by [`JobStore::listen`].

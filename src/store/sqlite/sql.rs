@@ -562,7 +562,9 @@ pub(super) fn delete_blob(
 }
 
 /// Writes the outbox rows of jobs that just became final with a callback URL: pending, due
-/// now. A row left from an earlier final state (the job was retried) starts over.
+/// now. A row left from an earlier final state (the job was retried) starts over, but keeps
+/// its count of tries: a delivery is known by (job, attempt), so a stale one still in flight
+/// for the earlier state cannot record against this one.
 pub(super) fn enqueue_callbacks<'a>(
     conn: Conn<'a>,
     ids: &'a [JobId],
@@ -574,7 +576,7 @@ pub(super) fn enqueue_callbacks<'a>(
             let sql = format!(
                 "INSERT INTO callbacks (job_id, status, attempts, last_error, since, due_at, \
                  done_at) VALUES {values} ON CONFLICT (job_id) DO UPDATE SET \
-                 status = 'pending', attempts = 0, last_error = NULL, since = excluded.since, \
+                 status = 'pending', last_error = NULL, since = excluded.since, \
                  due_at = excluded.due_at, done_at = NULL"
             );
             let mut q = sqlx::query(&sql);
@@ -640,7 +642,33 @@ pub(super) fn callback_rows<'a>(
     })
 }
 
-/// Claims due pending callbacks: one more attempt each, not due again before `until`.
+/// Jobs whose move out of a final state (a retry by hand) makes their outbox row stale: it
+/// is not claimed while the job is unfinished, and its count of tries goes up, so a delivery
+/// of the old state still in flight cannot record its outcome (nor against the next final
+/// state's row).
+pub(super) fn supersede_callbacks<'a>(
+    conn: Conn<'a>,
+    ids: &'a [JobId],
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    Box::pin(async move {
+        sqlx::query(
+            "UPDATE callbacks SET attempts = attempts + 1 \
+             WHERE job_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(crate::store::graph::ids_json(ids))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    })
+}
+
+/// Only the outbox rows of final jobs are delivered (a retried job's row waits for its next
+/// final state).
+const FINAL_JOB: &str = "EXISTS (SELECT 1 FROM jobs j WHERE j.id = callbacks.job_id \
+     AND j.status IN ('succeeded', 'failed', 'cancelled'))";
+
+/// Claims due pending callbacks of final jobs: one more attempt each, not due again before
+/// `until`.
 pub(super) fn claim_callbacks(
     conn: Conn<'_>,
     limit: u32,
@@ -648,16 +676,18 @@ pub(super) fn claim_callbacks(
     until: Micros,
 ) -> BoxFuture<'_, Result<ClaimedCallbacks, StoreError>> {
     Box::pin(async move {
-        let rows: Vec<(String, i64, i64, Option<String>)> = sqlx::query_as(
+        let sql = format!(
             "UPDATE callbacks SET attempts = attempts + 1, due_at = ?1 WHERE job_id IN \
              (SELECT job_id FROM callbacks WHERE status = 'pending' AND due_at <= ?2 \
-             ORDER BY due_at LIMIT ?3) RETURNING job_id, attempts, since, last_error",
-        )
-        .bind(until.0)
-        .bind(now.0)
-        .bind(limit as i64)
-        .fetch_all(&mut *conn)
-        .await?;
+             AND {FINAL_JOB} ORDER BY due_at LIMIT ?3) \
+             RETURNING job_id, attempts, since, last_error"
+        );
+        let rows: Vec<(String, i64, i64, Option<String>)> = sqlx::query_as(&sql)
+            .bind(until.0)
+            .bind(now.0)
+            .bind(limit as i64)
+            .fetch_all(&mut *conn)
+            .await?;
         let mut deliveries = Vec::with_capacity(rows.len());
         for (id, attempts, since, error) in rows {
             let Some(mut job) =
@@ -680,10 +710,10 @@ pub(super) fn claim_callbacks(
             });
         }
         let next_due = if deliveries.len() < limit as usize {
-            let at: Option<i64> =
-                sqlx::query_scalar("SELECT MIN(due_at) FROM callbacks WHERE status = 'pending'")
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let sql = format!(
+                "SELECT MIN(due_at) FROM callbacks WHERE status = 'pending' AND {FINAL_JOB}"
+            );
+            let at: Option<i64> = sqlx::query_scalar(&sql).fetch_one(&mut *conn).await?;
             at.map(Micros)
         } else {
             None

@@ -232,10 +232,51 @@ fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> 
 }
 
 /// A database error stops the whole batch; other errors (an idempotency conflict, a
-/// malformed row) are that op's answer and leave the rest alone. No op writes before it can
-/// fail for a reason of its own, so none needs a savepoint.
+/// malformed row) are that op's answer and leave the rest alone. An op that writes before it
+/// can fail for a reason of its own (a move, then the graph walk after it, which can meet a
+/// malformed row) runs inside a savepoint ([`atomic!`]), so it applies whole or not at all.
 fn stops_batch(e: &StoreError) -> bool {
     matches!(e, StoreError::Db(_))
+}
+
+/// Opens the savepoint an op runs in ([`atomic!`]).
+async fn savepoint(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Closes an op's savepoint: on any error everything the op wrote is rolled back first, and
+/// the error stays its answer (a database error still stops the batch).
+async fn release<T>(
+    conn: &mut SqliteConnection,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if result.is_err() {
+        sqlx::query("ROLLBACK TO op").execute(&mut *conn).await?;
+    }
+    sqlx::query("RELEASE op").execute(&mut *conn).await?;
+    result
+}
+
+/// Runs an op's body (an expression that writes through `conn`) inside a savepoint, so the
+/// op applies whole or not at all; `if <cond>`: only when the condition holds.
+macro_rules! atomic {
+    ($conn:ident, if $cond:expr, $body:expr) => {{
+        if $cond {
+            atomic!($conn, $body)
+        } else {
+            $body
+        }
+    }};
+    ($conn:ident, $body:expr) => {{
+        match savepoint(&mut *$conn).await {
+            Ok(()) => {
+                let result = $body;
+                release(&mut *$conn, result).await
+            }
+            Err(e) => Err(e),
+        }
+    }};
 }
 
 /// What running a batch's ops gave: answers to send and notices to announce after the commit.
@@ -502,6 +543,7 @@ fn run_op<'a>(
     out: &'a mut Outcome,
 ) -> BoxFuture<'a, Result<(), (String, Vec<Op>)>> {
     Box::pin(async move {
+        let single = op.single_write(out.edges);
         // Each arm: the result, whether it stops the batch, and the answer.
         macro_rules! finish {
             ($reply:expr, $result:expr) => {{
@@ -544,32 +586,33 @@ fn run_op<'a>(
             Op::Settle { moves, reply } => {
                 let all: Vec<&Settle> = moves.iter().collect();
                 let mut cascade = Cascade::default();
-                let result = match sql::settle_rows(&mut *conn, &all).await {
-                    Ok(done) => sql::enqueue_settled(&mut *conn, &all, &done)
-                        .await
-                        .map(|()| done),
-                    Err(e) => Err(e),
-                };
-                let result = match result {
-                    Ok(done) if out.edges => {
-                        let finals = finished(&all, &done);
-                        let now = Micros::now();
-                        match graph::resolve(&mut *conn, finals, now, &mut cascade).await {
-                            Ok(()) => sql::enqueue_owed(&mut *conn, &cascade.moved, now)
-                                .await
-                                .map(|()| done),
-                            Err(e) => Err(e),
+                let edges = out.edges;
+                // One statement (no outbox row, no children to move) is atomic by itself.
+                let result = atomic!(
+                    conn,
+                    if !single,
+                    async {
+                        let done = sql::settle_rows(&mut *conn, &all).await?;
+                        sql::enqueue_settled(&mut *conn, &all, &done).await?;
+                        if edges {
+                            let finals = finished(&all, &done);
+                            let now = Micros::now();
+                            graph::resolve(&mut *conn, finals, now, &mut cascade).await?;
+                            sql::enqueue_owed(&mut *conn, &cascade.moved, now).await?;
                         }
+                        Ok(done)
                     }
-                    other => other,
-                };
+                    .await
+                );
                 let result = result.map(|done| settled(&moves, &done, &mut out.notices));
-                out.cascaded(cascade);
+                if result.is_ok() {
+                    out.cascaded(cascade);
+                }
                 finish!(reply, result)
             }
             Op::Cancel { id, now, reply } => {
                 let mut cascade = Cascade::default();
-                let result = sql::cancel(&mut *conn, id, now, &mut cascade).await;
+                let result = atomic!(conn, sql::cancel(&mut *conn, id, now, &mut cascade).await);
                 if let Ok(CancelOutcome::Cancelled {
                     was: JobStatus::Running,
                     job,
@@ -583,16 +626,20 @@ fn run_op<'a>(
                         });
                     }
                 }
-                out.cascaded(cascade);
+                if result.is_ok() {
+                    out.cascaded(cascade);
+                }
                 finish!(reply, result)
             }
             Op::Retry { id, now, reply } => {
                 let mut cascade = Cascade::default();
-                let result = graph::retry(&mut *conn, id, now, &mut cascade).await;
+                let result = atomic!(conn, graph::retry(&mut *conn, id, now, &mut cascade).await);
                 if let Ok(RetryOutcome::Retried(job)) = &result {
                     retried(out, std::slice::from_ref(job));
                 }
-                out.cascaded(cascade);
+                if result.is_ok() {
+                    out.cascaded(cascade);
+                }
                 finish!(reply, result)
             }
             Op::RetryMatching {
@@ -602,14 +649,20 @@ fn run_op<'a>(
                 reply,
             } => {
                 let mut cascade = Cascade::default();
-                let result = match sql::matching_ids(&mut *conn, &filter, &statuses).await {
-                    Ok(ids) => graph::retry_many(&mut *conn, ids, now, &mut cascade).await,
-                    Err(e) => Err(e),
-                };
+                let result = atomic!(
+                    conn,
+                    async {
+                        let ids = sql::matching_ids(&mut *conn, &filter, &statuses).await?;
+                        graph::retry_many(&mut *conn, ids, now, &mut cascade).await
+                    }
+                    .await
+                );
                 if let Ok(jobs) = &result {
                     retried(out, jobs);
                 }
-                out.cascaded(cascade);
+                if result.is_ok() {
+                    out.cascaded(cascade);
+                }
                 finish!(reply, result)
             }
             Op::CancelMatching {
@@ -619,10 +672,14 @@ fn run_op<'a>(
                 reply,
             } => {
                 let mut cascade = Cascade::default();
-                let result = match sql::matching_ids(&mut *conn, &filter, &statuses).await {
-                    Ok(ids) => graph::cancel_many(&mut *conn, ids, now, &mut cascade).await,
-                    Err(e) => Err(e),
-                };
+                let result = atomic!(
+                    conn,
+                    async {
+                        let ids = sql::matching_ids(&mut *conn, &filter, &statuses).await?;
+                        graph::cancel_many(&mut *conn, ids, now, &mut cascade).await
+                    }
+                    .await
+                );
                 if let Ok(jobs) = &result {
                     for (job, was) in jobs {
                         if *was == JobStatus::Running {
@@ -636,7 +693,9 @@ fn run_op<'a>(
                         }
                     }
                 }
-                out.cascaded(cascade);
+                if result.is_ok() {
+                    out.cascaded(cascade);
+                }
                 finish!(reply, result)
             }
             Op::ResolveWaiting {
@@ -646,15 +705,19 @@ fn run_op<'a>(
                 reply,
             } => {
                 let mut cascade = Cascade::default();
-                let result =
-                    match graph::resolve_waiting(&mut *conn, after, limit, now, &mut cascade).await
-                    {
-                        Ok(r) => sql::enqueue_owed(&mut *conn, &cascade.moved, now)
-                            .await
-                            .map(|()| r),
-                        Err(e) => Err(e),
-                    };
-                out.cascaded(cascade);
+                let result = atomic!(
+                    conn,
+                    async {
+                        let r = graph::resolve_waiting(&mut *conn, after, limit, now, &mut cascade)
+                            .await?;
+                        sql::enqueue_owed(&mut *conn, &cascade.moved, now).await?;
+                        Ok(r)
+                    }
+                    .await
+                );
+                if result.is_ok() {
+                    out.cascaded(cascade);
+                }
                 finish!(reply, result)
             }
             Op::Delete { id, reply } => finish!(reply, sql::delete(&mut *conn, id).await),
