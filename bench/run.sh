@@ -79,7 +79,7 @@ LUA
 OUT=$(mktemp -d)
 PIDS=()
 DIRS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "${DIRS[@]}" "$LUA" "$OUT"' EXIT
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "${DIRS[@]}" "$LUA" "$OUT"' EXIT
 
 # Measures one store; writes "measure<TAB>value" rows to $OUT/<db>.rows.
 measure() {
