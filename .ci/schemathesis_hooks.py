@@ -19,6 +19,9 @@ its name (unique, so a second positive case with a generated name collides with 
 409). Its positive cases get a cron expression and a time zone from small lists of valid ones,
 and a name made unique by a counter; the rest stays as generated.
 
+A `callback_url` must pass the server's address rules too (no literal loopback or private
+address), which a URI format cannot say: positive cases get a public one.
+
 One more, for time only: `GET /v1/jobs/{id}?wait=S` holds the request up to S seconds (60 at
 most) while the job is unfinished, and many generated jobs are scheduled years ahead. A
 `wait` from 0.5 to 60 is cut to half a second, still a valid value, so that the run stays
@@ -79,6 +82,7 @@ def map_case(context, case):
             spec["task"] = "noop"
             if "args" in spec:
                 spec["args"] = {}
+            _callback(spec)
         return case
     if operation_id not in SUBMITS or meta is None or meta.generation.mode != GenerationMode.POSITIVE:
         return case
@@ -94,4 +98,13 @@ def map_case(context, case):
         # request are refused (422), which the spec cannot say either.
         if header_key is not None and "idempotency_key" in spec:
             spec["idempotency_key"] = header_key
+        _callback(spec)
     return case
+
+
+def _callback(spec):
+    # A `callback_url` must also pass the server's address rules (a literal loopback or
+    # private address is refused), which a URI format cannot say: positive cases get a
+    # public one. (CI's server has a callback secret, so callbacks are on.)
+    if "callback_url" in spec:
+        spec["callback_url"] = "https://example.com/offload-callback"
