@@ -20,7 +20,9 @@ its name (unique, so a second positive case with a generated name collides with 
 and a name made unique by a counter; the rest stays as generated.
 
 A `callback_url` must pass the server's address rules too (no literal loopback or private
-address), which a URI format cannot say: positive cases get a public one.
+address), which a URI format cannot say: positive cases get a public one. And `depends_on`
+names stored jobs (or `#i` of the batch, without cycles), which no schema can know: positive
+cases name none.
 
 One more, for time only: `GET /v1/jobs/{id}?wait=S` holds the request up to S seconds (60 at
 most) while the job is unfinished, and many generated jobs are scheduled years ahead. A
@@ -82,7 +84,7 @@ def map_case(context, case):
             spec["task"] = "noop"
             if "args" in spec:
                 spec["args"] = {}
-            _callback(spec)
+            _refer(spec)
         return case
     if operation_id not in SUBMITS or meta is None or meta.generation.mode != GenerationMode.POSITIVE:
         return case
@@ -98,11 +100,15 @@ def map_case(context, case):
         # request are refused (422), which the spec cannot say either.
         if header_key is not None and "idempotency_key" in spec:
             spec["idempotency_key"] = header_key
-        _callback(spec)
+        _refer(spec)
     return case
 
 
-def _callback(spec):
+def _refer(spec):
+    # `depends_on` names stored jobs (or `#i` of the same batch, without cycles): a generated
+    # string, or a well-formed id of no job, is rightly refused (422). Positive cases name none.
+    spec.pop("depends_on", None)
+
     # A `callback_url` must also pass the server's address rules (a literal loopback or
     # private address is refused), which a URI format cannot say: positive cases get a
     # public one. (CI's server has a callback secret, so callbacks are on.)
