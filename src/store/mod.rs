@@ -431,6 +431,32 @@ pub struct Delivery {
     pub since: Micros,
 }
 
+impl Delivery {
+    /// The delivery of a claimed outbox row (`attempts` tries counting this one, the last
+    /// error, the job's final time) for `job`, whose `callback` is made to show this try. The
+    /// same on both stores.
+    pub(crate) fn claimed(
+        mut job: Job,
+        attempts: i64,
+        since: i64,
+        last_error: Option<String>,
+    ) -> Result<Self, StoreError> {
+        let Some(cb) = job.callback.as_mut() else {
+            return Err(corrupt(
+                "callbacks",
+                format!("job {} has no callback_url", job.id),
+            ));
+        };
+        cb.attempts = attempts as u32;
+        cb.last_error = last_error;
+        Ok(Delivery {
+            job,
+            attempt: attempts as u32,
+            since: Micros(since),
+        })
+    }
+}
+
 /// What claiming callbacks took.
 #[derive(Debug, Default)]
 pub struct ClaimedCallbacks {

@@ -23,7 +23,8 @@ use std::collections::HashMap;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::sql::{self, Notices};
+use super::notify::Notices;
+use super::sql;
 use crate::clock::Micros;
 use crate::job::{Job, JobId, JobStatus, NewJob};
 use crate::store::graph::{Cascade, NewRow};

@@ -16,7 +16,8 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use super::sql::{corrupt, error_json, job_from_row, Notices, COLUMNS};
+use super::notify::Notices;
+use super::sql::{corrupt, error_json, job_from_row, COLUMNS};
 use crate::clock::Micros;
 use crate::job::{after_parents, AfterParents, ErrorInfo, ErrorKind, Job, JobId, JobStatus};
 use crate::store::graph::{decide, Cascade, EdgeRow};

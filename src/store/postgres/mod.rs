@@ -3,8 +3,8 @@
 //! `FOR UPDATE SKIP LOCKED`, running jobs hold leases, and each write announces what it did on
 //! the schema's channel, inside its own transaction (so at its commit).
 //!
-//! Layout: this file opens the store and implements the trait; `sql.rs` holds the statements
-//! and the notifications; `batcher.rs` is the task that writes the hot path (submits without
+//! Layout: this file opens the store and implements the trait; `sql.rs` holds the statements,
+//! `notify.rs` the notifications; `batcher.rs` is the task that writes the hot path (submits without
 //! idempotency keys, and settles) many calls per transaction, as the SQLite writer does. The
 //! rarer writes (keyed submits, claims, cancels, renewals, deletes, maintenance) stay one
 //! statement or one transaction on the shared pool. Every move is guarded in SQL by the status
@@ -24,6 +24,9 @@
 //! server's.
 
 mod batcher;
+mod notify;
+
+use self::notify::Notices;
 mod flow;
 mod graph;
 mod schedules;
@@ -41,7 +44,7 @@ use uuid::Uuid;
 
 use self::sql::{
     corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader, qualified,
-    Notices, COLUMNS, DB_NOW,
+    COLUMNS, DB_NOW,
 };
 use super::graph::Cascade;
 use super::{
@@ -501,7 +504,7 @@ impl JobStore for PostgresStore {
                         continue;
                     }
                 };
-                for notice in sql::parse_payload(n.payload(), &own) {
+                for notice in notify::parse_payload(n.payload(), &own) {
                     if tx.send(notice).is_err() {
                         return;
                     }
@@ -867,22 +870,9 @@ impl JobStore for PostgresStore {
                 .collect::<Result<_, _>>()?;
             for (id, attempts, since, error) in rows {
                 // A job deleted since takes its outbox row with it (ON DELETE CASCADE).
-                let Some(mut job) = jobs.get(&JobId(id)).cloned() else {
-                    continue;
-                };
-                let Some(cb) = job.callback.as_mut() else {
-                    return Err(corrupt(
-                        "callbacks",
-                        format!("job {id} has no callback_url"),
-                    ));
-                };
-                cb.attempts = attempts as u32;
-                cb.last_error = error;
-                deliveries.push(Delivery {
-                    job,
-                    attempt: attempts as u32,
-                    since: Micros(since),
-                });
+                if let Some(job) = jobs.get(&JobId(id)).cloned() {
+                    deliveries.push(Delivery::claimed(job, attempts.into(), since, error)?);
+                }
             }
         }
         let next_due = if deliveries.len() < limit as usize {

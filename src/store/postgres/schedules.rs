@@ -12,7 +12,8 @@ use std::collections::HashSet;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 
-use super::sql::{corrupt, insert_rows, job_from_row, Notices, COLUMNS};
+use super::notify::Notices;
+use super::sql::{corrupt, insert_rows, job_from_row, COLUMNS};
 use crate::clock::Micros;
 use crate::job::{Job, NewJob};
 use crate::schedule::{key_range, Schedule};

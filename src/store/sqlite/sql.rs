@@ -690,24 +690,11 @@ pub(super) fn claim_callbacks(
             .await?;
         let mut deliveries = Vec::with_capacity(rows.len());
         for (id, attempts, since, error) in rows {
-            let Some(mut job) =
-                select_one(&mut *conn, id.parse().map_err(|e| corrupt("id", e))?).await?
-            else {
-                continue;
-            };
-            let Some(cb) = job.callback.as_mut() else {
-                return Err(corrupt(
-                    "callbacks",
-                    format!("job {id} has no callback_url"),
-                ));
-            };
-            cb.attempts = attempts as u32;
-            cb.last_error = error;
-            deliveries.push(Delivery {
-                job,
-                attempt: attempts as u32,
-                since: Micros(since),
-            });
+            // A job deleted since takes its outbox row with it.
+            let id = id.parse().map_err(|e| corrupt("id", e))?;
+            if let Some(job) = select_one(&mut *conn, id).await? {
+                deliveries.push(Delivery::claimed(job, attempts, since, error)?);
+            }
         }
         let next_due = if deliveries.len() < limit as usize {
             let sql = format!(
