@@ -91,9 +91,7 @@ async fn present_all(state: &AppState, mut jobs: Vec<Job>) -> Vec<Job> {
     match state.dispatcher.store().flow_state(&conc, &rate).await {
         Ok(flow) => {
             for job in jobs.iter_mut().filter(|j| held(j)) {
-                if let Some((why, until)) =
-                    crate::flow::waiting_for(job, &flow.running, &flow.buckets, now)
-                {
+                if let Some((why, until)) = crate::flow::waiting_for(job, &flow, now) {
                     job.waiting_for = Some(why);
                     job.waiting_until = until;
                 }

@@ -197,28 +197,25 @@ impl Bucket {
 }
 
 /// Why a queued job that is due does not start now, if flow control holds it back, and for a
-/// rate until when. `running` counts the running jobs of concurrency keys, `buckets` the
-/// stored buckets of rate keys (a key missing from `running` has none running; one missing
-/// from `buckets` a full bucket).
+/// rate until when (on this process's clock).
 pub fn waiting_for(
     job: &Job,
-    running: &HashMap<String, u32>,
-    buckets: &HashMap<String, Bucket>,
+    state: &FlowState,
     now: Micros,
 ) -> Option<(WaitingFor, Option<Micros>)> {
     if job.status != JobStatus::Queued || job.scheduled_at > now {
         return None;
     }
     if let Some(c) = &job.concurrency {
-        if running.get(&c.key).copied().unwrap_or(0) >= c.limit {
+        if state.running.get(&c.key).copied().unwrap_or(0) >= c.limit {
             return Some((WaitingFor::Concurrency, None));
         }
     }
     if let Some(r) = &job.rate {
-        if let Some(b) = buckets.get(&r.key) {
-            let b = b.refilled(r, now);
+        if let Some(b) = state.buckets.get(&r.key) {
+            let b = b.refilled(r, state.store_time(now));
             if !b.has_token() {
-                return Some((WaitingFor::Rate, Some(b.next_token(r))));
+                return Some((WaitingFor::Rate, Some(state.local_time(b.next_token(r)))));
             }
         }
     }
@@ -230,8 +227,26 @@ pub fn waiting_for(
 pub struct FlowState {
     /// Running jobs per concurrency key (a key missing has none).
     pub running: HashMap<String, u32>,
-    /// Stored buckets per rate key (a key missing has a full one).
+    /// Stored buckets per rate key (a key missing has a full one), their times on the
+    /// store's clock.
     pub buckets: HashMap<String, Bucket>,
+    /// The store's clock less this process's, in microseconds, as read with the buckets (0
+    /// where the store's clock is this process's: SQLite). Servers sharing a database refill
+    /// its buckets by its clock, so a server whose own clock is off neither overfills nor
+    /// starves a bucket another server wrote.
+    pub skew_us: i64,
+}
+
+impl FlowState {
+    /// A time on this process's clock as the store's clock would read it.
+    pub fn store_time(&self, local: Micros) -> Micros {
+        Micros(local.0.saturating_add(self.skew_us))
+    }
+
+    /// A time on the store's clock as this process's clock would read it.
+    pub fn local_time(&self, store: Micros) -> Micros {
+        Micros(store.0.saturating_sub(self.skew_us))
+    }
 }
 
 /// Running and queued jobs of one key or tenant.
@@ -258,19 +273,59 @@ pub struct Top {
     pub others: FlowCount,
 }
 
+/// Which count a store's flow count row is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    Concurrency,
+    Rate,
+    Tenant,
+}
+
+impl Counted {
+    /// The name stores give this kind in their rows.
+    pub fn from_code(code: &str) -> Option<Counted> {
+        match code {
+            "c" => Some(Counted::Concurrency),
+            "r" => Some(Counted::Rate),
+            "t" => Some(Counted::Tenant),
+            _ => None,
+        }
+    }
+}
+
+impl FlowStats {
+    /// The busiest `top` of each kind (most running and queued jobs first, then by name) and
+    /// the rest summed, from every key's and tenant's counts.
+    pub fn from_counts(counts: impl IntoIterator<Item = (Counted, FlowCount)>, top: usize) -> Self {
+        let mut kinds: [Vec<FlowCount>; 3] = Default::default();
+        for (kind, count) in counts {
+            kinds[kind as usize].push(count);
+        }
+        let [concurrency, rate, tenants] = kinds.map(|counts| Top::busiest(counts, top));
+        FlowStats {
+            concurrency,
+            rate,
+            tenants,
+        }
+    }
+}
+
 impl Top {
-    /// `rows`: the busiest (at most the top, busiest first); `total`: all of them summed.
-    pub fn new(rows: Vec<FlowCount>, total: (u64, u64)) -> Top {
-        let (r, q) = rows
-            .iter()
-            .fold((0, 0), |(r, q), c| (r + c.running, q + c.queued));
+    fn busiest(mut counts: Vec<FlowCount>, top: usize) -> Top {
+        counts.sort_by(|a, b| {
+            (b.running + b.queued)
+                .cmp(&(a.running + a.queued))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let rest = counts.split_off(top.min(counts.len()));
+        let others = rest.iter().fold(FlowCount::default(), |sum, c| FlowCount {
+            name: String::new(),
+            running: sum.running + c.running,
+            queued: sum.queued + c.queued,
+        });
         Top {
-            top: rows,
-            others: FlowCount {
-                name: String::new(),
-                running: total.0.saturating_sub(r),
-                queued: total.1.saturating_sub(q),
-            },
+            top: counts,
+            others,
         }
     }
 }

@@ -157,8 +157,11 @@ pub struct ClaimPlan {
     busy: HashSet<(KeyKind, String)>,
     /// Rate keys looked up: the stored bucket (`None`: none stored, a full one).
     stored: HashMap<String, Option<Bucket>>,
-    /// Buckets of rate keys as refilled at `now`, less this claim's picks.
+    /// Buckets of rate keys as refilled at `now` (on the store's clock), less this claim's
+    /// picks.
     buckets: HashMap<String, Bucket>,
+    /// The store's clock less this process's (see [`super::FlowState::skew_us`]).
+    skew_us: i64,
     /// This claim's picks per rate key, to write the buckets back for what was claimed.
     taken: HashMap<String, (Bucket, Vec<JobId>)>,
     blocked: HashSet<(KeyKind, String)>,
@@ -188,6 +191,7 @@ impl ClaimPlan {
             busy: HashSet::new(),
             stored: HashMap::new(),
             buckets: HashMap::new(),
+            skew_us: 0,
             taken: HashMap::new(),
             blocked: HashSet::new(),
             full: Vec::new(),
@@ -254,6 +258,12 @@ impl ClaimPlan {
     /// A rate key's stored bucket (looked up under its lock); `None`: none is stored.
     pub fn set_bucket(&mut self, key: String, bucket: Option<Bucket>) {
         self.stored.insert(key, bucket);
+    }
+
+    /// The store's clock less this process's, as read with the buckets: buckets refill and
+    /// are stored by the store's clock.
+    pub fn set_skew(&mut self, skew_us: i64) {
+        self.skew_us = skew_us;
     }
 
     /// A key another server is deciding on: its jobs wait for a later claim.
@@ -345,13 +355,13 @@ impl ClaimPlan {
                 self.blocked.insert(id);
                 return false;
             }
-            let now = self.now;
+            let now = Micros(self.now.0.saturating_add(self.skew_us));
             let stored = self.stored.get(&r.key).copied().flatten();
             let bucket = *self.buckets.entry(r.key.clone()).or_insert_with(|| {
                 stored.map_or_else(|| Bucket::full(r, now), |b| b.refilled(r, now))
             });
             if !bucket.has_token() {
-                let at = bucket.next_token(r);
+                let at = Micros(bucket.next_token(r).0.saturating_sub(self.skew_us));
                 self.next_token = Some(self.next_token.map_or(at, |t| t.min(at)));
                 self.blocked.insert(id);
                 return false;

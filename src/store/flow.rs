@@ -211,3 +211,51 @@ pub(crate) fn from_columns(
     };
     (tenant, concurrency, rate)
 }
+
+/// Running and queued jobs per concurrency key, rate key and tenant, in one pass over the
+/// queued flow-controlled jobs (their own index) and the running ones: rows of
+/// (kind code, name, running, queued), read by [`crate::flow::FlowStats::from_counts`].
+/// `flow_true` is how the store spells the flag's truth; `queued_from` names the table with
+/// the store's index hint, if it needs one.
+pub(crate) fn counts_sql(flow_true: &str, queued_from: &str) -> String {
+    let group = |code: &str, column: &str, named: &str| {
+        format!(
+            "SELECT '{code}', {column}, SUM(r), COUNT(*) - SUM(r) FROM f \
+             WHERE {named} GROUP BY {column}"
+        )
+    };
+    format!(
+        "WITH f AS MATERIALIZED (SELECT tenant, concurrency_key, rate_key, 0 AS r \
+         FROM {queued_from} WHERE status = 'queued' AND flow = {flow_true} \
+         UNION ALL SELECT tenant, concurrency_key, rate_key, 1 FROM jobs \
+         WHERE status = 'running' AND flow = {flow_true}) \
+         {} UNION ALL {} UNION ALL {}",
+        group("c", "concurrency_key", "concurrency_key IS NOT NULL"),
+        group("r", "rate_key", "rate_key IS NOT NULL"),
+        group("t", "tenant", "tenant <> ''"),
+    )
+}
+
+/// A store's count rows as [`FlowStats`].
+pub(crate) fn stats_from_rows(
+    rows: Vec<(String, String, i64, i64)>,
+    top: usize,
+) -> Result<crate::flow::FlowStats, StoreError> {
+    use crate::flow::{Counted, FlowCount, FlowStats};
+    let counts = rows
+        .into_iter()
+        .map(|(code, name, running, queued)| {
+            let kind = Counted::from_code(&code)
+                .ok_or_else(|| StoreError::Corrupt(format!("flow count of kind `{code}`")))?;
+            Ok((
+                kind,
+                FlowCount {
+                    name,
+                    running: running.max(0) as u64,
+                    queued: queued.max(0) as u64,
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(FlowStats::from_counts(counts, top))
+}

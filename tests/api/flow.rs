@@ -548,3 +548,61 @@ async fn flow_defaults_for_a_task_the_server_lacks_stop_it_at_start() {
         .expect("refused");
     assert!(err.to_string().contains("task_flow.no_such_task"), "{err}");
 }
+
+/// A server whose clock is an hour ahead takes a rate key's token and stores the bucket; the
+/// server left on the database must still start the key's next jobs at the rate. When each
+/// server refilled buckets by its own clock, the bucket read as stored an hour in the future:
+/// no token for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_holds_by_the_database_clock_when_a_servers_clock_is_an_hour_off() {
+    let Some((schema, url)) = pg_schema("flow").await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let rate = json!({"key": "skewed", "per_second": 4, "burst": 1});
+    let ahead_dir = tempfile::tempdir().unwrap();
+    let ahead = Binary::start_env(
+        &[
+            "--database-url",
+            &url,
+            "--data-dir",
+            ahead_dir.path().to_str().unwrap(),
+        ],
+        &[("OFFLOAD_TEST_CLOCK_OFFSET_MS", "3600000")],
+    );
+    let first = post_batch(
+        &client,
+        &ahead.base,
+        vec![json!({"task": "noop", "rate": rate})],
+    )
+    .await;
+    let first_ids: Vec<String> = first.iter().map(id_of).collect();
+    let done = finish_all(&client, &ahead.base, &first_ids, 20).await;
+    assert_eq!(done[0]["status"], "succeeded", "{}", done[0]);
+    drop(ahead);
+
+    let left = node(&url);
+    let specs = vec![json!({"task": "noop", "rate": rate}); 6];
+    let ids: Vec<String> = post_batch(&client, &left.bin.base, specs)
+        .await
+        .iter()
+        .map(id_of)
+        .collect();
+    let t = std::time::Instant::now();
+    let jobs = finish_all(&client, &left.bin.base, &ids, 20).await;
+    assert!(jobs.iter().all(|j| j["status"] == "succeeded"));
+    // Six tokens at four a second, the first at once or within a quarter second.
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_000) && took < Duration::from_secs(10),
+        "six jobs at 4/s took {took:?}"
+    );
+    let starts: Vec<i64> = jobs.iter().map(|j| span(j).0).collect();
+    let spread = starts.iter().max().unwrap() - starts.iter().min().unwrap();
+    assert!(
+        spread >= 1_200_000,
+        "six starts at 4/s spread over {spread} µs"
+    );
+    drop(left);
+    drop_pg_schema(&schema).await;
+}

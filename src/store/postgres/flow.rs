@@ -155,6 +155,7 @@ impl ClaimFacts for Facts<'_> {
         }
         // Statements of their own, after the locks: see the module's comment.
         let state = read_flow_state(&mut *self.conn, &held).await?;
+        plan.set_skew(state.skew_us);
         for (kind, key) in held {
             match kind {
                 KeyKind::Concurrency => {
@@ -217,9 +218,12 @@ impl ClaimFacts for Facts<'_> {
         lane: ExecutorKind,
         now: Micros,
     ) -> Result<Option<Micros>, StoreError> {
+        // Each at the head of a range of `jobs_due` (executor, flow, scheduled_at).
         let at: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = $1 \
-             AND scheduled_at > $2",
+            "SELECT LEAST((SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' \
+             AND executor = $1 AND NOT flow AND scheduled_at > $2), \
+             (SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = $1 \
+             AND flow AND scheduled_at > $2))",
         )
         .bind(lane.as_str())
         .bind(now.0)
@@ -257,19 +261,31 @@ pub(super) async fn read_flow_state(
     }
     let rate = of(KeyKind::Rate);
     if !rate.is_empty() {
-        let rows =
-            sqlx::query("SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY($1)")
-                .bind(rate)
-                .fetch_all(&mut *conn)
-                .await?;
+        // The buckets with the database's clock, read after the keys' locks were taken (so
+        // later than every write of these buckets that committed before): every server
+        // refills them by this one clock. `clock_timestamp()`, not `now()`, which is the
+        // transaction's start.
+        let rows = sqlx::query(
+            "SELECT (extract(epoch from clock_timestamp()) * 1000000)::bigint AS clock, \
+             b.key, b.tokens, b.updated_at FROM (SELECT 1) AS one \
+             LEFT JOIN rate_buckets b ON b.key = ANY($1)",
+        )
+        .bind(rate)
+        .fetch_all(&mut *conn)
+        .await?;
+        let local = Micros::now();
         for row in rows {
-            state.buckets.insert(
-                row.try_get("key")?,
-                Bucket {
-                    tokens: row.try_get("tokens")?,
-                    at: Micros(row.try_get("updated_at")?),
-                },
-            );
+            let clock: i64 = row.try_get("clock")?;
+            state.skew_us = clock.saturating_sub(local.0);
+            if let Some(key) = row.try_get::<Option<String>, _>("key")? {
+                state.buckets.insert(
+                    key,
+                    Bucket {
+                        tokens: row.try_get("tokens")?,
+                        at: Micros(row.try_get("updated_at")?),
+                    },
+                );
+            }
         }
     }
     Ok(state)

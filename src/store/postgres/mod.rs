@@ -54,7 +54,7 @@ use super::{
 };
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
-use crate::flow::{FlowCount, FlowState, FlowStats, Sharing, Top};
+use crate::flow::{FlowState, FlowStats, Sharing};
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::schedule::Schedule;
 
@@ -120,10 +120,24 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "retry_budget",
         include_str!("../../../migrations/postgres/0012_retry_budget.sql"),
     ),
+    (
+        13,
+        "claim_probes",
+        include_str!("../../../migrations/postgres/0013_claim_probes.sql"),
+    ),
 ];
+
+/// One per lane: each lane claims one batch at a time.
+const CLAIM_CONNECTIONS: u32 = ExecutorKind::ALL.len() as u32;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Connections for claims, planned without sorts (`enable_sort = off`): a claim's order
+    /// must come from its lane's index, never from sorting the queue. A queue table's
+    /// statistics are always stale (taken while it was empty), and with them the planner
+    /// would as soon read every queued job of the lane through another index and sort it,
+    /// once per claim. A sort the statement cannot do without still runs.
+    claims: PgPool,
     /// Tenants' weights and each lane's round-robin state, for flow-aware claims.
     sharing: std::sync::Arc<Sharing>,
     /// The schema's notification channel (`offload_<schema>`).
@@ -167,8 +181,11 @@ impl PostgresStore {
         // The batcher's own connection: one transaction at a time is all it ever runs.
         let batch_pool = PgPoolOptions::new()
             .max_connections(1)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
+        let claims = PgPoolOptions::new()
+            .max_connections(CLAIM_CONNECTIONS)
+            .connect_lazy_with(options.clone().options([("enable_sort", "off")]));
         let origin = Uuid::now_v7().simple().to_string();
         let (batcher, rx) = mpsc::channel(batcher::MAX_BATCH * 4);
         tokio::spawn(batcher::run(
@@ -179,6 +196,7 @@ impl PostgresStore {
         ));
         Ok(PostgresStore {
             pool,
+            claims,
             sharing: Default::default(),
             channel,
             origin,
@@ -324,7 +342,7 @@ impl JobStore for PostgresStore {
             .bind(sql::micros(lease.ttl))
             .bind(lane.as_str())
             .bind(limit as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.claims)
             .await?;
         let mut jobs = rows
             .iter()
@@ -336,12 +354,16 @@ impl JobStore for PostgresStore {
                 next_due: None,
             });
         }
-        let (at, flow): (Option<i64>, bool) = sqlx::query_as(
-            "SELECT MIN(scheduled_at), EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' \
-             AND flow AND executor = $1) FROM jobs WHERE status = 'queued' AND executor = $1",
+        // Each at the head of a range of `jobs_due` (executor, flow, scheduled_at); the first
+        // due time only without flow-controlled jobs (the flow-aware claim finds its own).
+        let (flow, at): (bool, Option<i64>) = sqlx::query_as(
+            "SELECT f, CASE WHEN NOT f THEN (SELECT MIN(scheduled_at) FROM jobs \
+             WHERE status = 'queued' AND executor = $1 AND NOT flow) END \
+             FROM (SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND executor = $1 \
+             AND flow) AS f) AS probe",
         )
         .bind(lane.as_str())
-        .fetch_one(&self.pool)
+        .fetch_one(&self.claims)
         .await?;
         if !flow {
             return Ok(Claimed {
@@ -350,7 +372,7 @@ impl JobStore for PostgresStore {
             });
         }
         let left = limit - jobs.len() as u32;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.claims.begin().await?;
         let mut facts = flow::Facts { conn: &mut tx };
         let more =
             super::flow::flow_claim(&mut facts, &self.sharing, lane, left, now, lease).await?;
@@ -376,49 +398,13 @@ impl JobStore for PostgresStore {
     }
 
     async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError> {
-        let mut stats = FlowStats::default();
-        for (slot, column, index) in [
-            (
-                &mut stats.concurrency,
-                "concurrency_key",
-                "concurrency_key IS NOT NULL",
-            ),
-            (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
-            (&mut stats.tenants, "tenant", "tenant <> ''"),
-        ] {
-            // Counted over the flow index (queued) and the running rows, never over plain
-            // queued or finished jobs: a lane without flow control pays nothing here.
-            let flows = format!(
-                "SELECT {column} AS name, 0 AS r, 1 AS q FROM jobs \
-                 WHERE status = 'queued' AND flow AND {index} \
-                 UNION ALL SELECT {column}, 1, 0 FROM jobs \
-                 WHERE status = 'running' AND flow AND {index}"
-            );
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
-                "SELECT name, SUM(r)::bigint, SUM(q)::bigint FROM ({flows}) AS f GROUP BY name \
-                 ORDER BY COUNT(*) DESC, name LIMIT $1"
-            ))
-            .bind(top as i64)
-            .fetch_all(&self.pool)
-            .await?;
-            let total: (Option<i64>, Option<i64>) = sqlx::query_as(&format!(
-                "SELECT SUM(r)::bigint, SUM(q)::bigint FROM ({flows}) AS f"
-            ))
-            .fetch_one(&self.pool)
-            .await?;
-            let total = (total.0.unwrap_or(0), total.1.unwrap_or(0));
-            *slot = Top::new(
-                rows.into_iter()
-                    .map(|(name, r, q)| FlowCount {
-                        name,
-                        running: r.max(0) as u64,
-                        queued: q.max(0) as u64,
-                    })
-                    .collect(),
-                (total.0.max(0) as u64, total.1.max(0) as u64),
-            );
-        }
-        Ok(stats)
+        // One pass over the flow index (queued) and the running rows, never over plain
+        // queued or finished jobs: a lane without flow control pays nothing here.
+        let rows: Vec<(String, String, i64, i64)> =
+            sqlx::query_as(&super::flow::counts_sql("TRUE", "jobs"))
+                .fetch_all(&self.pool)
+                .await?;
+        super::flow::stats_from_rows(rows, top)
     }
 
     async fn settle(&self, moves: Vec<Settle>) -> Result<Vec<Option<Job>>, StoreError> {

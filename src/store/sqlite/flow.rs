@@ -166,6 +166,7 @@ impl ClaimFacts for Facts<'_> {
         plan: &mut ClaimPlan,
     ) -> Result<(), StoreError> {
         let state = read_flow_state(&mut *self.conn, keys).await?;
+        plan.set_skew(state.skew_us);
         for (kind, key) in keys {
             match kind {
                 KeyKind::Concurrency => {

@@ -36,7 +36,7 @@ use super::{
 use crate::blob::BlobMeta;
 use crate::clock::Micros;
 use crate::config::Durability;
-use crate::flow::{FlowCount, FlowState, FlowStats, Sharing, Top};
+use crate::flow::{FlowState, FlowStats, Sharing};
 use crate::job::{ExecutorKind, Job, JobId, JobStatus, NewJob};
 use crate::schedule::Schedule;
 use sql::{job_from_row, COLUMNS};
@@ -331,50 +331,15 @@ impl JobStore for SqliteStore {
 
     async fn flow_stats(&self, top: usize) -> Result<FlowStats, StoreError> {
         let mut conn = self.reads.acquire().await?;
-        let mut stats = FlowStats::default();
-        for (slot, column, index) in [
-            (
-                &mut stats.concurrency,
-                "concurrency_key",
-                "concurrency_key IS NOT NULL",
-            ),
-            (&mut stats.rate, "rate_key", "rate_key IS NOT NULL"),
-            (&mut stats.tenants, "tenant", "tenant <> ''"),
-        ] {
-            // Counted over the flow index (queued) and the running rows, never over plain
-            // queued or finished jobs: a lane without flow control pays nothing here.
-            let flows = format!(
-                "SELECT {column} AS name, 0 AS r, 1 AS q FROM jobs INDEXED BY jobs_flow_ready \
-                 WHERE status = 'queued' AND flow = 1 AND {index} \
-                 UNION ALL SELECT {column}, 1, 0 FROM jobs \
-                 WHERE status = 'running' AND flow = 1 AND {index}"
-            );
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
-                "SELECT name, SUM(r), SUM(q) FROM ({flows}) GROUP BY name \
-                 ORDER BY COUNT(*) DESC, name LIMIT ?"
-            ))
-            .bind(top as i64)
-            .fetch_all(&mut *conn)
-            .await?;
-            let total: (Option<i64>, Option<i64>) =
-                sqlx::query_as(&format!("SELECT SUM(r), SUM(q) FROM ({flows})"))
-                    .fetch_one(&mut *conn)
-                    .await?;
-            *slot = Top::new(
-                rows.into_iter()
-                    .map(|(name, r, q)| FlowCount {
-                        name,
-                        running: r.max(0) as u64,
-                        queued: q.max(0) as u64,
-                    })
-                    .collect(),
-                (
-                    total.0.unwrap_or(0).max(0) as u64,
-                    total.1.unwrap_or(0).max(0) as u64,
-                ),
-            );
-        }
-        Ok(stats)
+        // One pass over the flow index (queued) and the running rows, never over plain
+        // queued or finished jobs: a lane without flow control pays nothing here.
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&super::flow::counts_sql(
+            "1",
+            "jobs INDEXED BY jobs_flow_ready",
+        ))
+        .fetch_all(&mut *conn)
+        .await?;
+        super::flow::stats_from_rows(rows, top)
     }
 
     async fn queued_counts(&self) -> Result<Vec<(ExecutorKind, u64)>, StoreError> {
