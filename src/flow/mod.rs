@@ -172,13 +172,15 @@ impl Bucket {
         }
     }
 
-    /// The bucket refilled at `rate` from its time to `now`, up to the burst. A clock that
-    /// went back (another server's) refills nothing and never moves the time back.
+    /// The bucket refilled at `rate` from its time to `now`, up to the burst. A bucket
+    /// stamped ahead of `now` (by a clock since stepped back, or by a server that refilled
+    /// buckets by its own clock before they were refilled by the database's) refills nothing
+    /// and refills from `now` on, rather than holding its key until the clock reaches it.
     pub fn refilled(self, rate: &Rate, now: Micros) -> Bucket {
         let secs = (now.0 - self.at.0).max(0) as f64 / 1e6;
         Bucket {
             tokens: (self.tokens + secs * rate.per_second).min(rate.burst as f64),
-            at: Micros(now.0.max(self.at.0)),
+            at: now,
         }
     }
 
@@ -230,22 +232,22 @@ pub struct FlowState {
     /// Stored buckets per rate key (a key missing has a full one), their times on the
     /// store's clock.
     pub buckets: HashMap<String, Bucket>,
-    /// The store's clock less this process's, in microseconds, as read with the buckets (0
-    /// where the store's clock is this process's: SQLite). Servers sharing a database refill
-    /// its buckets by its clock, so a server whose own clock is off neither overfills nor
-    /// starves a bucket another server wrote.
-    pub skew_us: i64,
+    /// The store's clock less this process's, in microseconds, as read with the buckets
+    /// (`None` where no bucket was read, or where the store's clock is this process's:
+    /// SQLite). Servers sharing a database refill its buckets by its clock, so a server whose
+    /// own clock is off neither overfills nor starves a bucket another server wrote.
+    pub skew_us: Option<i64>,
 }
 
 impl FlowState {
     /// A time on this process's clock as the store's clock would read it.
     pub fn store_time(&self, local: Micros) -> Micros {
-        Micros(local.0.saturating_add(self.skew_us))
+        Micros(local.0.saturating_add(self.skew_us.unwrap_or(0)))
     }
 
     /// A time on the store's clock as this process's clock would read it.
     pub fn local_time(&self, store: Micros) -> Micros {
-        Micros(store.0.saturating_sub(self.skew_us))
+        Micros(store.0.saturating_sub(self.skew_us.unwrap_or(0)))
     }
 }
 
@@ -356,8 +358,18 @@ mod tests {
         assert!(later.has_token());
         let much_later = empty.refilled(&rate, t0.plus(Duration::from_secs(60)));
         assert_eq!(much_later.tokens, 3.0);
-        // A clock behind the bucket's refills nothing and keeps the bucket's time.
+        // A clock behind the bucket's refills nothing, and the bucket refills from then on.
         let behind = empty.refilled(&rate, Micros(0));
-        assert_eq!(behind, empty);
+        assert_eq!(
+            behind,
+            Bucket {
+                tokens: 0.0,
+                at: Micros(0)
+            }
+        );
+        assert_eq!(
+            behind.next_token(&rate),
+            Micros(0).plus(Duration::from_millis(100))
+        );
     }
 }

@@ -261,9 +261,12 @@ impl ClaimPlan {
     }
 
     /// The store's clock less this process's, as read with the buckets: buckets refill and
-    /// are stored by the store's clock.
-    pub fn set_skew(&mut self, skew_us: i64) {
-        self.skew_us = skew_us;
+    /// are stored by the store's clock. A lookup that read no bucket (`None`) leaves the last
+    /// reading: the buckets this claim already holds are on the store's clock.
+    pub fn set_skew(&mut self, skew_us: Option<i64>) {
+        if let Some(s) = skew_us {
+            self.skew_us = s;
+        }
     }
 
     /// A key another server is deciding on: its jobs wait for a later claim.
@@ -566,6 +569,55 @@ mod tests {
                 }
             )],
             "only what was claimed is taken"
+        );
+    }
+
+    #[test]
+    fn buckets_refill_by_the_stores_clock_for_the_whole_claim() {
+        let rate = Rate {
+            key: "r".into(),
+            per_second: 10.0,
+            burst: 1,
+        };
+        // This server's clock is an hour behind the store's; the bucket was emptied by the
+        // store's clock 100 ms ago.
+        let hour = 3_600_000_000;
+        let local = Micros(10 * hour);
+        let store = Micros(local.0 + hour);
+        let mut plan = ClaimPlan::new(10, local);
+        plan.set_skew(Some(hour));
+        // A later lookup that read no bucket leaves the reading.
+        plan.set_skew(None);
+        plan.set_bucket(
+            "r".into(),
+            Some(Bucket {
+                tokens: 0.0,
+                at: Micros(store.0 - 100_000),
+            }),
+        );
+        let rows: Vec<Candidate> = (0..2).map(|_| cand("", 0, None, Some(&rate))).collect();
+        let mut rot = Rotation::default();
+        plan.choose(vec![page("", rows.clone())], &mut rot, &Sharing::default());
+        assert_eq!(
+            plan.picked(),
+            &[rows[0].id],
+            "one token refilled, by the store's clock"
+        );
+        // The next token, 100 ms on, on this server's clock; the bucket stored by the store's.
+        assert_eq!(
+            plan.next_due(),
+            Some(local.plus(Duration::from_millis(100)))
+        );
+        let claimed: HashSet<JobId> = [rows[0].id].into_iter().collect();
+        assert_eq!(
+            plan.buckets_after(&claimed),
+            vec![(
+                "r".to_string(),
+                Bucket {
+                    tokens: 0.0,
+                    at: store
+                }
+            )]
         );
     }
 

@@ -218,12 +218,14 @@ impl ClaimFacts for Facts<'_> {
         lane: ExecutorKind,
         now: Micros,
     ) -> Result<Option<Micros>, StoreError> {
-        // Each at the head of a range of `jobs_due` (executor, flow, scheduled_at).
+        // Each the first entry past `now` of a range of `jobs_due` (executor, flow,
+        // scheduled_at). Written as ORDER BY … LIMIT 1, not MIN(): with stale statistics the
+        // planner would aggregate over every future job instead.
         let at: Option<i64> = sqlx::query_scalar(
-            "SELECT LEAST((SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' \
-             AND executor = $1 AND NOT flow AND scheduled_at > $2), \
-             (SELECT MIN(scheduled_at) FROM jobs WHERE status = 'queued' AND executor = $1 \
-             AND flow AND scheduled_at > $2))",
+            "SELECT LEAST((SELECT scheduled_at FROM jobs WHERE status = 'queued' \
+             AND executor = $1 AND NOT flow AND scheduled_at > $2 ORDER BY scheduled_at LIMIT 1), \
+             (SELECT scheduled_at FROM jobs WHERE status = 'queued' AND executor = $1 \
+             AND flow AND scheduled_at > $2 ORDER BY scheduled_at LIMIT 1))",
         )
         .bind(lane.as_str())
         .bind(now.0)
@@ -276,7 +278,7 @@ pub(super) async fn read_flow_state(
         let local = Micros::now();
         for row in rows {
             let clock: i64 = row.try_get("clock")?;
-            state.skew_us = clock.saturating_sub(local.0);
+            state.skew_us = Some(clock.saturating_sub(local.0));
             if let Some(key) = row.try_get::<Option<String>, _>("key")? {
                 state.buckets.insert(
                     key,

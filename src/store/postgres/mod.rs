@@ -169,7 +169,7 @@ impl PostgresStore {
             options = options.options([("search_path", s)]);
         }
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(16 - CLAIM_CONNECTIONS)
             .connect_with(options.clone())
             .await?;
         let migrator = Migrator::new(super::Embedded(MIGRATIONS)).await?;
@@ -183,9 +183,17 @@ impl PostgresStore {
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
+        // Set after connecting, not as a startup option, which some poolers refuse.
         let claims = PgPoolOptions::new()
             .max_connections(CLAIM_CONNECTIONS)
-            .connect_lazy_with(options.clone().options([("enable_sort", "off")]));
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET enable_sort = off").execute(conn).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options.clone())
+            .await?;
         let origin = Uuid::now_v7().simple().to_string();
         let (batcher, rx) = mpsc::channel(batcher::MAX_BATCH * 4);
         tokio::spawn(batcher::run(
@@ -354,15 +362,20 @@ impl JobStore for PostgresStore {
                 next_due: None,
             });
         }
-        // Each at the head of a range of `jobs_due` (executor, flow, scheduled_at); the first
-        // due time only without flow-controlled jobs (the flow-aware claim finds its own).
+        // Each at the head of a range of `jobs_due` (executor, flow, scheduled_at); the next
+        // due time only without flow-controlled jobs (the flow-aware claim finds its own),
+        // and only of jobs not yet due: a due job this claim did not take is another claim's
+        // (locked), and the range past `now` skips the entries of jobs claimed long ago that
+        // only a vacuum removes.
         let (flow, at): (bool, Option<i64>) = sqlx::query_as(
-            "SELECT f, CASE WHEN NOT f THEN (SELECT MIN(scheduled_at) FROM jobs \
-             WHERE status = 'queued' AND executor = $1 AND NOT flow) END \
+            "SELECT f, CASE WHEN NOT f THEN (SELECT scheduled_at FROM jobs \
+             WHERE status = 'queued' AND executor = $1 AND NOT flow AND scheduled_at > $2 \
+             ORDER BY scheduled_at LIMIT 1) END \
              FROM (SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND executor = $1 \
              AND flow) AS f) AS probe",
         )
         .bind(lane.as_str())
+        .bind(now.0)
         .fetch_one(&self.claims)
         .await?;
         if !flow {
