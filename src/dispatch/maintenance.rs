@@ -24,6 +24,8 @@ const SERVER_GONE_MIN: Duration = Duration::from_secs(30);
 /// what brings the count down again, so admission refuses (429) no longer than this after
 /// the database's queue has room again.
 const SHARED_RECOUNT: Duration = Duration::from_secs(1);
+/// How often a server runs its store's housekeeping.
+const TIDY_EVERY: Duration = Duration::from_secs(10);
 /// Most waiting jobs the sweep decides again per beat.
 const SWEEP_BATCH: u32 = 500;
 
@@ -61,6 +63,32 @@ impl Dispatcher {
                 let Some(this) = weak.upgrade() else { return };
                 if let Err(e) = this.recount().await {
                     tracing::warn!(error = %e, "counting queued jobs failed");
+                }
+            }
+        });
+    }
+
+    /// Every [`TIDY_EVERY`], the store's housekeeping ([`crate::store::JobStore::tidy`]), in
+    /// a task of its own: a long vacuum must not hold up lease renewals.
+    pub(super) fn spawn_tidy(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TIDY_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(this) = weak.upgrade() else { return };
+                let store = this.store.clone();
+                drop(this);
+                let t = std::time::Instant::now();
+                match store.tidy().await {
+                    Ok(true) => tracing::info!(
+                        ms = t.elapsed().as_millis() as u64,
+                        "vacuumed the jobs table (autovacuum is off)"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "store housekeeping failed"),
                 }
             }
         });

@@ -289,6 +289,7 @@ impl Dispatcher {
         }
         self.spawn_heartbeat();
         self.spawn_recount();
+        self.spawn_tidy();
         self.spawn_progress_ticker();
         self.spawn_callbacks();
         tracing::info!(node = %self.node, exclusive = self.store.exclusive(), "lanes started");

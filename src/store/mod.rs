@@ -650,6 +650,12 @@ pub trait JobStore: Send + Sync + 'static {
     async fn forget_servers(&self, silent: std::time::Duration) -> Result<u64, StoreError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Housekeeping the database would otherwise leave undone (PostgreSQL with autovacuum
+    /// off: vacuuming the jobs table once enough of its rows changed). Answers whether it did
+    /// anything. Stores that need none keep this default.
+    async fn tidy(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 
     // Schedules (`crate::schedule`). Every write announces `Notice::Schedules` at its commit,
     // except a fire, whose jobs announce themselves as submits do.

@@ -44,3 +44,56 @@ async fn the_service_runs_on_postgresql_across_a_restart() {
     drop(app);
     drop_pg_schema(&schema).await;
 }
+
+/// With autovacuum off (here the table's setting; CI's cluster has it off altogether), every
+/// job would leave dead entries in the queue's indexes for good, and claims would walk more of
+/// them by the minute. The server vacuums the table itself once enough rows changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_vacuums_the_queue_where_autovacuum_is_off() {
+    use sqlx::Connection;
+    let Some((schema, url)) = pg_schema("vac").await else {
+        return;
+    };
+    let u = url.clone();
+    let app = spawn_with(move |s| s.database_url = u).await;
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("ALTER TABLE jobs SET (autovacuum_enabled = false)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // 6,000 jobs: each a queued, a running and a finished version, two of them dead.
+    let mut last = String::new();
+    for _ in 0..6 {
+        let specs = vec![json!({"task": "noop"}); 1000];
+        let a = app.post("/v1/jobs/batch", json!({ "jobs": specs })).await;
+        assert!(a.status.is_success(), "{}", a.status);
+        last = id_of(&a.body["jobs"][999]);
+    }
+    app.wait(&last, 60).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let (vacuums, dead): (i64, i64) = sqlx::query_as(
+            "SELECT vacuum_count, n_dead_tup FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        if vacuums > 0 {
+            assert!(dead < 10_000, "{dead} dead rows left after a vacuum");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never vacuumed; {dead} dead rows"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'succeeded'")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(done, 6000);
+    drop(app);
+    db.close().await.unwrap();
+    drop_pg_schema(&schema).await;
+}

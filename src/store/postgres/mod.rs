@@ -127,6 +127,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
+/// Dead row versions in `jobs` past which [`JobStore::tidy`] vacuums it, where autovacuum
+/// does not (the same threshold migration 0013 gives autovacuum).
+const VACUUM_AFTER_DEAD: i64 = 10_000;
+
 /// One per lane: each lane claims one batch at a time.
 const CLAIM_CONNECTIONS: u32 = ExecutorKind::ALL.len() as u32;
 
@@ -764,6 +768,30 @@ impl JobStore for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    async fn tidy(&self) -> Result<bool, StoreError> {
+        // Every job leaves dead entries in the queue's partial indexes, which each claim walks
+        // until a vacuum removes them: on a database whose autovacuum is off (a cluster's
+        // setting, or the table's), a busy queue's claims slow down by the minute.
+        let (off, dead): (bool, i64) = sqlx::query_as(
+            "SELECT NOT current_setting('autovacuum')::bool \
+             OR COALESCE(c.reloptions @> ARRAY['autovacuum_enabled=false'], false), \
+             COALESCE(s.n_dead_tup, 0) FROM pg_class c \
+             LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
+             WHERE c.oid = 'jobs'::regclass",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if !off || dead < VACUUM_AFTER_DEAD {
+            return Ok(false);
+        }
+        // Outside any transaction (the simple protocol); a server that finds another's
+        // vacuum running skips its own.
+        sqlx::raw_sql("VACUUM (ANALYZE, SKIP_LOCKED) jobs")
+            .execute(&self.pool)
+            .await?;
+        Ok(true)
     }
 
     async fn forget_servers(&self, silent: std::time::Duration) -> Result<u64, StoreError> {
