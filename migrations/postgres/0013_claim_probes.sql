@@ -8,13 +8,13 @@ DROP INDEX jobs_due;
 CREATE INDEX jobs_due ON jobs (executor, flow, scheduled_at) WHERE status = 'queued';
 
 -- Every job passes through the partial indexes above and leaves a dead entry in each until a
--- vacuum removes it; claims walk those entries. Vacuum (and analyze) the queue after every
--- 10,000 changed rows, unthrottled, rather than after a fifth of the table: a busy queue's
--- table is mostly finished jobs, and a fifth of it is many minutes of dead entries.
+-- vacuum removes it; claims walk those entries. Vacuum the queue after every 10,000 changed
+-- rows, unthrottled, rather than after a fifth of the table: a busy queue's table is mostly
+-- finished jobs, and a fifth of it is many minutes of dead entries. (Analyze is left as it
+-- was: a queue's statistics are a snapshot of a moment, and the statements that must not
+-- depend on them are written not to.)
 ALTER TABLE jobs SET (
     autovacuum_vacuum_scale_factor = 0.0,
     autovacuum_vacuum_threshold = 10000,
-    autovacuum_vacuum_cost_delay = 0,
-    autovacuum_analyze_scale_factor = 0.0,
-    autovacuum_analyze_threshold = 10000
+    autovacuum_vacuum_cost_delay = 0
 );

@@ -150,12 +150,14 @@ async fn decide_waiting(
     if !ids.is_empty() {
         let done: Vec<Uuid> = sqlx::query_scalar(
             "UPDATE jobs SET status = 'cancelled', error = v.error::jsonb, finished_at = $3 \
-             FROM UNNEST($1::uuid[], $2::text[]) AS v(id, error) \
-             WHERE jobs.id = v.id AND jobs.status = 'waiting' RETURNING jobs.id",
+             FROM UNNEST($1::uuid[], $2::text[], $4::text[]) AS v(id, error, was_status) \
+             WHERE jobs.id = v.id AND jobs.status = v.was_status RETURNING jobs.id",
         )
-        .bind(ids)
+        .bind(&ids)
         .bind(errors)
         .bind(now.0)
+        // The expected status as a column of the list, not a constant: see `sql::renew`.
+        .bind(vec![JobStatus::Waiting.as_str(); ids.len()])
         .fetch_all(&mut *conn)
         .await?;
         for id in done {

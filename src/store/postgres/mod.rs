@@ -136,11 +136,13 @@ const CLAIM_CONNECTIONS: u32 = ExecutorKind::ALL.len() as u32;
 
 pub struct PostgresStore {
     pool: PgPool,
-    /// Connections for claims, planned without sorts (`enable_sort = off`): a claim's order
-    /// must come from its lane's index, never from sorting the queue. A queue table's
-    /// statistics are always stale (taken while it was empty), and with them the planner
-    /// would as soon read every queued job of the lane through another index and sort it,
-    /// once per claim. A sort the statement cannot do without still runs.
+    /// Connections for claims, planned only through indexes and without sorts (`enable_seqscan = off`,
+    /// `enable_sort = off`): a claim's order must come from its lane's index, and a lookup by
+    /// a list of ids from the primary key. A queue table's statistics are always stale (taken
+    /// while it was empty, or full), and with them the planner would as soon read every queued
+    /// job of a lane through another index and sort it, once per claim, or scan the whole
+    /// table for a probe it expects to end at once. A scan or sort a statement cannot do
+    /// without still runs.
     claims: PgPool,
     /// Tenants' weights and each lane's round-robin state, for flow-aware claims.
     sharing: std::sync::Arc<Sharing>,
@@ -182,17 +184,31 @@ impl PostgresStore {
             .fetch_one(&pool)
             .await?;
         let channel = format!("offload_{schema}");
-        // The batcher's own connection: one transaction at a time is all it ever runs.
+        // The batcher's own connection: one transaction at a time is all it ever runs. Its
+        // settles reach jobs by id, never by a scan of the table (see `claims`).
         let batch_pool = PgPoolOptions::new()
             .max_connections(1)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET enable_seqscan = off")
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            })
             .connect_with(options.clone())
             .await?;
-        // Set after connecting, not as a startup option, which some poolers refuse.
+        // Set after connecting, not as startup options, which some poolers refuse.
         let claims = PgPoolOptions::new()
             .max_connections(CLAIM_CONNECTIONS)
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::query("SET enable_sort = off").execute(conn).await?;
+                    sqlx::query("SET enable_sort = off")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("SET enable_seqscan = off")
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             })
@@ -441,6 +457,7 @@ impl JobStore for PostgresStore {
         running: &[(JobId, u32)],
         ttl: std::time::Duration,
     ) -> Result<Vec<(JobId, u32)>, StoreError> {
+        // Not on `claims`: renewals lock their rows in id order, which needs a sort.
         let mut conn = self.pool.acquire().await?;
         let held = sql::renew(&mut conn, owner, running, ttl).await?;
         Ok(running
@@ -787,8 +804,10 @@ impl JobStore for PostgresStore {
             return Ok(false);
         }
         // Outside any transaction (the simple protocol); a server that finds another's
-        // vacuum running skips its own.
-        sqlx::raw_sql("VACUUM (ANALYZE, SKIP_LOCKED) jobs")
+        // vacuum running skips its own. No ANALYZE: statistics taken at one moment of a
+        // queue mislead the planner at the next (a join planned for "no job waiting" ran at
+        // a third of the speed once jobs waited).
+        sqlx::raw_sql("VACUUM (SKIP_LOCKED) jobs")
             .execute(&self.pool)
             .await?;
         Ok(true)
