@@ -178,9 +178,10 @@ impl ClaimFacts for Facts<'_> {
         lease: &Lease,
     ) -> Result<Vec<Job>, StoreError> {
         // The candidates were read without row locks: one another server took meanwhile is
-        // no longer queued (or is locked by its claim, and skipped).
+        // no longer queued (or is locked by its claim, and skipped). By id only: see
+        // `sql::ONLY_BY_ID`.
         let sql = format!(
-            "WITH picked AS (SELECT id FROM jobs WHERE id = ANY($4) AND status = 'queued' \
+            "WITH picked AS (SELECT id FROM jobs WHERE id = ANY($4) AND status || '' = 'queued' \
              ORDER BY id FOR UPDATE SKIP LOCKED) \
              UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
              progress = 0, owner = $2, lease_until = {DB_NOW} + $3 FROM picked \

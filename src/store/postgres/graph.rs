@@ -59,7 +59,8 @@ async fn lock(
     status: &str,
 ) -> Result<Vec<JobId>, StoreError> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE id = ANY($1) AND status = $2 ORDER BY id FOR UPDATE",
+        // `status || ''`: a filter, never an index to start from (see `ONLY_BY_ID`).
+        "SELECT id FROM jobs WHERE id = ANY($1) AND status || '' = $2 ORDER BY id FOR UPDATE",
     )
     .bind(uuids(children))
     .bind(status)
@@ -74,11 +75,15 @@ async fn edges(
     children: &[JobId],
     status: &str,
 ) -> Result<Vec<EdgeRow>, StoreError> {
+    // The edges first, by their child index, then each job by id: joined the other way, the
+    // planner may start from "the waiting jobs" (stale statistics say there is one).
     let rows = sqlx::query(
-        "SELECT d.child_id, c.run_on_parent_failure, d.parent_id, p.status \
-         FROM job_deps d JOIN jobs c ON c.id = d.child_id \
+        "WITH d AS MATERIALIZED (SELECT child_id, parent_id FROM job_deps \
+         WHERE child_id = ANY($1)) \
+         SELECT d.child_id, c.run_on_parent_failure, d.parent_id, p.status \
+         FROM d JOIN jobs c ON c.id = d.child_id \
          LEFT JOIN jobs p ON p.id = d.parent_id \
-         WHERE d.child_id = ANY($1) AND c.status = $2",
+         WHERE c.status || '' = $2",
     )
     .bind(uuids(children))
     .bind(status)
@@ -169,7 +174,7 @@ async fn decide_waiting(
         // Queued from now: its wait for a lane starts when its parents let it run.
         let rows = sqlx::query(
             "UPDATE jobs SET status = 'queued', scheduled_at = GREATEST(scheduled_at, $2) \
-             WHERE id = ANY($1) AND status = 'waiting' RETURNING id, executor",
+             WHERE id = ANY($1) AND status || '' = 'waiting' RETURNING id, executor",
         )
         .bind(queue)
         .bind(now.0)

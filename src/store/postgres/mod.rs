@@ -184,18 +184,9 @@ impl PostgresStore {
             .fetch_one(&pool)
             .await?;
         let channel = format!("offload_{schema}");
-        // The batcher's own connection: one transaction at a time is all it ever runs. Its
-        // settles reach jobs by id, never by a scan of the table (see `claims`).
+        // The batcher's own connection: one transaction at a time is all it ever runs.
         let batch_pool = PgPoolOptions::new()
             .max_connections(1)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query("SET enable_seqscan = off")
-                        .execute(conn)
-                        .await?;
-                    Ok(())
-                })
-            })
             .connect_with(options.clone())
             .await?;
         // Set after connecting, not as startup options, which some poolers refuse.
@@ -793,7 +784,8 @@ impl JobStore for PostgresStore {
         // setting, or the table's), a busy queue's claims slow down by the minute.
         let (off, dead): (bool, i64) = sqlx::query_as(
             "SELECT NOT current_setting('autovacuum')::bool \
-             OR COALESCE(c.reloptions @> ARRAY['autovacuum_enabled=false'], false), \
+             OR COALESCE(c.reloptions && ARRAY['autovacuum_enabled=false', \
+             'autovacuum_enabled=off', 'autovacuum_enabled=0', 'autovacuum_enabled=no'], false), \
              COALESCE(s.n_dead_tup, 0) FROM pg_class c \
              LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
              WHERE c.oid = 'jobs'::regclass",
