@@ -250,6 +250,21 @@ impl ClaimPlan {
             }
     }
 
+    /// What a store looked up for `keys` (under their locks): running jobs per concurrency
+    /// key, stored buckets per rate key, and its clock's skew.
+    pub fn learn(&mut self, keys: &[(KeyKind, String)], state: &super::FlowState) {
+        self.set_skew(state.skew_us);
+        for (kind, key) in keys {
+            match kind {
+                KeyKind::Concurrency => {
+                    let n = state.running.get(key).copied().unwrap_or(0);
+                    self.set_running(key.clone(), n);
+                }
+                KeyKind::Rate => self.set_bucket(key.clone(), state.buckets.get(key).copied()),
+            }
+        }
+    }
+
     /// How many jobs of a concurrency key run (looked up under its lock).
     pub fn set_running(&mut self, key: String, n: u32) {
         self.running.insert(key, n);

@@ -155,19 +155,7 @@ impl ClaimFacts for Facts<'_> {
         }
         // Statements of their own, after the locks: see the module's comment.
         let state = read_flow_state(&mut *self.conn, &held).await?;
-        plan.set_skew(state.skew_us);
-        for (kind, key) in held {
-            match kind {
-                KeyKind::Concurrency => {
-                    let n = state.running.get(&key).copied().unwrap_or(0);
-                    plan.set_running(key, n);
-                }
-                KeyKind::Rate => {
-                    let b = state.buckets.get(&key).copied();
-                    plan.set_bucket(key, b);
-                }
-            }
-        }
+        plan.learn(&held, &state);
         Ok(())
     }
 
@@ -179,7 +167,7 @@ impl ClaimFacts for Facts<'_> {
     ) -> Result<Vec<Job>, StoreError> {
         // The candidates were read without row locks: one another server took meanwhile is
         // no longer queued (or is locked by its claim, and skipped). By id only: see
-        // `sql::ONLY_BY_ID`.
+        // `queue.rs`.
         let sql = format!(
             "WITH picked AS (SELECT id FROM jobs WHERE id = ANY($4) AND status || '' = 'queued' \
              ORDER BY id FOR UPDATE SKIP LOCKED) \

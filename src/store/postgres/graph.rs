@@ -59,7 +59,7 @@ async fn lock(
     status: &str,
 ) -> Result<Vec<JobId>, StoreError> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
-        // `status || ''`: a filter, never an index to start from (see `ONLY_BY_ID`).
+        // `status || ''`: a filter, never an index to start from (see `queue.rs`).
         "SELECT id FROM jobs WHERE id = ANY($1) AND status || '' = $2 ORDER BY id FOR UPDATE",
     )
     .bind(uuids(children))

@@ -29,6 +29,7 @@ mod notify;
 use self::notify::Notices;
 mod flow;
 mod graph;
+mod queue;
 mod schedules;
 mod sql;
 
@@ -43,8 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use self::sql::{
-    corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader, qualified,
-    COLUMNS, DB_NOW,
+    corrupt, insert_rows, is_unique_violation, job_from_row, maintenance_leader, COLUMNS, DB_NOW,
 };
 use super::graph::Cascade;
 use super::{
@@ -127,22 +127,9 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// Dead row versions in `jobs` past which [`JobStore::tidy`] vacuums it, where autovacuum
-/// does not (the same threshold migration 0013 gives autovacuum).
-const VACUUM_AFTER_DEAD: i64 = 10_000;
-
-/// One per lane: each lane claims one batch at a time.
-const CLAIM_CONNECTIONS: u32 = ExecutorKind::ALL.len() as u32;
-
 pub struct PostgresStore {
     pool: PgPool,
-    /// Connections for claims, planned only through indexes and without sorts (`enable_seqscan = off`,
-    /// `enable_sort = off`): a claim's order must come from its lane's index, and a lookup by
-    /// a list of ids from the primary key. A queue table's statistics are always stale (taken
-    /// while it was empty, or full), and with them the planner would as soon read every queued
-    /// job of a lane through another index and sort it, once per claim, or scan the whole
-    /// table for a probe it expects to end at once. A scan or sort a statement cannot do
-    /// without still runs.
+    /// Connections for claims (see `queue.rs`).
     claims: PgPool,
     /// Tenants' weights and each lane's round-robin state, for flow-aware claims.
     sharing: std::sync::Arc<Sharing>,
@@ -175,7 +162,7 @@ impl PostgresStore {
             options = options.options([("search_path", s)]);
         }
         let pool = PgPoolOptions::new()
-            .max_connections(16 - CLAIM_CONNECTIONS)
+            .max_connections(16 - queue::CLAIM_CONNECTIONS)
             .connect_with(options.clone())
             .await?;
         let migrator = Migrator::new(super::Embedded(MIGRATIONS)).await?;
@@ -189,22 +176,7 @@ impl PostgresStore {
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
-        // Set after connecting, not as startup options, which some poolers refuse.
-        let claims = PgPoolOptions::new()
-            .max_connections(CLAIM_CONNECTIONS)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query("SET enable_sort = off")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("SET enable_seqscan = off")
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(())
-                })
-            })
-            .connect_with(options.clone())
-            .await?;
+        let claims = queue::claim_pool(options.clone()).await?;
         let origin = Uuid::now_v7().simple().to_string();
         let (batcher, rx) = mpsc::channel(batcher::MAX_BATCH * 4);
         tokio::spawn(batcher::run(
@@ -338,74 +310,7 @@ impl JobStore for PostgresStore {
         now: Micros,
         lease: &Lease,
     ) -> Result<Claimed, StoreError> {
-        // SKIP LOCKED: servers claiming at the same moment take different rows instead of
-        // queueing behind each other's locks.
-        // The rows are picked in a CTE, which PostgreSQL runs once: an `IN (subquery …
-        // LIMIT … SKIP LOCKED)` may be re-run by the planner and update more rows than LIMIT.
-        // The NOT EXISTS probes the (usually empty) flow index once: with flow-controlled jobs
-        // queued, the plain statement takes nothing and the flow-aware claim decides.
-        let sql = format!(
-            "WITH picked AS (SELECT id FROM jobs WHERE status = 'queued' AND NOT flow \
-             AND executor = $4 AND scheduled_at <= $1 AND attempt < max_attempts \
-             AND NOT EXISTS (SELECT 1 FROM jobs f WHERE f.status = 'queued' AND f.flow \
-             AND f.executor = $4) \
-             ORDER BY priority DESC, scheduled_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
-             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1, \
-             progress = 0, owner = $2, lease_until = {DB_NOW} + $3 FROM picked \
-             WHERE jobs.id = picked.id RETURNING {}",
-            qualified()
-        );
-        let rows = sqlx::query(&sql)
-            .bind(now.0)
-            .bind(&lease.owner)
-            .bind(sql::micros(lease.ttl))
-            .bind(lane.as_str())
-            .bind(limit as i64)
-            .fetch_all(&self.claims)
-            .await?;
-        let mut jobs = rows
-            .iter()
-            .map(job_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        if jobs.len() >= limit as usize {
-            return Ok(Claimed {
-                jobs,
-                next_due: None,
-            });
-        }
-        // Each at the head of a range of `jobs_due` (executor, flow, scheduled_at); the next
-        // due time only without flow-controlled jobs (the flow-aware claim finds its own),
-        // and only of jobs not yet due: a due job this claim did not take is another claim's
-        // (locked), and the range past `now` skips the entries of jobs claimed long ago that
-        // only a vacuum removes.
-        let (flow, at): (bool, Option<i64>) = sqlx::query_as(
-            "SELECT f, CASE WHEN NOT f THEN (SELECT scheduled_at FROM jobs \
-             WHERE status = 'queued' AND executor = $1 AND NOT flow AND scheduled_at > $2 \
-             ORDER BY scheduled_at LIMIT 1) END \
-             FROM (SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND executor = $1 \
-             AND flow) AS f) AS probe",
-        )
-        .bind(lane.as_str())
-        .bind(now.0)
-        .fetch_one(&self.claims)
-        .await?;
-        if !flow {
-            return Ok(Claimed {
-                jobs,
-                next_due: at.map(Micros),
-            });
-        }
-        let left = limit - jobs.len() as u32;
-        let mut tx = self.claims.begin().await?;
-        let mut facts = flow::Facts { conn: &mut tx };
-        let more =
-            super::flow::flow_claim(&mut facts, &self.sharing, lane, left, now, lease).await?;
-        tx.commit().await?;
-        jobs.extend(more.jobs);
-        Ok(Claimed {
-            jobs,
-            next_due: more.next_due,
-        })
+        queue::claim(&self.claims, &self.sharing, lane, limit, now, lease).await
     }
 
     async fn flow_state(
@@ -779,30 +684,7 @@ impl JobStore for PostgresStore {
     }
 
     async fn tidy(&self) -> Result<bool, StoreError> {
-        // Every job leaves dead entries in the queue's partial indexes, which each claim walks
-        // until a vacuum removes them: on a database whose autovacuum is off (a cluster's
-        // setting, or the table's), a busy queue's claims slow down by the minute.
-        let (off, dead): (bool, i64) = sqlx::query_as(
-            "SELECT NOT current_setting('autovacuum')::bool \
-             OR COALESCE(c.reloptions && ARRAY['autovacuum_enabled=false', \
-             'autovacuum_enabled=off', 'autovacuum_enabled=0', 'autovacuum_enabled=no'], false), \
-             COALESCE(s.n_dead_tup, 0) FROM pg_class c \
-             LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
-             WHERE c.oid = 'jobs'::regclass",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        if !off || dead < VACUUM_AFTER_DEAD {
-            return Ok(false);
-        }
-        // Outside any transaction (the simple protocol); a server that finds another's
-        // vacuum running skips its own. No ANALYZE: statistics taken at one moment of a
-        // queue mislead the planner at the next (a join planned for "no job waiting" ran at
-        // a third of the speed once jobs waited).
-        sqlx::raw_sql("VACUUM (SKIP_LOCKED) jobs")
-            .execute(&self.pool)
-            .await?;
-        Ok(true)
+        queue::tidy(&self.pool).await
     }
 
     async fn forget_servers(&self, silent: std::time::Duration) -> Result<u64, StoreError> {

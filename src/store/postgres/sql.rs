@@ -507,18 +507,6 @@ pub(super) async fn settle_rows(
     Ok(done)
 }
 
-/// How statements that reach jobs by a list of ids keep the planner on that list.
-///
-/// A queue table's statistics are a snapshot of one moment (often an empty queue), so
-/// "status = 'running'" may be estimated at one row when 10,000 run. Given a constant status
-/// beside an id list, the planner then starts from the status's index and joins the list
-/// to every such row, a nested loop that grows with both. So a status test beside a list of
-/// ids is written either as a column of the list (`jobs.status = v.was_status`, a join clause)
-/// or as `status || '' = …` (a filter no index serves): the rows are reached by id, and the
-/// status is checked on each.
-#[allow(dead_code)]
-pub(super) const ONLY_BY_ID: () = ();
-
 /// Extends the leases of `owner`'s running attempts (`running`: (job, attempt) pairs, matched
 /// as pairs) to `ttl` from now by the database's clock; answers the (id, attempt) of those it
 /// extended. Rows are locked in id order, as [`settle_rows`] locks them.
@@ -528,7 +516,7 @@ pub(super) async fn renew(
     running: &[(JobId, u32)],
     ttl: std::time::Duration,
 ) -> Result<HashSet<(JobId, u32)>, StoreError> {
-    // The expected status is a column of the list (see `ONLY_BY_ID`): with "one running job"
+    // The expected status is a column of the list (see `queue.rs`): with "one running job"
     // estimated, the planner joined 10,000 renewals to 10,000 running rows in a nested loop
     // (17 s, every row locked throughout). Large lists may be planned as a hash join over a
     // scan of the table: linear, never quadratic.

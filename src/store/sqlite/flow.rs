@@ -166,16 +166,7 @@ impl ClaimFacts for Facts<'_> {
         plan: &mut ClaimPlan,
     ) -> Result<(), StoreError> {
         let state = read_flow_state(&mut *self.conn, keys).await?;
-        plan.set_skew(state.skew_us);
-        for (kind, key) in keys {
-            match kind {
-                KeyKind::Concurrency => {
-                    let n = state.running.get(key).copied().unwrap_or(0);
-                    plan.set_running(key.clone(), n);
-                }
-                KeyKind::Rate => plan.set_bucket(key.clone(), state.buckets.get(key).copied()),
-            }
-        }
+        plan.learn(keys, &state);
         Ok(())
     }
 
